@@ -1,0 +1,228 @@
+//! Content hashing: files, and directory trees as Merkle hashes.
+
+use crate::{io_err, CacheError, Result};
+use rayon::prelude::*;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The id of an artifact: blake3 of its tree (see [`tree_id`]). Displayed as 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ArtifactId(pub [u8; 32]);
+
+impl ArtifactId {
+    /// Full lowercase hex form.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from(self.0).to_hex().to_string()
+    }
+    /// The first 12 hex digits, for people.
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_string()
+    }
+}
+
+impl fmt::Display for ArtifactId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ArtifactId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ArtifactId({})", self.short())
+    }
+}
+
+impl FromStr for ArtifactId {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        blake3::Hash::from_hex(s)
+            .map(|h| ArtifactId(*h.as_bytes()))
+            .map_err(|e| format!("not an artifact id {s:?}: {e}"))
+    }
+}
+
+impl serde::Serialize for ArtifactId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ArtifactId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One entry of a tree: a file (with its content hash and executable bit) or an empty directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// Path relative to the tree root, `/`-separated.
+    pub path: String,
+    /// `None` for an empty directory.
+    pub hash: Option<[u8; 32]>,
+    pub executable: bool,
+}
+
+/// blake3 of one file's bytes (memory-mapped and multi-threaded for large files).
+pub fn hash_file(path: &Path) -> Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if meta.len() > 1 << 20 {
+        h.update_mmap_rayon(path).map_err(io_err(path))?;
+    } else {
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        h.update(&bytes);
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Lists a tree's files and empty directories, sorted by relative path. Symbolic links are
+/// followed; a link that loops or dangles is an error naming it.
+pub fn walk(root: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
+    // (relative path, absolute path, is_dir_entry)
+    let mut out = Vec::new();
+    walk_into(root, root, &mut out)?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn walk_into(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf, bool)>) -> Result<()> {
+    let mut any = false;
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        any = true;
+        let path = entry.path();
+        let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
+        if meta.is_dir() {
+            walk_into(root, &path, out)?;
+        } else if meta.is_file() {
+            out.push((rel(root, &path)?, path, false));
+        } else {
+            return Err(CacheError::Invalid {
+                path,
+                message: "neither a file nor a directory; artifacts hold only files".into(),
+            });
+        }
+    }
+    if !any && dir != root {
+        out.push((rel(root, dir)?, dir.to_path_buf(), true));
+    }
+    Ok(())
+}
+
+fn rel(root: &Path, path: &Path) -> Result<String> {
+    let r = path.strip_prefix(root).map_err(|_| CacheError::Invalid {
+        path: path.to_path_buf(),
+        message: "outside the tree being hashed".into(),
+    })?;
+    let parts: Vec<&str> = r
+        .components()
+        .map(|c| {
+            c.as_os_str().to_str().ok_or_else(|| CacheError::Invalid {
+                path: path.to_path_buf(),
+                message: "file name is not valid UTF-8".into(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(parts.join("/"))
+}
+
+#[cfg(unix)]
+pub(crate) fn is_executable(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+#[cfg(not(unix))]
+pub(crate) fn is_executable(_meta: &std::fs::Metadata) -> bool {
+    false
+}
+
+/// Hashes every file under `root` (in parallel) and returns the tree's id and entries.
+pub fn tree_id(root: &Path) -> Result<(ArtifactId, Vec<TreeEntry>)> {
+    let files = walk(root)?;
+    let entries: Vec<TreeEntry> = files
+        .par_iter()
+        .map(|(rel, abs, is_dir)| {
+            if *is_dir {
+                return Ok(TreeEntry {
+                    path: rel.clone(),
+                    hash: None,
+                    executable: false,
+                });
+            }
+            let meta = std::fs::metadata(abs).map_err(io_err(abs))?;
+            Ok(TreeEntry {
+                path: rel.clone(),
+                hash: Some(hash_file(abs)?),
+                executable: is_executable(&meta),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((id_of_entries(&entries), entries))
+}
+
+/// The Merkle hash of sorted entries. Changing this changes every id: bump the domain string.
+pub fn id_of_entries(entries: &[TreeEntry]) -> ArtifactId {
+    let mut h = blake3::Hasher::new_derive_key("fpipe artifact tree v1");
+    for e in entries {
+        let tag: &[u8] = match (e.hash.is_some(), e.executable) {
+            (false, _) => b"D",
+            (true, false) => b"F",
+            (true, true) => b"X",
+        };
+        h.update(tag);
+        h.update(&(e.path.len() as u64).to_le_bytes());
+        h.update(e.path.as_bytes());
+        if let Some(fh) = &e.hash {
+            h.update(fh);
+        }
+    }
+    ArtifactId(*h.finalize().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_content_same_id_and_names_matter() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        for d in [a.path(), b.path()] {
+            std::fs::create_dir_all(d.join("x/y")).unwrap();
+            std::fs::write(d.join("x/y/f.txt"), b"hello").unwrap();
+            std::fs::write(d.join("g"), b"world").unwrap();
+        }
+        let (ia, ea) = tree_id(a.path()).unwrap();
+        let (ib, _) = tree_id(b.path()).unwrap();
+        assert_eq!(ia, ib);
+        assert_eq!(ea.len(), 2);
+        assert_eq!(ea[0].path, "g");
+        assert_eq!(ea[1].path, "x/y/f.txt");
+        std::fs::rename(b.path().join("g"), b.path().join("h")).unwrap();
+        assert_ne!(ia, tree_id(b.path()).unwrap().0, "renaming a file changes the id");
+        std::fs::rename(b.path().join("h"), b.path().join("g")).unwrap();
+        std::fs::write(b.path().join("g"), b"World").unwrap();
+        assert_ne!(ia, tree_id(b.path()).unwrap().0, "changing bytes changes the id");
+    }
+
+    #[test]
+    fn empty_directories_count() {
+        let a = tempfile::tempdir().unwrap();
+        let (empty, _) = tree_id(a.path()).unwrap();
+        std::fs::create_dir(a.path().join("d")).unwrap();
+        let (with_dir, e) = tree_id(a.path()).unwrap();
+        assert_ne!(empty, with_dir);
+        assert_eq!(e[0].hash, None);
+    }
+
+    #[test]
+    fn id_round_trips_through_hex() {
+        let id = ArtifactId([7; 32]);
+        let back: ArtifactId = id.to_hex().parse().unwrap();
+        assert_eq!(id, back);
+        assert!("zz".parse::<ArtifactId>().is_err());
+    }
+}

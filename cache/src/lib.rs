@@ -1,0 +1,56 @@
+//! fpipe-cache: the content-addressed artifact store.
+//!
+//! An *artifact* is a directory tree. Its [`ArtifactId`] is a blake3 Merkle hash over the
+//! sorted `(relative path, kind, file hash)` entries of the tree, so two trees with the same
+//! bytes under the same names have the same id on every machine.
+//!
+//! The store knows bytes and hashes only: it does not know what a stage, a pipeline or a face
+//! is. It offers
+//! - [`ArtifactStore::staging`] + [`ArtifactStore::commit`]: write a tree in a private staging
+//!   directory, then publish it by one `rename`, so a killed writer leaves nothing a reader
+//!   trusts;
+//! - an *action cache* ([`ArtifactStore::put_action`] / [`ArtifactStore::action`]) mapping an
+//!   opaque key to named output ids, written atomically after the outputs exist;
+//! - file locks ([`StoreLock`], [`KeyLock`]) so concurrent processes share one store safely;
+//! - [`ArtifactStore::verify`], [`ArtifactStore::gc`], and [`ArtifactStore::push`] /
+//!   [`ArtifactStore::pull`] between two stores, verified by rehashing on arrival;
+//! - [`PathHasher`]: hashes user files by content, with a size/mtime/inode memo so that an
+//!   unchanged tree of many files is not reread.
+
+mod hash;
+mod lock;
+mod memo;
+mod store;
+
+pub use hash::{hash_file, tree_id, ArtifactId, TreeEntry};
+pub use lock::{KeyLock, StoreLock};
+pub use memo::PathHasher;
+pub use store::{
+    ActionRecord, ArtifactStore, GcReport, Staging, SyncReport, VerifyProblem, VerifyReport,
+};
+
+/// Errors of the artifact store. Each names the path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("artifact {expected} arrived with content hashing to {actual}; not stored")]
+    HashMismatch { expected: String, actual: String },
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, CacheError>;
+
+pub(crate) fn io_err(path: impl Into<std::path::PathBuf>) -> impl FnOnce(std::io::Error) -> CacheError {
+    let path = path.into();
+    move |source| CacheError::Io { path, source }
+}

@@ -1,0 +1,715 @@
+//! The on-disk store.
+//!
+//! ```text
+//! ROOT/lock                 store lock: shared by runs, exclusive for gc
+//! ROOT/objects/ab/<id>/     committed artifact trees (read-only files)
+//! ROOT/actions/ab/<key>.json  action records: key -> named output ids
+//! ROOT/staging/<unique>/    trees being written; never trusted, removed by gc
+//! ROOT/locks/<key>.lock     per-key locks: one process computes a key at a time
+//! ROOT/scratch/<key>/       resumable state of an unfinished computation
+//! ROOT/memo/paths           stat memo of user files (local speed-up, never shared)
+//! ```
+
+use crate::hash::{tree_id, walk, ArtifactId};
+use crate::lock::{KeyLock, StoreLock};
+use crate::{io_err, CacheError, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+fn unique_name(prefix: &str) -> String {
+    let n = UNIQUE.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}{}-{n}-{t:08x}", std::process::id())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a reader sees the old
+/// content or the new, never a torn write.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(unique_name(&format!(".{name}.tmp.")));
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(path)(e)
+    })
+}
+
+/// What an action key resolved to: its named output artifacts, plus free-form metadata
+/// (metrics, timings) that the caller wants to keep with it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ActionRecord {
+    pub key: String,
+    pub outputs: BTreeMap<String, ArtifactId>,
+    #[serde(default)]
+    pub meta: serde_json::Value,
+}
+
+/// A directory being written. Dropped without [`ArtifactStore::commit`], it is deleted.
+#[derive(Debug)]
+pub struct Staging {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Staging {
+    /// Where to write the tree.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = remove_tree(&self.path);
+        }
+    }
+}
+
+/// One problem found by [`ArtifactStore::verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyProblem {
+    pub path: PathBuf,
+    pub problem: String,
+}
+
+/// Outcome of [`ArtifactStore::verify`].
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub objects_checked: usize,
+    pub actions_checked: usize,
+    pub problems: Vec<VerifyProblem>,
+    /// Entries removed because `repair` was asked for.
+    pub repaired: usize,
+}
+
+/// Outcome of [`ArtifactStore::gc`].
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub objects_removed: Vec<ArtifactId>,
+    pub actions_removed: usize,
+    pub staging_removed: usize,
+    pub bytes_freed: u64,
+    pub objects_kept: usize,
+}
+
+/// Outcome of [`ArtifactStore::push`] / [`ArtifactStore::pull`].
+#[derive(Debug, Default, Serialize)]
+pub struct SyncReport {
+    pub objects_copied: usize,
+    pub objects_present: usize,
+    pub actions_copied: usize,
+    pub bytes_copied: u64,
+}
+
+/// The content-addressed store rooted at one directory.
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    root: PathBuf,
+}
+
+impl ArtifactStore {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> Result<Self> {
+        for sub in [
+            "objects", "actions", "staging", "locks", "scratch", "memo", "runs",
+        ] {
+            let p = root.join(sub);
+            std::fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let root = std::path::absolute(root).map_err(io_err(root))?;
+        Ok(ArtifactStore { root })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A directory for the caller's own records (run logs, indexes); the store never reads it.
+    pub fn records_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    /// Where the stat memo for [`crate::PathHasher`] lives.
+    pub fn memo_path(&self) -> PathBuf {
+        self.root.join("memo").join("paths")
+    }
+
+    /// Shared lock held by every process using the store for a run.
+    pub fn lock_shared(&self) -> Result<StoreLock> {
+        StoreLock::shared(&self.root.join("lock"))
+    }
+
+    /// Exclusive lock for maintenance; `None` while any run holds the shared lock.
+    pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>> {
+        StoreLock::try_exclusive(&self.root.join("lock"))
+    }
+
+    /// Exclusive lock, waiting for runs to finish.
+    pub fn lock_exclusive(&self) -> Result<StoreLock> {
+        StoreLock::exclusive(&self.root.join("lock"))
+    }
+
+    /// Waits for, then holds, the right to compute `key`.
+    pub fn lock_key(&self, key: &str) -> Result<KeyLock> {
+        KeyLock::acquire(&self.root.join("locks").join(format!("{key}.lock")))
+    }
+
+    /// Takes the right to compute `key` if nobody else has it now.
+    pub fn try_lock_key(&self, key: &str) -> Result<Option<KeyLock>> {
+        KeyLock::try_acquire(&self.root.join("locks").join(format!("{key}.lock")))
+    }
+
+    /// A fresh, empty staging directory.
+    pub fn staging(&self) -> Result<Staging> {
+        let path = self.root.join("staging").join(unique_name(""));
+        std::fs::create_dir_all(&path).map_err(io_err(&path))?;
+        Ok(Staging { path, armed: true })
+    }
+
+    /// Path where artifact `id` lives (whether or not it exists).
+    pub fn object_path(&self, id: &ArtifactId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join("objects").join(&hex[..2]).join(hex)
+    }
+
+    /// Whether artifact `id` is in the store.
+    pub fn contains(&self, id: &ArtifactId) -> bool {
+        self.object_path(id).is_dir()
+    }
+
+    /// Hashes the staged tree and publishes it under its id by one rename. If the id already
+    /// exists (same bytes computed before), the staged copy is discarded.
+    pub fn commit(&self, mut staging: Staging) -> Result<ArtifactId> {
+        let (id, _) = tree_id(&staging.path)?;
+        let dest = self.object_path(&id);
+        if dest.is_dir() {
+            return Ok(id); // drop removes the duplicate
+        }
+        make_read_only(&staging.path)?;
+        let parent = dest.parent().unwrap_or(&self.root);
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        match std::fs::rename(&staging.path, &dest) {
+            Ok(()) => {
+                staging.armed = false;
+                Ok(id)
+            }
+            // Another process published the same id between our check and our rename.
+            Err(_) if dest.is_dir() => Ok(id),
+            Err(e) => Err(io_err(&dest)(e)),
+        }
+    }
+
+    fn action_path(&self, key: &str) -> PathBuf {
+        let pre = key.get(..2).unwrap_or("__");
+        self.root
+            .join("actions")
+            .join(pre)
+            .join(format!("{key}.json"))
+    }
+
+    /// Records that `key` produced `outputs`. Call only after every output is committed.
+    pub fn put_action(&self, record: &ActionRecord) -> Result<()> {
+        for id in record.outputs.values() {
+            if !self.contains(id) {
+                return Err(CacheError::Invalid {
+                    path: self.object_path(id),
+                    message: "action names an artifact that is not in the store".into(),
+                });
+            }
+        }
+        let path = self.action_path(&record.key);
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| CacheError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&path, &bytes)
+    }
+
+    /// The record for `key`, if it exists and all its outputs are present.
+    pub fn action(&self, key: &str) -> Result<Option<ActionRecord>> {
+        let path = self.action_path(key);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        // A damaged record is treated as absent: the key is recomputed, never trusted.
+        let Ok(rec) = serde_json::from_slice::<ActionRecord>(&bytes) else {
+            return Ok(None);
+        };
+        if rec.key != key || !rec.outputs.values().all(|id| self.contains(id)) {
+            return Ok(None);
+        }
+        Ok(Some(rec))
+    }
+
+    /// Every action record in the store (damaged ones skipped).
+    pub fn actions(&self) -> Result<Vec<ActionRecord>> {
+        let mut out = Vec::new();
+        for path in files_under(&self.root.join("actions"), 2)? {
+            if path.extension().is_some_and(|e| e == "json") {
+                if let Ok(bytes) = std::fs::read(&path) {
+                    if let Ok(rec) = serde_json::from_slice::<ActionRecord>(&bytes) {
+                        out.push(rec);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every artifact id present.
+    pub fn objects(&self) -> Result<Vec<ArtifactId>> {
+        let mut out = Vec::new();
+        let objects = self.root.join("objects");
+        for pre in read_dir_sorted(&objects)? {
+            for obj in read_dir_sorted(&pre)? {
+                if let Some(id) = obj
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse::<ArtifactId>().ok())
+                {
+                    out.push(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A directory for resumable state of `key`, kept across killed runs until removed.
+    pub fn scratch_dir(&self, key: &str) -> Result<PathBuf> {
+        let p = self.root.join("scratch").join(key);
+        std::fs::create_dir_all(&p).map_err(io_err(&p))?;
+        Ok(p)
+    }
+
+    /// Removes the scratch state of `key` (after its outputs are committed).
+    pub fn clear_scratch(&self, key: &str) -> Result<()> {
+        let p = self.root.join("scratch").join(key);
+        if p.exists() {
+            remove_tree(&p)?;
+        }
+        Ok(())
+    }
+
+    /// Rehashes every artifact and checks every action record. With `repair`, removes
+    /// damaged artifacts and the records that point at them, so the next run recomputes them.
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport> {
+        use rayon::prelude::*;
+        let mut report = VerifyReport::default();
+        let objects = self.objects()?;
+        report.objects_checked = objects.len();
+        let bad: Vec<(ArtifactId, String)> = objects
+            .par_iter()
+            .filter_map(|id| match tree_id(&self.object_path(id)) {
+                Ok((actual, _)) if actual == *id => None,
+                Ok((actual, _)) => Some((*id, format!("content hashes to {}", actual.short()))),
+                Err(e) => Some((*id, format!("unreadable: {e}"))),
+            })
+            .collect();
+        let bad_ids: HashSet<ArtifactId> = bad.iter().map(|(id, _)| *id).collect();
+        for (id, problem) in bad {
+            let path = self.object_path(&id);
+            if repair {
+                remove_tree(&path)?;
+                report.repaired += 1;
+            }
+            report.problems.push(VerifyProblem { path, problem });
+        }
+        for path in files_under(&self.root.join("actions"), 2)? {
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            report.actions_checked += 1;
+            let problem = match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ActionRecord>(&b).ok())
+            {
+                None => Some("unreadable action record".to_string()),
+                Some(rec) => rec
+                    .outputs
+                    .iter()
+                    .find(|(_, id)| bad_ids.contains(id) || !self.contains(id))
+                    .map(|(port, id)| format!("output {port} ({}) missing or damaged", id.short())),
+            };
+            if let Some(problem) = problem {
+                if repair {
+                    std::fs::remove_file(&path).map_err(io_err(&path))?;
+                    report.repaired += 1;
+                }
+                report.problems.push(VerifyProblem { path, problem });
+            }
+        }
+        Ok(report)
+    }
+
+    /// Removes every artifact not in `keep`, the action records that then point at nothing,
+    /// leftover staging directories and key locks. The caller must hold the exclusive lock
+    /// ([`Self::try_lock_exclusive`]) so no run is writing meanwhile.
+    pub fn gc(&self, keep: &HashSet<ArtifactId>, dry_run: bool) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let mut gone = HashSet::new();
+        for id in self.objects()? {
+            if keep.contains(&id) {
+                report.objects_kept += 1;
+                continue;
+            }
+            let path = self.object_path(&id);
+            report.bytes_freed += tree_size(&path);
+            if !dry_run {
+                remove_tree(&path)?;
+            }
+            gone.insert(id);
+            report.objects_removed.push(id);
+        }
+        for path in files_under(&self.root.join("actions"), 2)? {
+            let rec = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<ActionRecord>(&b).ok());
+            let dead = match rec {
+                None => true,
+                Some(r) => r
+                    .outputs
+                    .values()
+                    .any(|id| gone.contains(id) || !self.contains(id)),
+            };
+            if dead {
+                report.actions_removed += 1;
+                if !dry_run {
+                    std::fs::remove_file(&path).map_err(io_err(&path))?;
+                }
+            }
+        }
+        for dir in read_dir_sorted(&self.root.join("staging"))? {
+            report.staging_removed += 1;
+            report.bytes_freed += tree_size(&dir);
+            if !dry_run {
+                remove_tree(&dir)?;
+            }
+        }
+        if !dry_run {
+            for lock in read_dir_sorted(&self.root.join("locks"))? {
+                let _ = std::fs::remove_file(lock);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Copies artifacts (all, or those in `only`) and the action records whose outputs all
+    /// exist from this store into `dest`. Every artifact is rehashed on arrival.
+    pub fn push(
+        &self,
+        dest: &ArtifactStore,
+        only: Option<&HashSet<ArtifactId>>,
+    ) -> Result<SyncReport> {
+        sync(self, dest, only)
+    }
+
+    /// Copies from `src` into this store; see [`Self::push`].
+    pub fn pull(
+        &self,
+        src: &ArtifactStore,
+        only: Option<&HashSet<ArtifactId>>,
+    ) -> Result<SyncReport> {
+        sync(src, self, only)
+    }
+}
+
+fn sync(
+    src: &ArtifactStore,
+    dst: &ArtifactStore,
+    only: Option<&HashSet<ArtifactId>>,
+) -> Result<SyncReport> {
+    let mut report = SyncReport::default();
+    for id in src.objects()? {
+        if only.is_some_and(|o| !o.contains(&id)) {
+            continue;
+        }
+        if dst.contains(&id) {
+            report.objects_present += 1;
+            continue;
+        }
+        let staging = dst.staging()?;
+        let from = src.object_path(&id);
+        report.bytes_copied += copy_tree(&from, staging.path())?;
+        let (actual, _) = tree_id(staging.path())?;
+        if actual != id {
+            return Err(CacheError::HashMismatch {
+                expected: id.to_hex(),
+                actual: actual.to_hex(),
+            });
+        }
+        dst.commit(staging)?;
+        report.objects_copied += 1;
+    }
+    for rec in src.actions()? {
+        if rec.outputs.values().all(|id| dst.contains(id)) && dst.action(&rec.key)?.is_none() {
+            dst.put_action(&rec)?;
+            report.actions_copied += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// Copies a tree's files (not its permissions' read-only bits) and returns the bytes copied.
+pub fn copy_tree(from: &Path, to: &Path) -> Result<u64> {
+    let mut bytes = 0;
+    for (rel, abs, is_dir) in walk(from)? {
+        let target = to.join(&rel);
+        if is_dir {
+            std::fs::create_dir_all(&target).map_err(io_err(&target))?;
+            continue;
+        }
+        if let Some(p) = target.parent() {
+            std::fs::create_dir_all(p).map_err(io_err(p))?;
+        }
+        bytes += std::fs::copy(&abs, &target).map_err(io_err(&target))?;
+        set_writable(&target)?;
+    }
+    Ok(bytes)
+}
+
+#[cfg(unix)]
+fn set_writable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    let mode = meta.permissions().mode() | 0o200;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+#[cfg(not(unix))]
+fn set_writable(_path: &Path) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn make_read_only(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (_, abs, is_dir) in walk(root)? {
+        if is_dir {
+            continue;
+        }
+        let meta = std::fs::metadata(&abs).map_err(io_err(&abs))?;
+        let mode = if meta.permissions().mode() & 0o111 != 0 {
+            0o555
+        } else {
+            0o444
+        };
+        std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err(&abs))?;
+    }
+    Ok(())
+}
+#[cfg(not(unix))]
+fn make_read_only(_root: &Path) -> Result<()> {
+    Ok(())
+}
+
+/// Removes a directory tree, first renaming it aside so that a crash half-way never leaves a
+/// half-deleted tree under a trusted name.
+fn remove_tree(path: &Path) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let aside = parent.join(unique_name(".deleting-"));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => std::fs::remove_dir_all(&aside).map_err(io_err(&aside)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => std::fs::remove_dir_all(path).map_err(io_err(path)),
+    }
+}
+
+fn tree_size(path: &Path) -> u64 {
+    walk(path)
+        .map(|files| {
+            files
+                .iter()
+                .filter_map(|(_, abs, _)| std::fs::metadata(abs).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn files_under(dir: &Path, depth: usize) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in read_dir_sorted(dir)? {
+        if p.is_dir() && depth > 1 {
+            out.extend(files_under(&p, depth - 1)?);
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(store: &ArtifactStore, files: &[(&str, &str)]) -> Staging {
+        let s = store.staging().unwrap();
+        for (name, body) in files {
+            let p = s.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn commit_is_content_addressed_and_dedupes() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(d.path()).unwrap();
+        let a = store.commit(staged(&store, &[("m/x.txt", "1")])).unwrap();
+        let b = store.commit(staged(&store, &[("m/x.txt", "1")])).unwrap();
+        assert_eq!(a, b);
+        assert!(store.contains(&a));
+        assert_eq!(
+            std::fs::read_to_string(store.object_path(&a).join("m/x.txt")).unwrap(),
+            "1"
+        );
+        assert_eq!(read_dir_sorted(&d.path().join("staging")).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn dropped_staging_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(d.path()).unwrap();
+        drop(staged(&store, &[("a", "1")]));
+        assert!(store.objects().unwrap().is_empty());
+        assert_eq!(read_dir_sorted(&d.path().join("staging")).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn actions_need_their_outputs() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(d.path()).unwrap();
+        let id = store.commit(staged(&store, &[("a", "1")])).unwrap();
+        let rec = ActionRecord {
+            key: "k1".repeat(32),
+            outputs: [("out".to_string(), id)].into(),
+            meta: serde_json::json!({"metrics": {"acc": 0.5}}),
+        };
+        store.put_action(&rec).unwrap();
+        assert_eq!(store.action(&rec.key).unwrap(), Some(rec.clone()));
+        let missing = ActionRecord {
+            key: "k2".repeat(32),
+            outputs: [("out".to_string(), ArtifactId([1; 32]))].into(),
+            meta: serde_json::Value::Null,
+        };
+        assert!(store.put_action(&missing).is_err());
+        // gc without keeping `id` removes the artifact and then the record.
+        let r = store.gc(&HashSet::new(), true).unwrap();
+        assert_eq!(r.objects_removed, vec![id]);
+        assert!(store.contains(&id), "dry run removes nothing");
+        let r = store.gc(&HashSet::new(), false).unwrap();
+        assert_eq!(r.actions_removed, 1);
+        assert!(!store.contains(&id));
+        assert_eq!(store.action(&rec.key).unwrap(), None);
+    }
+
+    #[test]
+    fn verify_finds_and_repairs_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(d.path()).unwrap();
+        let id = store.commit(staged(&store, &[("a", "1")])).unwrap();
+        let good = store.commit(staged(&store, &[("b", "2")])).unwrap();
+        store
+            .put_action(&ActionRecord {
+                key: "aa".repeat(32),
+                outputs: [("out".to_string(), id)].into(),
+                meta: serde_json::Value::Null,
+            })
+            .unwrap();
+        assert!(store.verify(false).unwrap().problems.is_empty());
+        let f = store.object_path(&id).join("a");
+        set_writable(&f).unwrap();
+        std::fs::write(&f, "tampered").unwrap();
+        let r = store.verify(false).unwrap();
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+        let r = store.verify(true).unwrap();
+        assert_eq!(r.repaired, 2);
+        assert!(!store.contains(&id));
+        assert!(store.contains(&good));
+        assert!(store.verify(false).unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn push_copies_and_checks() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let sa = ArtifactStore::open(a.path()).unwrap();
+        let sb = ArtifactStore::open(b.path()).unwrap();
+        let id = sa.commit(staged(&sa, &[("x/y", "data")])).unwrap();
+        let rec = ActionRecord {
+            key: "bb".repeat(32),
+            outputs: [("out".to_string(), id)].into(),
+            meta: serde_json::Value::Null,
+        };
+        sa.put_action(&rec).unwrap();
+        let r = sa.push(&sb, None).unwrap();
+        assert_eq!((r.objects_copied, r.actions_copied), (1, 1));
+        assert!(sb.contains(&id));
+        assert_eq!(sb.action(&rec.key).unwrap(), Some(rec));
+        let r = sb.pull(&sa, None).unwrap();
+        assert_eq!((r.objects_copied, r.objects_present), (0, 1));
+        // A damaged source artifact is refused on arrival.
+        let c = tempfile::tempdir().unwrap();
+        let sc = ArtifactStore::open(c.path()).unwrap();
+        let f = sa.object_path(&id).join("x/y");
+        set_writable(&f).unwrap();
+        std::fs::write(&f, "evil").unwrap();
+        assert!(matches!(
+            sa.push(&sc, None),
+            Err(CacheError::HashMismatch { .. })
+        ));
+        assert!(!sc.contains(&id));
+    }
+
+    #[test]
+    fn key_locks_exclude() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(d.path()).unwrap();
+        let held = store.try_lock_key("k").unwrap();
+        assert!(held.is_some());
+        // A second open file description conflicts even within one process.
+        assert!(store.try_lock_key("k").unwrap().is_none());
+        drop(held);
+        assert!(store.try_lock_key("k").unwrap().is_some());
+        let shared = store.lock_shared().unwrap();
+        assert!(store.try_lock_exclusive().unwrap().is_none());
+        drop(shared);
+        assert!(store.try_lock_exclusive().unwrap().is_some());
+    }
+}

@@ -1,0 +1,47 @@
+//! Stage kinds by name.
+
+use crate::stage::Stage;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The set of stage kinds a pipeline may use.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn Stage>>,
+}
+
+impl Registry {
+    /// A registry holding the engine's built-in kinds (`shell`).
+    pub fn with_builtins() -> Self {
+        let mut r = Registry::default();
+        r.register(Arc::new(crate::shell::ShellStage));
+        r
+    }
+
+    /// Adds a kind; a later registration of the same name replaces the earlier one.
+    pub fn register(&mut self, stage: Arc<dyn Stage>) {
+        self.kinds.insert(stage.kind(), stage);
+    }
+
+    /// The kind called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Stage>> {
+        self.kinds.get(name)
+    }
+
+    /// All kinds, sorted by name.
+    pub fn kinds(&self) -> impl Iterator<Item = &Arc<dyn Stage>> {
+        self.kinds.values()
+    }
+
+    /// Registered names closest to `name` (for "did you mean").
+    pub fn suggest(&self, name: &str) -> Vec<&'static str> {
+        let mut scored: Vec<(usize, &'static str)> = self
+            .kinds
+            .keys()
+            .map(|k| (crate::util::edit_distance(name, k), *k))
+            .filter(|(d, k)| *d <= 3.max(k.len() / 3) || k.contains(name) || name.contains(k))
+            .collect();
+        scored.sort();
+        scored.into_iter().take(3).map(|(_, k)| k).collect()
+    }
+}
