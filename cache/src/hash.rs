@@ -202,10 +202,18 @@ mod tests {
         assert_eq!(ea[0].path, "g");
         assert_eq!(ea[1].path, "x/y/f.txt");
         std::fs::rename(b.path().join("g"), b.path().join("h")).unwrap();
-        assert_ne!(ia, tree_id(b.path()).unwrap().0, "renaming a file changes the id");
+        assert_ne!(
+            ia,
+            tree_id(b.path()).unwrap().0,
+            "renaming a file changes the id"
+        );
         std::fs::rename(b.path().join("h"), b.path().join("g")).unwrap();
         std::fs::write(b.path().join("g"), b"World").unwrap();
-        assert_ne!(ia, tree_id(b.path()).unwrap().0, "changing bytes changes the id");
+        assert_ne!(
+            ia,
+            tree_id(b.path()).unwrap().0,
+            "changing bytes changes the id"
+        );
     }
 
     #[test]

@@ -50,7 +50,9 @@ pub enum CacheError {
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, CacheError>;
 
-pub(crate) fn io_err(path: impl Into<std::path::PathBuf>) -> impl FnOnce(std::io::Error) -> CacheError {
+pub(crate) fn io_err(
+    path: impl Into<std::path::PathBuf>,
+) -> impl FnOnce(std::io::Error) -> CacheError {
     let path = path.into();
     move |source| CacheError::Io { path, source }
 }

@@ -64,7 +64,9 @@ pub enum ParamType {
     /// hash (never by path), and the stage receives its absolute path. `companions` are
     /// extensions of sibling files that belong with it (e.g. `idx` beside a `.rec`), hashed
     /// too when present.
-    Path { companions: &'static [&'static str] },
+    Path {
+        companions: &'static [&'static str],
+    },
     /// Any YAML value (a map of options, say); checked by the stage itself.
     Any,
 }

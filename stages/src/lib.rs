@@ -1,1 +1,13 @@
-//! fpipe-stages
+//! fpipe-stages: the face-recognition stage kinds of fpipe.
+//!
+//! Data formats and the packed data set, alignment, backbones and losses on candle,
+//! training, distillation, evaluation. Each stage kind implements
+//! [`fpipe_engine::Stage`] and is added by [`register_all`]. Nothing here knows about
+//! scheduling or caching beyond the directories a [`fpipe_engine::StageContext`] hands over.
+
+pub mod ops;
+
+/// Adds every face-recognition stage kind to `registry`.
+pub fn register_all(registry: &mut fpipe_engine::Registry) {
+    let _ = registry;
+}
