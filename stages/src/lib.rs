@@ -5,9 +5,11 @@
 //! [`fpipe_engine::Stage`] and is added by [`register_all`]. Nothing here knows about
 //! scheduling or caching beyond the directories a [`fpipe_engine::StageContext`] hands over.
 
+pub mod data;
+pub mod metrics;
 pub mod ops;
 
 /// Adds every face-recognition stage kind to `registry`.
 pub fn register_all(registry: &mut fpipe_engine::Registry) {
-    let _ = registry;
+    data::register(registry);
 }
