@@ -3,6 +3,8 @@
 //! and `inspect` for `fpipe inspect`.
 
 pub mod packed;
+pub mod stages;
+pub mod synth;
 
 pub use packed::{DataError, ImageTruth, PackedDataset, PackedWriter};
 
@@ -16,7 +18,8 @@ pub const PAIRS: fpipe_engine::PortType = "pairs";
 
 /// Adds the data stage kinds to `registry`.
 pub fn register(registry: &mut fpipe_engine::Registry) {
-    let _ = registry;
+    use std::sync::Arc;
+    registry.register(Arc::new(stages::SyntheticFaces));
 }
 
 /// Summary of the packed data set in `dir` for `fpipe inspect --json`: images, identities,

@@ -246,7 +246,11 @@ impl PackedDataset {
     }
 
     fn record(&self, i: usize) -> &[u8] {
-        assert!(i < self.len, "image index {i} out of range ({} images)", self.len);
+        assert!(
+            i < self.len,
+            "image index {i} out of range ({} images)",
+            self.len
+        );
         match &self.records {
             Some(m) => &m[i * RECORD_BYTES..(i + 1) * RECORD_BYTES],
             None => &[],
@@ -261,7 +265,11 @@ impl PackedDataset {
 
     /// Image `i` as a borrowed HWC RGB slice of the mapped file (zero copy).
     pub fn image(&self, i: usize) -> &[u8] {
-        assert!(i < self.len, "image index {i} out of range ({} images)", self.len);
+        assert!(
+            i < self.len,
+            "image index {i} out of range ({} images)",
+            self.len
+        );
         let stride = self.height * self.width * 3;
         match &self.images {
             Some(m) => &m[i * stride..(i + 1) * stride],

@@ -1,0 +1,93 @@
+//! synthetic-faces: determinism, counts, ground truth, landmarks.
+
+use fpipe_stages::data::synth::{generate, SynthParams};
+use fpipe_stages::data::PackedDataset;
+
+fn small() -> SynthParams {
+    SynthParams {
+        identities: 12,
+        images_per_identity: 5,
+        image_size: 48,
+        seed: 7,
+        label_noise: 0.1,
+        low_quality: 0.1,
+        out_of_domain: 0.05,
+        test_identities: 6,
+        test_images_per_identity: 4,
+        pairs: 40,
+    }
+}
+
+#[test]
+fn synthetic_is_byte_identical_for_same_params() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let p = small();
+    generate(&p, &a.path().join("t"), Some(&a.path().join("p")), &()).unwrap();
+    generate(&p, &b.path().join("t"), Some(&b.path().join("p")), &()).unwrap();
+    for f in [
+        "t/images.u8",
+        "t/records.bin",
+        "t/dataset.json",
+        "p/images.u8",
+        "p/pairs.bin",
+    ] {
+        assert_eq!(
+            std::fs::read(a.path().join(f)).unwrap(),
+            std::fs::read(b.path().join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    let mut q = p.clone();
+    q.seed = 8;
+    generate(&q, &b.path().join("t2"), None, &()).unwrap();
+    assert_ne!(
+        std::fs::read(a.path().join("t/images.u8")).unwrap(),
+        std::fs::read(b.path().join("t2/images.u8")).unwrap()
+    );
+}
+
+#[test]
+fn synthetic_counts_truth_landmarks_and_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = small();
+    let c = generate(&p, &dir.path().join("t"), Some(&dir.path().join("p")), &()).unwrap();
+    let d = PackedDataset::open(&dir.path().join("t")).unwrap();
+    assert_eq!(d.len(), 60);
+    assert_eq!(d.num_classes(), 12);
+    assert_eq!(d.image_shape(), (48, 48, 3));
+    let (mut noise, mut low, mut ood) = (0, 0, 0);
+    for i in 0..d.len() {
+        let t = d.truth(i);
+        assert_eq!(d.label(i), (i / 5) as i64);
+        noise += t.label_noise as usize;
+        low += t.low_quality as usize;
+        ood += t.out_of_domain as usize;
+        if t.label_noise {
+            assert_ne!(t.true_label, Some(d.label(i)));
+        } else if !t.out_of_domain {
+            assert_eq!(t.true_label, Some(d.label(i)));
+        }
+        let lm = d.landmarks(i).unwrap();
+        if !t.out_of_domain {
+            // Eyes above the nose above the mouth, left eye left of right eye, all in view.
+            assert!(lm[0][0] < lm[1][0] + 4.0);
+            for pt in lm {
+                assert!(
+                    pt[0] > 0.0 && pt[0] < 48.0 && pt[1] > 0.0 && pt[1] < 48.0,
+                    "{lm:?}"
+                );
+            }
+        }
+    }
+    assert_eq!((noise, low, ood), (6, 6, 3));
+    assert_eq!((c.label_noise, c.low_quality, c.out_of_domain), (6, 6, 3));
+    let v = PackedDataset::open(&dir.path().join("p")).unwrap();
+    assert_eq!(v.len(), 24);
+    let pairs = v.pairs().unwrap();
+    assert_eq!(pairs.len(), 40);
+    assert_eq!(pairs.iter().filter(|x| x.2).count(), 20);
+    for &(a, b, same) in pairs {
+        assert_ne!(a, b);
+        assert_eq!(v.label(a as usize) == v.label(b as usize), same);
+    }
+}
