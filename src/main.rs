@@ -1,1 +1,171 @@
-fn main() {}
+//! `fpipe`: runs face-recognition experiments from YAML pipelines.
+//!
+//! Thin glue: parses arguments, builds the stage registry, calls the engine, prints.
+
+mod commands;
+mod term;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+// Training allocates and frees large tensors every step; the system allocator returns them to
+// the OS and faults the pages back in (about half of candle's CPU time, see docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "fpipe",
+    version,
+    about = "Face-recognition experiments as content-addressed, cached YAML pipelines"
+)]
+struct Cli {
+    /// Cache directory (default: `.fpipe/` beside the pipeline file; env FPIPE_CACHE).
+    #[arg(long, global = true, env = "FPIPE_CACHE")]
+    cache: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Parameters shared by the commands that read a pipeline.
+#[derive(clap::Args, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// Override a parameter: -p key=value (value read as YAML; dotted keys for nested ones).
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Parameter file(s) overriding the pipeline's `params:`.
+    #[arg(long = "params", value_name = "FILE")]
+    pub params_files: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline: only stages whose key changed are computed.
+    Run {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Run only this stage and what it needs (repeatable).
+        #[arg(long)]
+        target: Vec<String>,
+        /// Recompute this stage even if cached (repeatable).
+        #[arg(long)]
+        force: Vec<String>,
+        /// Show what would run, run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Parallel job slots (default: CPU count).
+        #[arg(short = 'j', long)]
+        jobs: Option<usize>,
+        /// GPU slots for stages declaring `resources: {gpu: N}` (default: CUDA_VISIBLE_DEVICES count, else 0).
+        #[arg(long)]
+        gpus: Option<usize>,
+        /// Device for training stages: cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print a line for every cached stage too.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// What would run and why.
+    Status {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[arg(long)]
+        target: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a pipeline without running it, and list every shell command it would run.
+    Validate {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// Print the DAG as text, DOT or mermaid.
+    Dag {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[arg(long, default_value = "text", value_parser = ["text", "dot", "mermaid"])]
+        format: String,
+    },
+    /// Path of a stage's current output artifact (for scripts).
+    Out {
+        /// STAGE or STAGE.PORT
+        stage: String,
+        /// Pipeline file (default: the newest run record in the cache).
+        #[arg(short = 'f', long)]
+        file: Option<PathBuf>,
+        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
+    /// Summarise an artifact (a data set: images, identities, sizes).
+    Inspect {
+        /// STAGE or STAGE.PORT
+        stage: String,
+        #[arg(short = 'f', long)]
+        file: Option<PathBuf>,
+        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Table of reported metrics across runs.
+    Show {
+        /// Only runs of this pipeline file.
+        file: Option<PathBuf>,
+        /// How many recent runs.
+        #[arg(long, default_value_t = 10)]
+        last: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove artifacts that no recent run references.
+    Gc {
+        /// Keep what the newest N run records reference (plus each pipeline's current outputs).
+        #[arg(long, default_value_t = 5)]
+        keep_runs: usize,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Cache maintenance and sharing.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// List the stage kinds with their ports and parameters.
+    Stages {
+        /// Only this kind.
+        kind: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Rehash every artifact and report mismatches.
+    Verify {
+        /// Remove damaged entries so the next run recomputes them.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Copy this cache's entries into another cache directory (verified on arrival).
+    Push { dir: PathBuf },
+    /// Copy another cache's entries into this one (verified on arrival).
+    Pull { dir: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match commands::dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let bad_input = e
+                .downcast_ref::<fpipe_engine::EngineError>()
+                .is_some_and(|e| e.is_bad_input());
+            eprintln!("error: {e:#}");
+            ExitCode::from(if bad_input { 2 } else { 1 })
+        }
+    }
+}

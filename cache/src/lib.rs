@@ -26,7 +26,8 @@ pub use hash::{hash_file, tree_id, ArtifactId, TreeEntry};
 pub use lock::{KeyLock, StoreLock};
 pub use memo::PathHasher;
 pub use store::{
-    ActionRecord, ArtifactStore, GcReport, Staging, SyncReport, VerifyProblem, VerifyReport,
+    write_atomic, ActionRecord, ArtifactStore, GcReport, Staging, SyncReport, VerifyProblem,
+    VerifyReport,
 };
 
 /// Errors of the artifact store. Each names the path it concerns.

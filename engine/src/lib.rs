@@ -4,17 +4,46 @@
 //! `foreach`/`matrix` families, checks the wiring against each stage kind's declared ports and
 //! parameters, computes stage keys (blake3 of kind, version, canonical parameters and input
 //! artifact ids), and runs the stages whose keys are not cached, in parallel, committing their
-//! outputs to an [`fpipe_cache::ArtifactStore`].
+//! outputs to an [`fpipe_cache::ArtifactStore`]. Output ids feed the keys downstream, so a
+//! stage that reruns and produces the same bytes invalidates nothing after it.
 //!
 //! It knows nothing of faces: stage kinds come from a [`Registry`] that the binary fills.
 
+pub mod error;
+pub mod exec;
+pub mod keys;
+pub mod pipeline;
+pub mod plan;
+pub mod records;
 pub mod registry;
 pub mod shell;
 pub mod stage;
 mod util;
+mod yamlpos;
 
+pub use error::{EngineError, PipelineError};
+pub use exec::{Engine, Event, Quiet, Reporter, RunOptions, RunSummary, StageStatus};
+pub use keys::{KeyParts, StageKey};
+pub use pipeline::{load, Overrides, Pipeline};
+pub use plan::{plan, Plan};
 pub use registry::Registry;
 pub use stage::{
     ParamSpec, ParamType, PortSpec, PortType, ProgressSink, Stage, StageContext, StageError,
     StageSignature, ANY,
 };
+
+/// Loads and checks a pipeline file in one step.
+pub fn load_plan(
+    file: &std::path::Path,
+    overrides: &Overrides,
+    registry: &Registry,
+) -> Result<Plan, EngineError> {
+    let pipeline = load(file, overrides)?;
+    plan(pipeline, registry).map_err(|mut errs| {
+        if errs.len() == 1 {
+            EngineError::Pipeline(errs.remove(0))
+        } else {
+            EngineError::Pipelines(errs)
+        }
+    })
+}

@@ -194,6 +194,10 @@ pub struct StageContext {
     pub gpus: Vec<usize>,
     /// CPU threads this stage may use.
     pub threads: usize,
+    /// The folder of the pipeline file that defined the stage (relative paths resolve here).
+    pub base_dir: PathBuf,
+    /// The stage's log file (the engine also writes [`StageContext::log`] lines into it).
+    pub log_file: PathBuf,
     pub(crate) metrics: BTreeMap<String, f64>,
     pub(crate) cancel: Arc<AtomicBool>,
     pub(crate) sink: Arc<dyn ProgressSink>,
@@ -217,6 +221,8 @@ impl StageContext {
             device: "cpu".into(),
             gpus: vec![],
             threads: 1,
+            base_dir: PathBuf::from("."),
+            log_file: std::env::temp_dir().join(format!("fpipe-{name}-{}.log", std::process::id())),
             metrics: BTreeMap::new(),
             cancel: Arc::new(AtomicBool::new(false)),
             sink: Arc::new(NullSink),
@@ -329,6 +335,16 @@ pub trait Stage: Send + Sync {
     /// so that a received pipeline can be reviewed before it runs.
     fn commands(&self, _params: &BTreeMap<String, Value>) -> Vec<String> {
         vec![]
+    }
+    /// True for kinds that take inputs under any port name (of any type), like `shell`.
+    fn accepts_any_inputs(&self) -> bool {
+        false
+    }
+    /// Job slots (of `fpipe run -j N`) a stage of this kind takes unless the pipeline says
+    /// `resources: {cpu: K}`. Training kinds that use every core say `usize::MAX` (clamped
+    /// to `-j`), so two of them do not fight over the cores.
+    fn default_cpus(&self) -> usize {
+        1
     }
     /// Computes the outputs. Must write only under `ctx.outputs` and `ctx.scratch`.
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError>;

@@ -1,0 +1,197 @@
+//! Run records (one JSON per `fpipe run`) and the per-pipeline state `status` compares with.
+
+use crate::keys::KeyParts;
+use fpipe_cache::{ArtifactId, ArtifactStore};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// How a stage ended in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    Ran,
+    Cached,
+    Failed,
+    /// Not run because something it depends on failed.
+    Skipped,
+    Interrupted,
+    /// Not reached (the run was interrupted first).
+    NotRun,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Still running, or the process died without finishing its record.
+    Running,
+    Ok,
+    Failed,
+    Interrupted,
+}
+
+/// One stage in a run record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub kind: String,
+    pub version: u32,
+    pub key: Option<String>,
+    pub state: StageState,
+    pub seconds: f64,
+    #[serde(default)]
+    pub outputs: BTreeMap<String, ArtifactId>,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    pub log: Option<PathBuf>,
+    pub error: Option<String>,
+    /// Why it ran (status reason) when it ran.
+    pub reason: Option<String>,
+}
+
+/// The record of one `fpipe run`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub pipeline: PathBuf,
+    pub pipeline_name: String,
+    pub params: Value,
+    pub started: String,
+    pub started_unix: f64,
+    pub seconds: f64,
+    pub status: RunStatus,
+    pub device: String,
+    pub jobs: usize,
+    pub stages: Vec<StageRecord>,
+}
+
+impl RunRecord {
+    /// Where this record lives in `store`.
+    pub fn dir(store: &ArtifactStore, id: &str) -> PathBuf {
+        store.records_dir().join(id)
+    }
+
+    /// Writes the record atomically.
+    pub fn save(&self, store: &ArtifactStore) -> fpipe_cache::Result<()> {
+        let path = Self::dir(store, &self.id).join("record.json");
+        let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
+        fpipe_cache::write_atomic(&path, &bytes)
+    }
+
+    /// Every readable record in `store`, oldest first.
+    pub fn all(store: &ArtifactStore) -> Vec<RunRecord> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(store.records_dir()) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let p = e.path().join("record.json");
+            if let Ok(bytes) = std::fs::read(&p) {
+                if let Ok(r) = serde_json::from_slice::<RunRecord>(&bytes) {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            a.started_unix
+                .partial_cmp(&b.started_unix)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        out
+    }
+}
+
+/// What a stage was last computed from, for `fpipe status` reasons.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageMemory {
+    pub parts: KeyParts,
+    pub key: String,
+    pub outputs: BTreeMap<String, ArtifactId>,
+}
+
+/// The last known state of each stage of one pipeline file in one store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PipelineState {
+    pub pipeline: PathBuf,
+    pub stages: BTreeMap<String, StageMemory>,
+}
+
+impl PipelineState {
+    fn path(store: &ArtifactStore, pipeline: &Path) -> PathBuf {
+        let abs = std::fs::canonicalize(pipeline).unwrap_or_else(|_| pipeline.to_path_buf());
+        let h = blake3::hash(abs.to_string_lossy().as_bytes()).to_hex();
+        store
+            .records_dir()
+            .join("state")
+            .join(format!("{}.json", &h[..16]))
+    }
+
+    /// The state of `pipeline`, empty if never run with this store.
+    pub fn load(store: &ArtifactStore, pipeline: &Path) -> PipelineState {
+        std::fs::read(Self::path(store, pipeline))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Saves it atomically.
+    pub fn save(&self, store: &ArtifactStore, pipeline: &Path) -> fpipe_cache::Result<()> {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        fpipe_cache::write_atomic(&Self::path(store, pipeline), &bytes)
+    }
+
+    /// Every saved pipeline state in `store` (gc keeps what they reference).
+    pub fn all(store: &ArtifactStore) -> Vec<PipelineState> {
+        let Ok(rd) = std::fs::read_dir(store.records_dir().join("state")) else {
+            return vec![];
+        };
+        rd.flatten()
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect()
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `2026-11-23T19:05:01Z` for a unix time.
+pub fn iso8601(unix: f64) -> String {
+    let secs = unix.max(0.0) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn iso_dates() {
+        assert_eq!(super::iso8601(0.0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::iso8601(1_795_460_701.0), "2026-11-23T19:05:01Z");
+    }
+}

@@ -1,0 +1,630 @@
+//! One function per subcommand.
+
+use crate::{CacheCommand, Cli, Command, PipelineArgs};
+use anyhow::{anyhow, bail, Context, Result};
+use fpipe_cache::{ArtifactId, ArtifactStore};
+use fpipe_engine::records::{PipelineState, RunRecord, StageState};
+use fpipe_engine::{Engine, Overrides, Plan, Registry, Reporter, RunOptions};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn registry() -> Registry {
+    #[allow(unused_mut)]
+    let mut r = Registry::with_builtins();
+    #[cfg(feature = "faces")]
+    fpipe_stages::register_all(&mut r);
+    r
+}
+
+/// The cache: --cache / FPIPE_CACHE, else `.fpipe/` beside the pipeline file, else `./.fpipe`.
+fn cache_dir(cli_cache: &Option<PathBuf>, file: Option<&Path>) -> PathBuf {
+    if let Some(c) = cli_cache {
+        return c.clone();
+    }
+    match file.and_then(|f| f.parent()) {
+        Some(p) if !p.as_os_str().is_empty() => p.join(".fpipe"),
+        _ => PathBuf::from(".fpipe"),
+    }
+}
+
+fn open_store(dir: &Path) -> Result<ArtifactStore> {
+    ArtifactStore::open(dir).with_context(|| format!("opening cache {}", dir.display()))
+}
+
+fn overrides(p: &PipelineArgs) -> Overrides {
+    Overrides {
+        files: p.params_files.clone(),
+        pairs: p.params.clone(),
+    }
+}
+
+fn load(p: &PipelineArgs, registry: &Registry) -> Result<Plan> {
+    Ok(fpipe_engine::load_plan(&p.file, &overrides(p), registry)?)
+}
+
+fn default_gpus() -> usize {
+    std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .map(|v| v.split(',').filter(|s| !s.trim().is_empty()).count())
+        .unwrap_or(0)
+}
+
+pub fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let registry = registry();
+    match cli.command {
+        Command::Run {
+            pipeline,
+            target,
+            force,
+            dry_run,
+            jobs,
+            gpus,
+            device,
+            verbose,
+        } => {
+            let plan = load(&pipeline, &registry)?;
+            let store = open_store(&cache_dir(&cli.cache, Some(&pipeline.file)))?;
+            let engine = Engine { store, registry };
+            let cancel = Arc::new(AtomicBool::new(false));
+            let mut opts = RunOptions {
+                targets: target,
+                force,
+                device,
+                cancel: cancel.clone(),
+                ..RunOptions::default()
+            };
+            if let Some(j) = jobs {
+                opts.jobs = j.max(1);
+            }
+            opts.gpus = gpus.unwrap_or_else(default_gpus);
+            if dry_run {
+                print_status(&engine.status(&plan, &opts)?, false);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let c = cancel.clone();
+            let _ = ctrlc::set_handler(move || {
+                if !c.swap(true, Ordering::SeqCst) {
+                    eprintln!("\nstopping: waiting for running stages to end (their partial outputs are discarded)");
+                }
+            });
+            let reporter: Arc<dyn Reporter> = Arc::new(crate::term::Terminal::new(verbose));
+            let summary = engine.run(&plan, &opts, &reporter)?;
+            for s in &summary.record.stages {
+                if s.state == StageState::Failed {
+                    eprintln!(
+                        "\nstage `{}` failed: {}",
+                        s.name,
+                        s.error.as_deref().unwrap_or("")
+                    );
+                    if let Some(log) = &s.log {
+                        eprintln!("  log: {}", log.display());
+                    }
+                }
+            }
+            if summary.skipped > 0 {
+                eprintln!(
+                    "{} stage(s) not run because an input failed",
+                    summary.skipped
+                );
+            }
+            if summary.interrupted {
+                eprintln!("run interrupted; recorded as such. Rerun to continue: finished stages are cached.");
+            }
+            println!("{}", summary.line());
+            Ok(if summary.interrupted {
+                ExitCode::from(130)
+            } else if summary.failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Status {
+            pipeline,
+            target,
+            json,
+        } => {
+            let plan = load(&pipeline, &registry)?;
+            let store = open_store(&cache_dir(&cli.cache, Some(&pipeline.file)))?;
+            let engine = Engine { store, registry };
+            let opts = RunOptions {
+                targets: target,
+                ..RunOptions::default()
+            };
+            let st = engine.status(&plan, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print_status(&st, true);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { pipeline } => {
+            let plan = load(&pipeline, &registry)?;
+            let mut kinds = BTreeSet::new();
+            let mut commands = Vec::new();
+            for s in &plan.stages {
+                kinds.insert(s.def.uses.clone());
+                for c in s.kind.commands(&s.params) {
+                    commands.push((s.name().to_string(), c));
+                }
+            }
+            println!(
+                "{}: ok, {} stages ({})",
+                pipeline.file.display(),
+                plan.stages.len(),
+                kinds.into_iter().collect::<Vec<_>>().join(", ")
+            );
+            if commands.is_empty() {
+                println!("runs no shell commands");
+            } else {
+                println!("shell commands it would run ({}):", commands.len());
+                for (stage, c) in commands {
+                    println!("  [{stage}]");
+                    for line in c.lines() {
+                        println!("    $ {line}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag { pipeline, format } => {
+            let plan = load(&pipeline, &registry)?;
+            print!("{}", render_dag(&plan, &format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Out {
+            stage,
+            file,
+            params,
+        } => {
+            let path = output_of(&cli.cache, &registry, &stage, file, params)?;
+            println!("{}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect {
+            stage,
+            file,
+            params,
+            json,
+        } => {
+            let path = output_of(&cli.cache, &registry, &stage, file, params)?;
+            let (text, value) = inspect_artifact(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { file, last, json } => {
+            let store = open_store(&cache_dir(&cli.cache, file.as_deref()))?;
+            show(&store, file.as_deref(), last, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { keep_runs, dry_run } => {
+            let store = open_store(&cache_dir(&cli.cache, None))?;
+            let Some(_lock) = store.try_lock_exclusive()? else {
+                bail!(
+                    "a run is using the cache {}; try gc again when it has finished",
+                    store.root().display()
+                );
+            };
+            let mut keep: HashSet<ArtifactId> = HashSet::new();
+            for st in PipelineState::all(&store) {
+                for m in st.stages.values() {
+                    keep.extend(m.outputs.values().copied());
+                }
+            }
+            let records = RunRecord::all(&store);
+            for r in records.iter().rev().take(keep_runs) {
+                for s in &r.stages {
+                    keep.extend(s.outputs.values().copied());
+                }
+            }
+            let report = store.gc(&keep, dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            println!(
+                "{verb} {} artifacts, {} action records, {} staging leftovers ({:.1} MB); kept {} artifacts",
+                report.objects_removed.len(),
+                report.actions_removed,
+                report.staging_removed,
+                report.bytes_freed as f64 / 1e6,
+                report.objects_kept
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cache { command } => {
+            let store = open_store(&cache_dir(&cli.cache, None))?;
+            match command {
+                CacheCommand::Verify { repair } => {
+                    let _lock = store.lock_shared()?;
+                    let r = store.verify(repair)?;
+                    for p in &r.problems {
+                        println!("{}: {}", p.path.display(), p.problem);
+                    }
+                    println!(
+                        "checked {} artifacts and {} action records: {} problem(s){}",
+                        r.objects_checked,
+                        r.actions_checked,
+                        r.problems.len(),
+                        if repair {
+                            format!(", {} removed", r.repaired)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    Ok(if r.problems.is_empty() || repair {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    })
+                }
+                CacheCommand::Push { dir } => {
+                    let other = open_store(&dir)?;
+                    let r = store.push(&other, None)?;
+                    println!(
+                        "pushed {} artifacts ({:.1} MB) and {} action records to {}; {} already there",
+                        r.objects_copied,
+                        r.bytes_copied as f64 / 1e6,
+                        r.actions_copied,
+                        dir.display(),
+                        r.objects_present
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                CacheCommand::Pull { dir } => {
+                    if !dir.join("objects").is_dir() {
+                        bail!(
+                            "{} is not an fpipe cache (no objects/ folder)",
+                            dir.display()
+                        );
+                    }
+                    let other = open_store(&dir)?;
+                    let r = store.pull(&other, None)?;
+                    println!(
+                        "pulled {} artifacts ({:.1} MB) and {} action records from {}; {} already here",
+                        r.objects_copied,
+                        r.bytes_copied as f64 / 1e6,
+                        r.actions_copied,
+                        dir.display(),
+                        r.objects_present
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Stages { kind } => {
+            let mut any = false;
+            for k in registry.kinds() {
+                if kind.as_deref().is_some_and(|n| n != k.kind()) {
+                    continue;
+                }
+                any = true;
+                print_kind(k.as_ref());
+            }
+            if !any {
+                bail!("no stage kind `{}`", kind.unwrap_or_default());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_kind(k: &dyn fpipe_engine::Stage) {
+    let sig = k.signature();
+    println!("{} (v{}): {}", k.kind(), k.version(), k.doc());
+    for p in &sig.inputs {
+        println!(
+            "  in  {:<14} {:<10} {}{}",
+            p.name,
+            p.ty,
+            p.doc,
+            if p.optional { " (optional)" } else { "" }
+        );
+    }
+    if k.accepts_any_inputs() {
+        println!("  in  <any name>     any        placed at in/<name>/");
+    }
+    for p in &sig.outputs {
+        println!("  out {:<14} {:<10} {}", p.name, p.ty, p.doc);
+    }
+    for p in &sig.params {
+        let d = p
+            .default
+            .as_ref()
+            .map(|d| format!(" [default {d}]"))
+            .unwrap_or_else(|| " [required]".into());
+        println!("  with {:<13} {}{}: {}", p.name, p.ty.describe(), d, p.doc);
+    }
+    println!();
+}
+
+fn print_status(st: &[fpipe_engine::StageStatus], all: bool) {
+    let width = st.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let mut to_run = 0;
+    for s in st {
+        if s.will_run {
+            to_run += 1;
+            println!("  {:<width$}  will run: {}", s.name, s.reason);
+        } else if all {
+            println!("  {:<width$}  cached", s.name);
+        }
+    }
+    println!("{} of {} stages would run", to_run, st.len());
+}
+
+fn render_dag(plan: &Plan, format: &str) -> String {
+    let mut out = String::new();
+    match format {
+        "dot" => {
+            out.push_str("digraph pipeline {\n  rankdir=LR;\n");
+            for &i in &plan.order {
+                let s = &plan.stages[i];
+                out.push_str(&format!(
+                    "  \"{}\" [label=\"{}\\n({})\", shape=box];\n",
+                    s.name(),
+                    s.name(),
+                    s.def.uses
+                ));
+            }
+            for &i in &plan.order {
+                let s = &plan.stages[i];
+                for w in &s.wires {
+                    out.push_str(&format!(
+                        "  \"{}\" -> \"{}\" [label=\"{}\"];\n",
+                        plan.stages[w.from].name(),
+                        s.name(),
+                        if w.port == w.from_port {
+                            w.port.clone()
+                        } else {
+                            format!("{}→{}", w.from_port, w.port)
+                        }
+                    ));
+                }
+            }
+            out.push_str("}\n");
+        }
+        "mermaid" => {
+            out.push_str("graph LR\n");
+            for &i in &plan.order {
+                let s = &plan.stages[i];
+                out.push_str(&format!("  n{i}[\"{}<br/>{}\"]\n", s.name(), s.def.uses));
+            }
+            for &i in &plan.order {
+                for w in &plan.stages[i].wires {
+                    out.push_str(&format!("  n{} -->|{}| n{i}\n", w.from, w.port));
+                }
+            }
+        }
+        _ => {
+            for &i in &plan.order {
+                let s = &plan.stages[i];
+                out.push_str(&format!("{} ({})\n", s.name(), s.def.uses));
+                for w in &s.wires {
+                    out.push_str(&format!(
+                        "  {} <- {}.{}\n",
+                        w.port,
+                        plan.stages[w.from].name(),
+                        w.from_port
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn output_of(
+    cache: &Option<PathBuf>,
+    registry: &Registry,
+    stage: &str,
+    file: Option<PathBuf>,
+    params: Vec<String>,
+) -> Result<PathBuf> {
+    if let Some(file) = file {
+        let store = open_store(&cache_dir(cache, Some(&file)))?;
+        let plan = fpipe_engine::load_plan(
+            &file,
+            &Overrides {
+                files: vec![],
+                pairs: params,
+            },
+            registry,
+        )?;
+        let (name, port) = match plan.find(stage) {
+            Some(_) => (stage.to_string(), None),
+            None => match stage.rsplit_once('.') {
+                Some((s, p)) if plan.find(s).is_some() => (s.to_string(), Some(p.to_string())),
+                _ => bail!("no stage `{stage}` in {}", file.display()),
+            },
+        };
+        let engine = Engine {
+            store,
+            registry: registry.clone(),
+        };
+        let opts = RunOptions {
+            targets: vec![name.clone()],
+            ..RunOptions::default()
+        };
+        let st = engine.status(&plan, &opts)?;
+        let idx = plan
+            .find(&name)
+            .ok_or_else(|| anyhow!("no stage `{name}`"))?;
+        let me = st
+            .iter()
+            .find(|s| s.name == plan.stages[idx].name())
+            .ok_or_else(|| anyhow!("no status for `{name}`"))?;
+        return fpipe_engine::exec::output_path(&engine.store, me, port.as_deref())
+            .map_err(|e| anyhow!(e));
+    }
+    // No pipeline named: the newest run record that produced this stage.
+    let store = open_store(&cache_dir(cache, None))?;
+    let records = RunRecord::all(&store);
+    let candidates = [
+        (stage.to_string(), None),
+        match stage.rsplit_once('.') {
+            Some((s, p)) => (s.to_string(), Some(p.to_string())),
+            None => (String::new(), None),
+        },
+    ];
+    for r in records.iter().rev() {
+        for (name, port) in &candidates {
+            if let Some(s) = r
+                .stages
+                .iter()
+                .find(|s| &s.name == name && !s.outputs.is_empty())
+            {
+                let id = match port {
+                    Some(p) => s
+                        .outputs
+                        .get(p)
+                        .ok_or_else(|| anyhow!("stage `{name}` has no output `{p}`"))?,
+                    None if s.outputs.len() == 1 => s
+                        .outputs
+                        .values()
+                        .next()
+                        .ok_or_else(|| anyhow!("no outputs"))?,
+                    None => bail!(
+                        "stage `{name}` has several outputs; name one: {}",
+                        s.outputs
+                            .keys()
+                            .map(|k| format!("{name}.{k}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                let path = store.object_path(id);
+                if !path.exists() {
+                    bail!("the output of `{name}` was removed from the cache (gc); rerun the pipeline");
+                }
+                return Ok(path);
+            }
+        }
+    }
+    bail!(
+        "no run in {} produced stage `{stage}`; run its pipeline first (or pass -f PIPELINE)",
+        store.root().display()
+    )
+}
+
+fn show(store: &ArtifactStore, file: Option<&Path>, last: usize, json: bool) -> Result<()> {
+    let canon = file.map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.to_path_buf()));
+    let records: Vec<RunRecord> = RunRecord::all(store)
+        .into_iter()
+        .filter(|r| {
+            canon.as_ref().is_none_or(|c| {
+                std::fs::canonicalize(&r.pipeline).unwrap_or_else(|_| r.pipeline.clone()) == *c
+            })
+        })
+        .collect();
+    let start = records.len().saturating_sub(last);
+    let records = &records[start..];
+    // Rows: (run, stage) with metrics; columns: metric names.
+    let mut rows: Vec<(String, String, String, BTreeMap<String, f64>)> = Vec::new();
+    let mut cols: BTreeSet<String> = BTreeSet::new();
+    for r in records {
+        for s in &r.stages {
+            if s.metrics.is_empty() {
+                continue;
+            }
+            cols.extend(s.metrics.keys().cloned());
+            rows.push((
+                r.started.clone(),
+                r.pipeline_name.clone(),
+                s.name.clone(),
+                s.metrics.clone(),
+            ));
+        }
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(t, p, s, m)| serde_json::json!({"run": t, "pipeline": p, "stage": s, "metrics": m}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no metrics reported in the last {} run(s)", records.len());
+        return Ok(());
+    }
+    let cols: Vec<String> = cols.into_iter().collect();
+    let mut table: Vec<Vec<String>> = vec![];
+    let mut header = vec!["run".to_string(), "pipeline".into(), "stage".into()];
+    header.extend(cols.iter().cloned());
+    table.push(header);
+    for (t, p, s, m) in &rows {
+        let mut line = vec![t.clone(), p.clone(), s.clone()];
+        for c in &cols {
+            line.push(
+                m.get(c)
+                    .map(|v| format_metric(*v))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+        table.push(line);
+    }
+    let widths: Vec<usize> = (0..table[0].len())
+        .map(|c| {
+            table
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in &table {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+fn format_metric(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e9 {
+        format!("{v:.0}")
+    } else if v.abs() >= 0.01 {
+        format!("{v:.4}")
+    } else {
+        format!("{v:.3e}")
+    }
+}
+
+/// A summary of an artifact: a data set's own summary when the stages know its format,
+/// otherwise its files and sizes.
+fn inspect_artifact(path: &Path) -> Result<(String, serde_json::Value)> {
+    let (id, entries) = fpipe_cache::tree_id(path)?;
+    let mut text = format!("artifact {}\n{}\n", id.short(), path.display());
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    for e in &entries {
+        let size = std::fs::metadata(path.join(&e.path))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        total += size;
+        files.push(serde_json::json!({"path": e.path, "bytes": size}));
+    }
+    text.push_str(&format!(
+        "{} files, {:.1} MB\n",
+        entries.len(),
+        total as f64 / 1e6
+    ));
+    for e in entries.iter().take(20) {
+        text.push_str(&format!("  {}\n", e.path));
+    }
+    if entries.len() > 20 {
+        text.push_str(&format!("  ... {} more\n", entries.len() - 20));
+    }
+    Ok((
+        text,
+        serde_json::json!({"id": id, "path": path, "bytes": total, "files": files}),
+    ))
+}
