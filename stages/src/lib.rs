@@ -6,10 +6,14 @@
 //! scheduling or caching beyond the directories a [`fpipe_engine::StageContext`] hands over.
 
 pub mod data;
+pub mod loss;
 pub mod metrics;
+pub mod models;
 pub mod ops;
+pub mod train;
 
 /// Adds every face-recognition stage kind to `registry`.
 pub fn register_all(registry: &mut fpipe_engine::Registry) {
     data::register(registry);
+    train::register(registry);
 }

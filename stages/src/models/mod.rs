@@ -1,0 +1,586 @@
+//! Face-recognition backbones on candle: `iresnet`, `mobilefacenet`, `vargfacenet`.
+//!
+//! One file per model, in candle-transformers' shape: a `Config` with serde defaults, a
+//! `Model::new(&cfg, vb)` and `forward(&x, train)`. Every convolution goes through
+//! [`crate::ops::conv2d`]. Parameters live in a [`ParamStore`], a seeded variable store (candle's
+//! CPU generator cannot be seeded) whose names match the PyTorch state dicts of the
+//! reference definitions, so insightface `.pth` checkpoints load directly.
+
+pub mod iresnet;
+pub mod mobilefacenet;
+pub mod vargfacenet;
+
+use candle_core::{DType, Device, Module, ModuleT, Result, Shape, Tensor, Var};
+use candle_nn::{BatchNorm, BatchNormConfig, Init, PReLU, VarBuilder};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Errors of model construction and (de)serialisation.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A configuration value is out of range.
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    /// A checkpoint lacks a tensor or has one of another shape.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
+    /// File system error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Model card (JSON) error.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeded parameter store.
+
+/// Small deterministic generator (SplitMix64): the same seed gives the same initial weights
+/// on every machine, which candle's unseedable CPU generator cannot.
+#[derive(Clone, Debug)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    /// Generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    /// Uniform integer in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.uniform() * n as f64) as usize % n.max(1)
+    }
+}
+
+/// FNV-1a of a name: per-variable seeds independent of construction order.
+fn name_hash(s: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// True for BatchNorm running statistics: state, not parameters (never optimised, not
+/// counted as parameters).
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+/// The named variables of a model (and head), created with seeded initialisation.
+#[derive(Clone)]
+pub struct ParamStore {
+    vars: Arc<Mutex<BTreeMap<String, Var>>>,
+    seed: u64,
+}
+
+impl ParamStore {
+    /// Empty store; variables are created (seeded by `seed` and their name) as a model is built.
+    pub fn new(seed: u64) -> Self {
+        ParamStore {
+            vars: Arc::new(Mutex::new(BTreeMap::new())),
+            seed,
+        }
+    }
+
+    /// A `VarBuilder` that creates variables in this store.
+    pub fn vb(&self, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, device.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Var>> {
+        // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+        self.vars.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// All variables, sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Variables whose name starts with `prefix`.
+    pub fn vars_with_prefix(&self, prefix: &str) -> Vec<(String, Var)> {
+        self.vars()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect()
+    }
+
+    /// Number of parameter elements (running statistics excluded), as PyTorch's
+    /// `sum(p.numel() for p in model.parameters())`.
+    pub fn num_params(&self, prefix: &str) -> usize {
+        self.vars_with_prefix(prefix)
+            .iter()
+            .filter(|(k, _)| !is_buffer(k))
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// Tensors under `prefix` (prefix stripped), for saving.
+    pub fn tensors(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.vars_with_prefix(prefix)
+            .into_iter()
+            .map(|(k, v)| (k[prefix.len()..].to_string(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Saves the variables under `prefix` (prefix stripped) as safetensors.
+    pub fn save(&self, prefix: &str, path: &Path) -> std::result::Result<(), ModelError> {
+        candle_core::safetensors::save(&self.tensors(prefix), path)?;
+        Ok(())
+    }
+
+    /// Sets every variable under `prefix` from `tensors` (keyed without the prefix). Every
+    /// variable must be present with its shape unless `allow_missing`; extra tensors are ignored
+    /// (e.g. PyTorch's `num_batches_tracked`).
+    pub fn assign(
+        &self,
+        prefix: &str,
+        tensors: &HashMap<String, Tensor>,
+        origin: &str,
+        allow_missing: bool,
+    ) -> std::result::Result<(), ModelError> {
+        for (name, var) in self.vars_with_prefix(prefix) {
+            let key = &name[prefix.len()..];
+            let Some(t) = tensors.get(key) else {
+                if allow_missing {
+                    continue;
+                }
+                return Err(ModelError::Checkpoint {
+                    path: origin.into(),
+                    msg: format!("missing tensor `{key}`"),
+                });
+            };
+            if t.dims() != var.dims() {
+                return Err(ModelError::Checkpoint {
+                    path: origin.into(),
+                    msg: format!(
+                        "tensor `{key}` has shape {:?}, the model expects {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                });
+            }
+            let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Loads safetensors written by [`ParamStore::save`] into the variables under `prefix`.
+    pub fn load(&self, prefix: &str, path: &Path) -> std::result::Result<(), ModelError> {
+        let dev = self
+            .vars()
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(Device::Cpu);
+        let t = candle_core::safetensors::load(path, &dev)?;
+        self.assign(prefix, &t, &path.display().to_string(), false)
+    }
+
+    /// Loads a zip-format PyTorch state dict (`torch.save(model.state_dict())`, optionally
+    /// wrapped in `{'state_dict': ...}` and/or with DataParallel's `module.` prefix).
+    pub fn load_pth(&self, prefix: &str, path: &Path) -> std::result::Result<(), ModelError> {
+        let origin = path.display().to_string();
+        let mut raw = candle_core::pickle::read_all(path);
+        if raw.as_ref().map(|v| v.is_empty()).unwrap_or(true) {
+            raw = candle_core::pickle::read_all_with_key(path, Some("state_dict"));
+        }
+        let raw = raw.map_err(|e| ModelError::Checkpoint {
+            path: origin.clone(),
+            msg: format!(
+                "not a readable zip-format PyTorch state dict ({e}); save it with \
+                 torch.save(model.state_dict(), path) from PyTorch >= 1.6"
+            ),
+        })?;
+        let tensors: HashMap<String, Tensor> = raw
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), v))
+            .collect();
+        self.assign(prefix, &tensors, &origin, false)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for ParamStore {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        if let Some(v) = self.lock().get(name) {
+            if v.shape() != &s {
+                candle_core::bail!(
+                    "variable {name} exists with shape {:?}, not {s:?}",
+                    v.shape()
+                );
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let n = s.elem_count();
+        let mut rng = SplitMix::new(self.seed ^ name_hash(name));
+        let data: Vec<f32> = match h {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Randn { mean, stdev } => (0..n)
+                .map(|_| (mean + stdev * rng.normal()) as f32)
+                .collect(),
+            Init::Uniform { lo, up } => (0..n)
+                .map(|_| (lo + (up - lo) * rng.uniform()) as f32)
+                .collect(),
+            Init::Kaiming { .. } => {
+                // Not used by our layers (they pass explicit standard deviations); fan-in normal.
+                let fan_in = if s.rank() > 1 { n / s.dims()[0] } else { n };
+                let std = (2.0 / fan_in.max(1) as f64).sqrt();
+                (0..n).map(|_| (std * rng.normal()) as f32).collect()
+            }
+        };
+        let t = Tensor::from_vec(data, s, dev)?.to_dtype(dtype)?;
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        self.lock().insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        match self.lock().get(name) {
+            Some(v) => Ok(v.as_tensor().clone()),
+            None => candle_core::bail!("no variable {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers shared by the backbones.
+
+/// A convolution through [`crate::ops::conv2d`], PyTorch weight layout `[out, in/groups, k, k]`.
+#[derive(Clone, Debug)]
+pub struct Conv {
+    w: Tensor,
+    b: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+}
+
+/// Shape of a convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvSpec {
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub groups: usize,
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    /// `k`×`k` convolution, no bias, one group.
+    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Self {
+        ConvSpec {
+            cin,
+            cout,
+            k,
+            stride,
+            padding,
+            groups: 1,
+            bias: false,
+        }
+    }
+    /// With `groups` groups.
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+    /// With a bias.
+    pub fn bias(mut self) -> Self {
+        self.bias = true;
+        self
+    }
+    /// Output spatial size for input size `h`.
+    pub fn out_size(&self, h: usize) -> usize {
+        (h + 2 * self.padding).saturating_sub(self.k) / self.stride + 1
+    }
+    /// Multiply-accumulates for an `h`×`w` input (one image).
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        (oh * ow * self.cout * (self.cin / self.groups) * self.k * self.k) as u64
+    }
+    /// Parameter count.
+    pub fn params(&self) -> usize {
+        self.cout * (self.cin / self.groups) * self.k * self.k
+            + if self.bias { self.cout } else { 0 }
+    }
+}
+
+impl Conv {
+    /// Builds the layer; weights N(0, `std`), bias zero.
+    pub fn new(spec: ConvSpec, std: f64, vb: VarBuilder) -> Result<Self> {
+        if spec.groups == 0 || spec.cin % spec.groups != 0 || spec.cout % spec.groups != 0 {
+            candle_core::bail!(
+                "conv {}->{}: {} groups do not divide the channels",
+                spec.cin,
+                spec.cout,
+                spec.groups
+            );
+        }
+        let w = vb.get_with_hints(
+            (spec.cout, spec.cin / spec.groups, spec.k, spec.k),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let b = if spec.bias {
+            Some(vb.get_with_hints(spec.cout, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Conv {
+            w,
+            b,
+            stride: spec.stride,
+            padding: spec.padding,
+            groups: spec.groups,
+        })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = crate::ops::conv2d(x, &self.w, self.stride, self.padding, self.groups)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Fully connected layer, weight `[out, in]` as PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    /// PyTorch's default initialisation: U(±1/sqrt(in)).
+    pub fn new(cin: usize, cout: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let bound = 1.0 / (cin as f64).sqrt();
+        let u = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let w = vb.get_with_hints((cout, cin), "weight", u)?;
+        let b = if bias {
+            Some(vb.get_with_hints(cout, "bias", u)?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+
+    /// Weight N(0, `std`), bias zero.
+    pub fn with_std(cin: usize, cout: usize, bias: bool, std: f64, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get_with_hints(
+            (cout, cin),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let b = if bias {
+            Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// BatchNorm with PyTorch semantics (momentum 0.1, unbiased running variance).
+pub fn bn(c: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
+    candle_nn::batch_norm(
+        c,
+        BatchNormConfig {
+            eps,
+            remove_mean: true,
+            affine: true,
+            momentum: 0.1,
+        },
+        vb,
+    )
+}
+
+/// Per-channel PReLU (initial slope 0.25, as PyTorch and MXNet).
+pub fn prelu(c: usize, vb: VarBuilder) -> Result<PReLU> {
+    candle_nn::prelu(Some(c), vb)
+}
+
+/// Conv → BN → optional PReLU, the unit all three backbones are made of. Parameter names
+/// follow the caller's (`conv`, `bn`, `act` sub-paths are chosen by each model).
+#[derive(Clone, Debug)]
+pub struct ConvBnAct {
+    pub conv: Conv,
+    pub bn: BatchNorm,
+    pub act: Option<PReLU>,
+}
+
+impl ConvBnAct {
+    /// Applies conv, BN (train or eval) and the activation.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn.forward_t(&self.conv.forward(x)?, train)?;
+        match &self.act {
+            Some(a) => a.forward(&y),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Scales `n` channels by the width multiplier `w`, keeping a multiple of `multiple` (at least
+/// `multiple`).
+pub fn scaled(n: usize, w: f64, multiple: usize) -> usize {
+    let m = multiple.max(1);
+    let v = ((n as f64 * w) / m as f64).round() as usize * m;
+    v.max(m)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Any backbone.
+
+/// Architecture and hyper-parameters of a backbone, tagged by `arch` (as in the model card).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "arch", rename_all = "lowercase")]
+pub enum BackboneConfig {
+    Iresnet(iresnet::Config),
+    Mobilefacenet(mobilefacenet::Config),
+    Vargfacenet(vargfacenet::Config),
+}
+
+/// Input normalisation `(x - mean) / std` on RGB values in 0..255.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Normalisation {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl BackboneConfig {
+    /// Square input size in pixels.
+    pub fn input_size(&self) -> usize {
+        match self {
+            BackboneConfig::Iresnet(c) => c.input_size,
+            BackboneConfig::Mobilefacenet(c) => c.input_size,
+            BackboneConfig::Vargfacenet(c) => c.input_size,
+        }
+    }
+    /// Embedding dimension.
+    pub fn embedding_size(&self) -> usize {
+        match self {
+            BackboneConfig::Iresnet(c) => c.num_features,
+            BackboneConfig::Mobilefacenet(c) => c.num_features,
+            BackboneConfig::Vargfacenet(c) => c.num_features,
+        }
+    }
+    /// Input normalisation the reference training used.
+    pub fn normalisation(&self) -> Normalisation {
+        match self {
+            // VarGFaceNet's MXNet symbol: (x - 127.5) * 0.0078125.
+            BackboneConfig::Vargfacenet(_) => Normalisation {
+                mean: 127.5,
+                std: 128.0,
+            },
+            _ => Normalisation {
+                mean: 127.5,
+                std: 127.5,
+            },
+        }
+    }
+    /// Multiply-accumulates of convolutions and fully connected layers for one image (the
+    /// "FLOPs" that arcface_torch's tables quote).
+    pub fn macs(&self) -> u64 {
+        match self {
+            BackboneConfig::Iresnet(c) => iresnet::macs(c),
+            BackboneConfig::Mobilefacenet(c) => mobilefacenet::macs(c),
+            BackboneConfig::Vargfacenet(c) => vargfacenet::macs(c),
+        }
+    }
+    /// Names of variables that are parameters but must not be trained (iresnet's final BN γ).
+    pub fn frozen(&self, name: &str) -> bool {
+        matches!(self, BackboneConfig::Iresnet(_)) && name == "features.weight"
+    }
+    /// Short name, e.g. `iresnet50`.
+    pub fn name(&self) -> String {
+        match self {
+            BackboneConfig::Iresnet(c) => format!("iresnet{}", c.depth),
+            BackboneConfig::Mobilefacenet(_) => "mobilefacenet".into(),
+            BackboneConfig::Vargfacenet(_) => "vargfacenet".into(),
+        }
+    }
+}
+
+/// A built backbone.
+pub enum Backbone {
+    Iresnet(iresnet::Model),
+    Mobilefacenet(mobilefacenet::Model),
+    Vargfacenet(vargfacenet::Model),
+}
+
+impl Backbone {
+    /// Builds the backbone described by `cfg` with variables from `vb`.
+    pub fn new(cfg: &BackboneConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(match cfg {
+            BackboneConfig::Iresnet(c) => Backbone::Iresnet(iresnet::Model::new(c, vb)?),
+            BackboneConfig::Mobilefacenet(c) => {
+                Backbone::Mobilefacenet(mobilefacenet::Model::new(c, vb)?)
+            }
+            BackboneConfig::Vargfacenet(c) => {
+                Backbone::Vargfacenet(vargfacenet::Model::new(c, vb)?)
+            }
+        })
+    }
+    /// Embeddings `[B, num_features]` of normalised NCHW input.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Backbone::Iresnet(m) => m.forward(x, train),
+            Backbone::Mobilefacenet(m) => m.forward(x, train),
+            Backbone::Vargfacenet(m) => m.forward(x, train),
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Model artifacts: `model.safetensors` (backbone, PyTorch-compatible names), `model.json`
+//! (the model card) and `centres.safetensors` (class-centre matrix `weight [classes, emb]`);
+//! loss/lr curves as CSV and PNG.
+
+use super::png::{Canvas, Series};
+use super::trainer::CurvePoint;
+use super::TrainError;
+use crate::models::{Backbone, BackboneConfig, Normalisation, ParamStore};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Backbone weights file in a model directory.
+pub const WEIGHTS: &str = "model.safetensors";
+/// Model card file.
+pub const CARD: &str = "model.json";
+/// Class-centre matrix file.
+pub const CENTRES: &str = "centres.safetensors";
+
+/// The model card: what a model is and how to feed it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModelCard {
+    /// `fpipe-model/1`.
+    pub format: String,
+    /// Short architecture name, e.g. `iresnet50`.
+    pub name: String,
+    /// Full backbone configuration (tagged by `arch`).
+    pub architecture: BackboneConfig,
+    /// Parameter count (running statistics excluded).
+    pub parameters: usize,
+    /// Multiply-accumulates per image (convolutions and FC).
+    pub macs: u64,
+    /// Square input size, RGB, NCHW.
+    pub input_size: usize,
+    /// Input normalisation on 0..255 RGB.
+    pub normalisation: Normalisation,
+    /// Embedding dimension.
+    pub embedding_size: usize,
+    /// Classes of the margin head (0 when none).
+    pub classes: usize,
+    /// Identifier of the training data (its artifact directory name) and image count.
+    pub training_data: serde_json::Value,
+    /// Training configuration (loss, optimiser, schedule, seed), or where it came from.
+    pub training: serde_json::Value,
+}
+
+/// Writes weights, centres (if any) and the card into `dir`.
+pub fn save_model(
+    dir: &Path,
+    store: &ParamStore,
+    cfg: &BackboneConfig,
+    classes: usize,
+    training_data: serde_json::Value,
+    training: serde_json::Value,
+) -> Result<ModelCard, TrainError> {
+    std::fs::create_dir_all(dir)?;
+    store.save("backbone.", &dir.join(WEIGHTS))?;
+    if store.vars().iter().any(|(k, _)| k == "head.weight") {
+        store.save("head.", &dir.join(CENTRES))?;
+    }
+    let card = ModelCard {
+        format: "fpipe-model/1".into(),
+        name: cfg.name(),
+        architecture: cfg.clone(),
+        parameters: store.num_params("backbone."),
+        macs: cfg.macs(),
+        input_size: cfg.input_size(),
+        normalisation: cfg.normalisation(),
+        embedding_size: cfg.embedding_size(),
+        classes,
+        training_data,
+        training,
+    };
+    std::fs::write(dir.join(CARD), serde_json::to_string_pretty(&card)?)?;
+    Ok(card)
+}
+
+/// A loaded model.
+pub struct LoadedModel {
+    /// The card.
+    pub card: ModelCard,
+    /// The backbone (variables under `backbone.` of `store`).
+    pub backbone: Backbone,
+    /// Its variables.
+    pub store: ParamStore,
+}
+
+/// Loads a model directory written by [`save_model`].
+pub fn load_model(dir: &Path, dev: &Device) -> Result<LoadedModel, TrainError> {
+    let card_path = dir.join(CARD);
+    let text = std::fs::read_to_string(&card_path).map_err(|e| {
+        TrainError::Invalid(format!(
+            "{}: cannot read model card: {e}",
+            card_path.display()
+        ))
+    })?;
+    let card: ModelCard = serde_json::from_str(&text)?;
+    let store = ParamStore::new(0);
+    let backbone = Backbone::new(&card.architecture, store.vb(dev).pp("backbone"))?;
+    store.load("backbone.", &dir.join(WEIGHTS))?;
+    Ok(LoadedModel {
+        card,
+        backbone,
+        store,
+    })
+}
+
+/// Writes `curve.csv` (step, loss, lr) and `curve.png` (loss in blue, lr rescaled to the loss
+/// range in red) into `dir`.
+pub fn write_curve(dir: &Path, curve: &[CurvePoint]) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)?;
+    let mut csv = String::from("step,loss,lr\n");
+    for c in curve {
+        csv.push_str(&format!("{},{},{}\n", c.step, c.loss, c.lr));
+    }
+    std::fs::write(dir.join("curve.csv"), csv)?;
+    let loss: Vec<(f64, f64)> = curve.iter().map(|c| (c.step as f64, c.loss)).collect();
+    let (lo, hi) = loss
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
+            (a.0.min(p.1), a.1.max(p.1))
+        });
+    let max_lr = curve.iter().map(|c| c.lr).fold(0.0, f64::max).max(1e-12);
+    let lr: Vec<(f64, f64)> = curve
+        .iter()
+        .map(|c| (c.step as f64, lo + (hi - lo) * c.lr / max_lr))
+        .collect();
+    let mut cv = Canvas::new(640, 400);
+    cv.chart(
+        &[
+            Series {
+                points: &loss,
+                color: [30, 90, 200],
+            },
+            Series {
+                points: &lr,
+                color: [200, 40, 40],
+            },
+        ],
+        false,
+    );
+    cv.save(&dir.join("curve.png"))?;
+    Ok(())
+}

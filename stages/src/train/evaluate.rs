@@ -1,0 +1,171 @@
+//! `evaluate`: verification of a model on the pairs of a packed verification set (held-out
+//! identities, or a converted `.bin` set): 10-fold accuracy ± std on squared distances of
+//! flip-sum embeddings (insightface protocol), ROC on cosine scores with TPR@FPR, AUC and EER,
+//! using [`crate::metrics`].
+
+use super::artifact::load_model;
+use super::png::{Canvas, Series};
+use super::stages::embed_all;
+use super::{parse_device, TrainError};
+use crate::data::PackedDataset;
+use crate::metrics::{auc, eer, pair_distances, roc, tpr_at_fpr, verification_10fold};
+use fpipe_engine::{
+    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
+};
+use serde_json::{json, Value};
+
+/// Verification numbers of one evaluation.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalResult {
+    /// 10-fold accuracy (0..1).
+    pub accuracy: f64,
+    /// Standard deviation over folds.
+    pub accuracy_std: f64,
+    /// Area under the ROC.
+    pub auc: f64,
+    /// Equal error rate.
+    pub eer: f64,
+    /// (FPR target, TPR).
+    pub tpr_at_fpr: Vec<(f64, f64)>,
+    /// ROC points (fpr, tpr).
+    pub roc: Vec<(f64, f64)>,
+    /// Pairs evaluated.
+    pub pairs: usize,
+}
+
+fn metric_err(e: crate::metrics::MetricError) -> TrainError {
+    TrainError::Invalid(e.to_string())
+}
+
+/// Verification metrics of normalised embeddings `emb` (`dim` columns) on `pairs`.
+pub fn verify(
+    emb: &[f32],
+    dim: usize,
+    pairs: &[(u32, u32, bool)],
+    fprs: &[f64],
+) -> Result<EvalResult, TrainError> {
+    let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
+    let same: Vec<bool> = pairs.iter().map(|p| p.2).collect();
+    let dist = pair_distances(emb, dim, &ab).map_err(metric_err)?;
+    let folds = 10.min(pairs.len());
+    let v = verification_10fold(&dist, &same, folds).map_err(metric_err)?;
+    // Unit vectors: cosine = 1 − d²/2.
+    let scores: Vec<f32> = dist.iter().map(|d| 1.0 - d / 2.0).collect();
+    let r = roc(&scores, &same).map_err(metric_err)?;
+    let tprs = tpr_at_fpr(&r, fprs);
+    Ok(EvalResult {
+        accuracy: v.accuracy,
+        accuracy_std: v.std,
+        auc: auc(&r),
+        eer: eer(&r),
+        tpr_at_fpr: fprs.iter().copied().zip(tprs).collect(),
+        roc: r.fpr.iter().copied().zip(r.tpr.iter().copied()).collect(),
+        pairs: pairs.len(),
+    })
+}
+
+/// The `evaluate` stage kind.
+pub struct EvaluateStage;
+
+impl Stage for EvaluateStage {
+    fn kind(&self) -> &'static str {
+        "evaluate"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "verification accuracy, TPR@FPR, AUC, EER and ROC of a model on a pairs set"
+    }
+    fn signature(&self) -> StageSignature {
+        StageSignature {
+            inputs: vec![
+                PortSpec::new("model", "model", "the model"),
+                PortSpec::new("pairs", "pairs", "verification set (images + pairs)"),
+            ],
+            outputs: vec![
+                PortSpec::new("metrics", "metrics", "metrics.json"),
+                PortSpec::new("report", "report", "roc.png and roc.csv"),
+            ],
+            params: vec![
+                ParamSpec::with_default(
+                    "batch_size",
+                    ParamType::Int,
+                    json!(64),
+                    "images per forward pass",
+                )
+                .volatile(),
+                ParamSpec::with_default(
+                    "flip",
+                    ParamType::Bool,
+                    json!(true),
+                    "flip-sum embeddings",
+                ),
+                ParamSpec::with_default(
+                    "fprs",
+                    ParamType::List(Box::new(ParamType::Float)),
+                    json!([1e-4, 1e-3, 1e-2, 1e-1]),
+                    "FPR targets for TPR@FPR",
+                ),
+            ],
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let dev = parse_device(&ctx.device)?;
+        let model = load_model(ctx.input("model")?, &dev)?;
+        let data = PackedDataset::open(ctx.input("pairs")?).map_err(TrainError::from)?;
+        let pairs = data
+            .pairs()
+            .ok_or_else(|| StageError::msg("the `pairs` input has no verification pairs"))?
+            .to_vec();
+        let fprs: Vec<f64> = ctx
+            .param("fprs")?
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        let bs = ctx.param_i64("batch_size")?.max(1) as usize;
+        let flip = ctx.param_bool("flip")?;
+        let sink = &*ctx;
+        let emb = embed_all(&model, &data, bs, flip, &dev, &|d, t| {
+            sink.progress(d, t, "embedding")
+        })?;
+        let r = verify(&emb, model.card.embedding_size, &pairs, &fprs)?;
+        let mut m = serde_json::Map::new();
+        m.insert("accuracy".into(), json!(r.accuracy));
+        m.insert("accuracy_std".into(), json!(r.accuracy_std));
+        m.insert("auc".into(), json!(r.auc));
+        m.insert("eer".into(), json!(r.eer));
+        m.insert("pairs".into(), json!(r.pairs));
+        for (f, t) in &r.tpr_at_fpr {
+            m.insert(format!("tpr@fpr={f:e}"), json!(t));
+        }
+        std::fs::write(
+            ctx.output("metrics")?.join("metrics.json"),
+            serde_json::to_string_pretty(&Value::Object(m)).map_err(TrainError::from)?,
+        )?;
+        let report = ctx.output("report")?.to_path_buf();
+        let mut csv = String::from("fpr,tpr\n");
+        for (f, t) in &r.roc {
+            csv.push_str(&format!("{f},{t}\n"));
+        }
+        std::fs::write(report.join("roc.csv"), csv)?;
+        let mut cv = Canvas::new(480, 480);
+        let pts: Vec<(f64, f64)> = r.roc.iter().filter(|p| p.0 > 0.0).copied().collect();
+        cv.chart(
+            &[Series {
+                points: &pts,
+                color: [30, 90, 200],
+            }],
+            true,
+        );
+        cv.save(&report.join("roc.png"))?;
+        ctx.metric("accuracy", r.accuracy);
+        ctx.metric("accuracy_std", r.accuracy_std);
+        ctx.metric("auc", r.auc);
+        ctx.metric("eer", r.eer);
+        for (f, t) in &r.tpr_at_fpr {
+            ctx.metric(&format!("tpr@fpr={f:e}"), *t);
+        }
+        Ok(())
+    }
+}

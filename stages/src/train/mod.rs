@@ -1,0 +1,156 @@
+//! Training stage kinds: `train`, `distil`, `embed`, `evaluate`.
+//!
+//! The loop itself is in [`trainer`], the optimisers in [`optim`], model artifacts (weights,
+//! model card, class centres) and curves in [`artifact`], the `Stage` implementations in
+//! [`stages`].
+
+pub mod artifact;
+pub mod evaluate;
+pub mod optim;
+pub mod png;
+pub mod stages;
+pub mod trainer;
+
+use crate::data::{DataError, PackedDataset};
+use crate::loss::LossError;
+use crate::models::{ModelError, ParamStore};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Errors of training, embedding and evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Model construction or checkpoint error.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Margin configuration error.
+    #[error(transparent)]
+    Loss(#[from] LossError),
+    /// Data set error.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// File system error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// JSON error.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// The loss became NaN or infinite.
+    #[error(
+        "loss is not finite ({loss}) at step {step}: lower the learning rate, enable grad_clip, \
+         or check the data"
+    )]
+    NonFinite { step: u64, loss: f64 },
+    /// A parameter or input is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// Cancelled by the user; the checkpoint stays in scratch.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl From<TrainError> for fpipe_engine::StageError {
+    fn from(e: TrainError) -> Self {
+        match e {
+            TrainError::Interrupted => fpipe_engine::StageError::Interrupted,
+            e => fpipe_engine::StageError::msg(e.to_string()),
+        }
+    }
+}
+
+/// Images with identity labels, as training reads them. Implemented by the memory-mapped
+/// [`PackedDataset`]; tests may implement it in memory.
+pub trait FaceSource: Sync {
+    /// Number of images.
+    fn len(&self) -> usize;
+    /// True when there are no images.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Number of identity classes (labels are `0..num_classes`).
+    fn num_classes(&self) -> usize;
+    /// `(height, width, 3)` of every image.
+    fn image_shape(&self) -> (usize, usize, usize);
+    /// Label of image `i`.
+    fn label(&self, i: usize) -> u32;
+    /// Copies image `i` (HWC RGB u8) into `out`.
+    fn read_image(&self, i: usize, out: &mut [u8]) -> Result<(), TrainError>;
+}
+
+impl FaceSource for PackedDataset {
+    fn len(&self) -> usize {
+        PackedDataset::len(self)
+    }
+    fn num_classes(&self) -> usize {
+        PackedDataset::num_classes(self)
+    }
+    fn image_shape(&self) -> (usize, usize, usize) {
+        PackedDataset::image_shape(self)
+    }
+    fn label(&self, i: usize) -> u32 {
+        PackedDataset::label(self, i).max(0) as u32
+    }
+    fn read_image(&self, i: usize, out: &mut [u8]) -> Result<(), TrainError> {
+        Ok(PackedDataset::read_image(self, i, out)?)
+    }
+}
+
+/// Loads backbone weights into `store` under `prefix` from a model artifact directory (its
+/// `model.safetensors`), a `.safetensors` file, or a PyTorch `.pth`/`.pt` state dict.
+pub fn load_model_weights(store: &ParamStore, prefix: &str, path: &Path) -> Result<(), TrainError> {
+    if path.is_dir() {
+        store.load(prefix, &path.join(artifact::WEIGHTS))?;
+        return Ok(());
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => store.load(prefix, path)?,
+        Some("pth") | Some("pt") | Some("bin") => store.load_pth(prefix, path)?,
+        _ => {
+            return Err(TrainError::Invalid(format!(
+                "{}: expected a model directory, .safetensors or .pth",
+                path.display()
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<candle_core::Device, TrainError> {
+    match s {
+        "cpu" | "" => Ok(candle_core::Device::Cpu),
+        _ => {
+            let ord = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        TrainError::Invalid(format!("device `{s}`: use cpu or cuda:N"))
+                    })?,
+                None => {
+                    return Err(TrainError::Invalid(format!(
+                        "device `{s}`: use cpu or cuda:N"
+                    )))
+                }
+            };
+            candle_core::Device::new_cuda(ord).map_err(|e| {
+                TrainError::Invalid(format!(
+                    "device `{s}` unavailable ({e}); fpipe must be built with --features cuda"
+                ))
+            })
+        }
+    }
+}
+
+/// Adds `train`, `distil`, `import-model`, `embed` and `evaluate`.
+pub fn register(registry: &mut fpipe_engine::Registry) {
+    registry.register(Arc::new(stages::TrainStage));
+    registry.register(Arc::new(stages::DistilStage));
+    registry.register(Arc::new(stages::ImportModelStage));
+    registry.register(Arc::new(stages::EmbedStage));
+    registry.register(Arc::new(stages::EvaluateStage));
+}

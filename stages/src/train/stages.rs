@@ -1,0 +1,576 @@
+//! The `train`, `distil`, `import-model`, `embed` and `evaluate` stage kinds.
+
+use super::artifact::{self, load_model, save_model, write_curve};
+use super::optim::OptimizerKind;
+use super::trainer::{batch_tensor, train, RunEnv, Teacher, TrainConfig};
+use super::{load_model_weights, parse_device, FaceSource, TrainError};
+use crate::data::PackedDataset;
+use crate::loss::{MarginConfig, MarginVariant};
+use crate::models::{iresnet, mobilefacenet, vargfacenet, Backbone, BackboneConfig, ParamStore};
+use candle_core::{DType, Device, Tensor};
+use fpipe_engine::{
+    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
+};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+const BACKBONES: &[&str] = &[
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
+    "iresnet200",
+    "mobilefacenet",
+    "vargfacenet",
+];
+
+fn backbone_params() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::with_default(
+            "backbone",
+            ParamType::Enum(BACKBONES),
+            json!("mobilefacenet"),
+            "backbone architecture",
+        ),
+        ParamSpec::with_default(
+            "width",
+            ParamType::Float,
+            json!(1.0),
+            "channel multiplier (1 = reference size)",
+        ),
+        ParamSpec::with_default(
+            "input_size",
+            ParamType::Int,
+            json!(112),
+            "square input size; images are resized to it",
+        ),
+        ParamSpec::with_default(
+            "embedding_size",
+            ParamType::Int,
+            json!(512),
+            "embedding dimension",
+        ),
+        ParamSpec::with_default(
+            "se",
+            ParamType::Bool,
+            json!(true),
+            "vargfacenet: squeeze-and-excitation in normal blocks",
+        ),
+    ]
+}
+
+fn backbone_from(p: &BTreeMap<String, Value>) -> Result<BackboneConfig, String> {
+    let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let f = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+    let i = |k: &str, d: i64| p.get(k).and_then(|v| v.as_i64()).unwrap_or(d);
+    let width = f("width", 1.0);
+    if !(width > 0.0 && width <= 4.0) {
+        return Err("width must lie in (0, 4]".into());
+    }
+    let input_size = i("input_size", 112);
+    if !(16..=1024).contains(&input_size) {
+        return Err("input_size must lie in 16..=1024".into());
+    }
+    let input_size = input_size as usize;
+    let emb = i("embedding_size", 512);
+    if !(2..=8192).contains(&emb) {
+        return Err("embedding_size must lie in 2..=8192".into());
+    }
+    let num_features = emb as usize;
+    let name = s("backbone");
+    Ok(match name {
+        "mobilefacenet" => BackboneConfig::Mobilefacenet(mobilefacenet::Config {
+            width,
+            input_size,
+            num_features,
+            ..Default::default()
+        }),
+        "vargfacenet" => BackboneConfig::Vargfacenet(vargfacenet::Config {
+            width,
+            input_size,
+            num_features,
+            use_se: p.get("se").and_then(|v| v.as_bool()).unwrap_or(true),
+            ..Default::default()
+        }),
+        n => match n
+            .strip_prefix("iresnet")
+            .and_then(|d| d.parse::<usize>().ok())
+        {
+            Some(depth) => BackboneConfig::Iresnet(iresnet::Config {
+                depth,
+                width,
+                input_size,
+                num_features,
+            }),
+            None => return Err(format!("unknown backbone `{n}`")),
+        },
+    })
+}
+
+fn train_params() -> Vec<ParamSpec> {
+    let mut v = backbone_params();
+    v.extend([
+        ParamSpec::with_default("loss", ParamType::Enum(&["arcface", "cosface", "combined", "sphereface", "custom"]), json!("arcface"),
+            "margin preset: arcface (1,0.5,0), cosface (1,0,0.4), combined (1,0.3,0.2), sphereface (4,0,0), custom uses m1/m2/m3"),
+        ParamSpec::with_default("m1", ParamType::Float, json!(1.0), "custom: multiplicative angular margin (integer)"),
+        ParamSpec::with_default("m2", ParamType::Float, json!(0.5), "custom: additive angular margin"),
+        ParamSpec::with_default("m3", ParamType::Float, json!(0.0), "custom: additive cosine margin"),
+        ParamSpec::with_default("margin_variant", ParamType::Enum(&["straight-through", "differentiable", "easy-margin"]), json!("straight-through"),
+            "how the angular margin enters the gradient (see docs/training.md)"),
+        ParamSpec::with_default("scale", ParamType::Float, json!(64.0), "logit scale s"),
+        ParamSpec::with_default("interclass_threshold", ParamType::Float, json!(0.0), "zero non-target cosines above this (0 = off)"),
+        ParamSpec::with_default("sample_rate", ParamType::Float, json!(1.0), "PartialFC: fraction of class centres per step"),
+        ParamSpec::with_default("optimizer", ParamType::Enum(&["sgd", "adamw"]), json!("sgd"), "optimiser"),
+        ParamSpec::with_default("lr", ParamType::Float, json!(0.1), "peak learning rate"),
+        ParamSpec::with_default("momentum", ParamType::Float, json!(0.9), "SGD momentum"),
+        ParamSpec::with_default("weight_decay", ParamType::Float, json!(5e-4), "weight decay"),
+        ParamSpec::with_default("no_decay_bn", ParamType::Bool, json!(false), "no weight decay on BN/PReLU/bias"),
+        ParamSpec::with_default("epochs", ParamType::Float, json!(20.0), "training length in epochs (unless steps > 0)"),
+        ParamSpec::with_default("steps", ParamType::Int, json!(0), "training length in steps (overrides epochs)"),
+        ParamSpec::with_default("warmup_epochs", ParamType::Float, json!(0.0), "linear warm-up, in epochs"),
+        ParamSpec::with_default("batch_size", ParamType::Int, json!(128), "images per step"),
+        ParamSpec::with_default("grad_clip", ParamType::Float, json!(5.0), "backbone gradient-norm clip (0 = off)"),
+        ParamSpec::with_default("flip", ParamType::Bool, json!(true), "random horizontal flip"),
+        ParamSpec::with_default("seed", ParamType::Int, json!(0), "seed of initialisation, order, flips and sampling"),
+        ParamSpec::with_default("checkpoint_every", ParamType::Int, json!(200), "checkpoint every N steps").volatile(),
+    ]);
+    v
+}
+
+fn margin_from(p: &BTreeMap<String, Value>) -> Result<MarginConfig, String> {
+    let f = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+    let (m1, m2, m3) = match p.get("loss").and_then(|v| v.as_str()).unwrap_or("arcface") {
+        "arcface" => (1.0, 0.5, 0.0),
+        "cosface" => (1.0, 0.0, 0.4),
+        "combined" => (1.0, 0.3, 0.2),
+        "sphereface" => (4.0, 0.0, 0.0),
+        _ => (f("m1", 1.0), f("m2", 0.5), f("m3", 0.0)),
+    };
+    let variant = match p.get("margin_variant").and_then(|v| v.as_str()) {
+        Some("differentiable") => MarginVariant::Differentiable,
+        Some("easy-margin") => MarginVariant::EasyMargin,
+        _ => MarginVariant::StraightThrough,
+    };
+    let cfg = MarginConfig {
+        s: f("scale", 64.0),
+        m1,
+        m2,
+        m3,
+        variant,
+        interclass_threshold: f("interclass_threshold", 0.0),
+    };
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn check_train_params(p: &BTreeMap<String, Value>) -> Result<(), String> {
+    backbone_from(p)?;
+    margin_from(p)?;
+    let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    if !(f("sample_rate") > 0.0 && f("sample_rate") <= 1.0) {
+        return Err("sample_rate must lie in (0, 1]".into());
+    }
+    if f("lr") <= 0.0 {
+        return Err("lr must be > 0".into());
+    }
+    if p.get("batch_size").and_then(|v| v.as_i64()).unwrap_or(0) < 2 {
+        return Err("batch_size must be at least 2".into());
+    }
+    if f("epochs") <= 0.0 && p.get("steps").and_then(|v| v.as_i64()).unwrap_or(0) <= 0 {
+        return Err("give epochs > 0 or steps > 0".into());
+    }
+    Ok(())
+}
+
+fn config_from(ctx: &StageContext, n_images: usize) -> Result<(TrainConfig, u64), StageError> {
+    let backbone = backbone_from(&ctx.params).map_err(StageError::msg)?;
+    let margin = margin_from(&ctx.params).map_err(StageError::msg)?;
+    let bs = ctx.param_i64("batch_size")?.max(2) as usize;
+    let steps_per_epoch = (n_images as f64 / bs as f64).max(1.0);
+    let steps = match ctx.param_i64("steps")? {
+        s if s > 0 => s as u64,
+        _ => (ctx.param_f64("epochs")? * steps_per_epoch).ceil() as u64,
+    };
+    let warmup = (ctx.param_f64("warmup_epochs")? * steps_per_epoch).round() as u64;
+    let cfg = TrainConfig {
+        backbone,
+        margin,
+        sample_rate: ctx.param_f64("sample_rate")?,
+        optimizer: if ctx.param_str("optimizer")? == "adamw" {
+            OptimizerKind::Adamw
+        } else {
+            OptimizerKind::Sgd
+        },
+        lr: ctx.param_f64("lr")?,
+        momentum: ctx.param_f64("momentum")?,
+        weight_decay: ctx.param_f64("weight_decay")?,
+        no_decay_bn: ctx.param_bool("no_decay_bn")?,
+        steps,
+        warmup_steps: warmup.min(steps),
+        batch_size: bs,
+        grad_clip: ctx.param_f64("grad_clip")?,
+        flip: ctx.param_bool("flip")?,
+        seed: ctx.param_i64("seed")? as u64,
+        distil_alpha: ctx
+            .params
+            .get("alpha")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0),
+    };
+    Ok((cfg, ctx.param_i64("checkpoint_every")?.max(0) as u64))
+}
+
+/// Runs `f` in a rayon pool of `threads` threads (candle's CPU kernels run on rayon).
+fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T, StageError> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| StageError::msg(e.to_string()))?;
+    Ok(pool.install(f))
+}
+
+fn data_id(dir: &Path, n: usize, classes: usize) -> Value {
+    json!({
+        "id": dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
+        "images": n,
+        "classes": classes,
+    })
+}
+
+/// Shared body of `train` and `distil`.
+fn run_training(ctx: &mut StageContext, teacher_port: Option<&str>) -> Result<(), StageError> {
+    let data_dir = ctx.input("dataset")?.to_path_buf();
+    let data = PackedDataset::open(&data_dir).map_err(TrainError::from)?;
+    let (cfg, every) = config_from(ctx, data.len())?;
+    let device = parse_device(&ctx.device)?;
+    let teacher = match teacher_port {
+        Some(port) => {
+            let m = load_model(ctx.input(port)?, &device)?;
+            if m.card.embedding_size != cfg.backbone.embedding_size() {
+                return Err(StageError::msg(format!(
+                    "teacher embeds in {} dimensions, the student in {}: set embedding_size",
+                    m.card.embedding_size,
+                    cfg.backbone.embedding_size()
+                )));
+            }
+            Some(Teacher {
+                model: m.backbone,
+                config: m.card.architecture,
+            })
+        }
+        None => None,
+    };
+    let init = ctx.input_opt("init").map(|p| p.to_path_buf());
+    let sink = &*ctx;
+    let on_step = |step: u64, total: u64, loss: f64, lr: f64, ips: f64| {
+        let eta = (total - step) as f64 * cfg.batch_size as f64 / ips.max(1e-9);
+        let msg = format!("loss {loss:.4} lr {lr:.5} {ips:.1} img/s ETA {eta:.0}s");
+        sink.progress(step, total, &msg);
+        if step % 50 == 0 || step == total {
+            sink.log(&format!("step {step}/{total} {msg}"));
+        }
+    };
+    let cancelled = || sink.cancelled();
+    let env = RunEnv {
+        device,
+        scratch: ctx.scratch.clone(),
+        checkpoint_every: every,
+        init,
+        teacher,
+        on_step: &on_step,
+        cancelled: &cancelled,
+        stop_after: None,
+    };
+    let started = Instant::now();
+    let out = with_threads(ctx.threads, || train(&cfg, &data, &env))??;
+    let secs = started.elapsed().as_secs_f64();
+    if out.resumed_at > 0 {
+        ctx.log(&format!(
+            "resumed from the checkpoint at step {}",
+            out.resumed_at
+        ));
+    }
+    let training = json!({
+        "kind": if teacher_port.is_some() { "distil" } else { "train" },
+        "config": serde_json::to_value(&cfg).map_err(TrainError::from)?,
+        "steps": out.steps_done,
+        "resumed_at": out.resumed_at,
+    });
+    let model_dir = ctx.output("model")?.to_path_buf();
+    let card = save_model(
+        &model_dir,
+        &out.store,
+        &cfg.backbone,
+        data.num_classes(),
+        data_id(&data_dir, data.len(), data.num_classes()),
+        training,
+    )?;
+    let report = ctx.output("report")?.to_path_buf();
+    write_curve(&report, &out.curve)?;
+    let last: Vec<f64> = out.curve.iter().rev().take(20).map(|c| c.loss).collect();
+    let final_loss = last.iter().sum::<f64>() / last.len().max(1) as f64;
+    std::fs::write(
+        report.join("summary.json"),
+        serde_json::to_string_pretty(&json!({
+            "final_loss": final_loss,
+            "steps": out.steps_done,
+            "parameters": card.parameters,
+            "macs": card.macs,
+            "seconds_this_run": secs,
+        }))
+        .map_err(TrainError::from)?,
+    )?;
+    ctx.metric("final_loss", final_loss);
+    ctx.metric("parameters", card.parameters as f64);
+    Ok(())
+}
+
+/// `train`: backbone + margin head on a packed data set.
+pub struct TrainStage;
+
+impl Stage for TrainStage {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "train a backbone with a margin loss (ArcFace/CosFace/combined/SphereFace, PartialFC)"
+    }
+    fn signature(&self) -> StageSignature {
+        StageSignature {
+            inputs: vec![
+                PortSpec::new("dataset", "dataset", "packed training set"),
+                PortSpec::optional("init", "model", "initial backbone weights"),
+            ],
+            outputs: vec![
+                PortSpec::new("model", "model", "weights, model card and class centres"),
+                PortSpec::new("report", "report", "loss/lr curve (CSV, PNG) and summary"),
+            ],
+            params: train_params(),
+        }
+    }
+    fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
+        check_train_params(p)
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        run_training(ctx, None)
+    }
+}
+
+/// `distil`: margin loss + α · angular distillation against a fixed teacher.
+pub struct DistilStage;
+
+impl Stage for DistilStage {
+    fn kind(&self) -> &'static str {
+        "distil"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "train a student with margin loss + alpha * angular distillation to a teacher"
+    }
+    fn signature(&self) -> StageSignature {
+        let mut params = train_params();
+        params.push(ParamSpec::with_default(
+            "alpha",
+            ParamType::Float,
+            json!(7.0),
+            "weight of the angular distillation loss",
+        ));
+        StageSignature {
+            inputs: vec![
+                PortSpec::new("dataset", "dataset", "packed training set"),
+                PortSpec::new("teacher", "model", "fixed teacher model"),
+                PortSpec::optional("init", "model", "previous student (recursive distillation)"),
+            ],
+            outputs: vec![
+                PortSpec::new(
+                    "model",
+                    "model",
+                    "student weights, model card and class centres",
+                ),
+                PortSpec::new("report", "report", "loss/lr curve (CSV, PNG) and summary"),
+            ],
+            params,
+        }
+    }
+    fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
+        check_train_params(p)?;
+        if p.get("alpha").and_then(|v| v.as_f64()).unwrap_or(0.0) < 0.0 {
+            return Err("alpha must be >= 0".into());
+        }
+        Ok(())
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        run_training(ctx, Some("teacher"))
+    }
+}
+
+/// `import-model`: a PyTorch state dict (insightface model zoo) as an fpipe model.
+pub struct ImportModelStage;
+
+impl Stage for ImportModelStage {
+    fn kind(&self) -> &'static str {
+        "import-model"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "import an insightface PyTorch .pth state dict (iresnet, mobilefacenet) as a model"
+    }
+    fn signature(&self) -> StageSignature {
+        let mut params = backbone_params();
+        params.push(ParamSpec::required(
+            "weights",
+            ParamType::Path { companions: &[] },
+            "the .pth (or .safetensors) file",
+        ));
+        StageSignature {
+            inputs: vec![],
+            outputs: vec![PortSpec::new("model", "model", "weights and model card")],
+            params,
+        }
+    }
+    fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
+        backbone_from(p).map(|_| ())
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let cfg = backbone_from(&ctx.params).map_err(StageError::msg)?;
+        let path = ctx.param_str("weights")?.to_string();
+        let store = ParamStore::new(0);
+        Backbone::new(&cfg, store.vb(&Device::Cpu).pp("backbone")).map_err(TrainError::from)?;
+        load_model_weights(&store, "backbone.", Path::new(&path))?;
+        save_model(
+            ctx.output("model")?,
+            &store,
+            &cfg,
+            0,
+            json!(null),
+            json!({"kind": "import", "file": Path::new(&path).file_name().map(|s| s.to_string_lossy().to_string())}),
+        )?;
+        Ok(())
+    }
+}
+
+/// Flip-sum, L2-normalised embeddings of every image of `data` (rows in data set order).
+pub fn embed_all(
+    model: &artifact::LoadedModel,
+    data: &dyn FaceSource,
+    batch: usize,
+    flip: bool,
+    dev: &Device,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Vec<f32>, TrainError> {
+    let (h, w, _) = data.image_shape();
+    let cfg = &model.card.architecture;
+    let (size, norm) = (cfg.input_size(), cfg.normalisation());
+    let d = cfg.embedding_size();
+    let n = data.len();
+    let mut out = Vec::with_capacity(n * d);
+    let mut i = 0;
+    while i < n {
+        let j = (i + batch).min(n);
+        let mut raw = Vec::with_capacity(j - i);
+        for k in i..j {
+            let mut buf = vec![0u8; h * w * 3];
+            data.read_image(k, &mut buf)?;
+            raw.push(buf);
+        }
+        let x = batch_tensor(&raw, (h, w), &vec![false; j - i], size, norm, dev)?;
+        let mut e = model.backbone.forward(&x, false)?;
+        if flip {
+            let xf = batch_tensor(&raw, (h, w), &vec![true; j - i], size, norm, dev)?;
+            e = (e + model.backbone.forward(&xf, false)?)?;
+        }
+        let e = crate::loss::l2_normalize(&e)?.to_dtype(DType::F32)?;
+        out.extend(e.flatten_all()?.to_vec1::<f32>()?);
+        i = j;
+        progress(i as u64, n as u64);
+    }
+    Ok(out)
+}
+
+/// `embed`: embeddings of a data set.
+pub struct EmbedStage;
+
+impl Stage for EmbedStage {
+    fn kind(&self) -> &'static str {
+        "embed"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "flip-sum, L2-normalised embeddings of a data set"
+    }
+    fn signature(&self) -> StageSignature {
+        StageSignature {
+            inputs: vec![
+                PortSpec::new("model", "model", "the model"),
+                PortSpec::new("dataset", "dataset", "images to embed"),
+            ],
+            outputs: vec![PortSpec::new(
+                "embeddings",
+                "embeddings",
+                "embeddings.safetensors (embeddings [N, D], labels [N])",
+            )],
+            params: vec![
+                ParamSpec::with_default(
+                    "batch_size",
+                    ParamType::Int,
+                    json!(64),
+                    "images per forward pass",
+                )
+                .volatile(),
+                ParamSpec::with_default(
+                    "flip",
+                    ParamType::Bool,
+                    json!(true),
+                    "add the embedding of the flipped image",
+                ),
+            ],
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let dev = parse_device(&ctx.device)?;
+        let model = load_model(ctx.input("model")?, &dev)?;
+        let data = PackedDataset::open(ctx.input("dataset")?).map_err(TrainError::from)?;
+        let bs = ctx.param_i64("batch_size")?.max(1) as usize;
+        let flip = ctx.param_bool("flip")?;
+        let sink = &*ctx;
+        let emb = with_threads(ctx.threads, || {
+            embed_all(&model, &data, bs, flip, &dev, &|d, t| {
+                sink.progress(d, t, "embedding")
+            })
+        })??;
+        let d = model.card.embedding_size;
+        let n = data.len();
+        let labels: Vec<i64> = (0..n).map(|i| data.label(i)).collect();
+        let out = ctx.output("embeddings")?;
+        let mut t = std::collections::HashMap::new();
+        t.insert(
+            "embeddings".to_string(),
+            Tensor::from_vec(emb, (n, d), &Device::Cpu).map_err(TrainError::from)?,
+        );
+        t.insert(
+            "labels".to_string(),
+            Tensor::from_vec(labels, n, &Device::Cpu).map_err(TrainError::from)?,
+        );
+        candle_core::safetensors::save(&t, out.join("embeddings.safetensors"))
+            .map_err(TrainError::from)?;
+        std::fs::write(
+            out.join("embeddings.json"),
+            serde_json::to_string_pretty(&json!({"images": n, "dim": d, "flip_sum": flip, "normalised": true, "model": model.card.name}))
+                .map_err(TrainError::from)?,
+        )?;
+        Ok(())
+    }
+}
+
+pub use super::evaluate::EvaluateStage;

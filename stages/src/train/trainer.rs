@@ -1,0 +1,434 @@
+//! The training loop shared by `train` and `distil`: seeded batches from a [`FaceSource`],
+//! backbone + margin head (+ α · angular distillation against a fixed teacher), SGD-momentum or
+//! AdamW, polynomial decay with warm-up, gradient clipping, checkpoints in the scratch area and
+//! resume from the last one.
+//!
+//! Every random choice (epoch order, flips, PartialFC samples) is a function of the seed and the
+//! step, so a resumed run sees exactly the batches the uninterrupted run would have.
+
+use super::optim::{clip_grad_norm, Optimizer, OptimizerKind, ParamEntry, PolySchedule};
+use super::{load_model_weights, FaceSource, TrainError};
+use crate::loss::{angular_distillation, MarginConfig, MarginHead};
+use crate::models::{is_buffer, Backbone, BackboneConfig, Normalisation, ParamStore, SplitMix};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Hyper-parameters of a training run (everything that shapes the result).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    /// Student backbone.
+    pub backbone: BackboneConfig,
+    /// Margin head.
+    pub margin: MarginConfig,
+    /// PartialFC sample rate (1 = every class every step).
+    pub sample_rate: f64,
+    /// SGD (momentum) or AdamW.
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Weight decay (every parameter unless `no_decay_bn` is set).
+    pub weight_decay: f64,
+    /// Exempt BN and PReLU parameters from weight decay (arcface_torch decays everything).
+    pub no_decay_bn: bool,
+    /// Total optimiser steps.
+    pub steps: u64,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Gradient-norm clip on the backbone (0 = off; arcface_torch: 5).
+    pub grad_clip: f64,
+    /// Random horizontal flip with p = 0.5.
+    pub flip: bool,
+    /// Seed of initialisation, order, flips and sampling.
+    pub seed: u64,
+    /// Weight α of the angular distillation term (used with a teacher).
+    pub distil_alpha: f64,
+}
+
+/// A fixed teacher for distillation.
+pub struct Teacher {
+    /// Its backbone (eval mode).
+    pub model: Backbone,
+    /// Its configuration (input size and normalisation).
+    pub config: BackboneConfig,
+}
+
+/// Where the run starts from and reports to.
+pub struct RunEnv<'a> {
+    /// Compute device.
+    pub device: Device,
+    /// Persistent checkpoint directory.
+    pub scratch: PathBuf,
+    /// Checkpoint every this many steps (0 = never).
+    pub checkpoint_every: u64,
+    /// Initial backbone weights (a model artifact directory or a `.pth`).
+    pub init: Option<PathBuf>,
+    /// Teacher for distillation.
+    pub teacher: Option<Teacher>,
+    /// Called after every step: (step done, total, loss, lr, images/s).
+    pub on_step: &'a (dyn Fn(u64, u64, f64, f64, f64) + Sync),
+    /// Polled before every step; true stops with [`TrainError::Interrupted`].
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
+    /// Stop (as if killed) after this many steps of this invocation: tests of resume.
+    pub stop_after: Option<u64>,
+}
+
+/// One row of the loss/lr curve.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// 0-based step.
+    pub step: u64,
+    /// Total loss of the step.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// Result of a finished (or stopped) run.
+pub struct Trained {
+    /// Backbone variables under `backbone.`, class centres as `head.weight`.
+    pub store: ParamStore,
+    /// Loss and lr per step, from step 0 (including steps before a resume).
+    pub curve: Vec<CurvePoint>,
+    /// Step the run resumed at (0 if it started fresh).
+    pub resumed_at: u64,
+    /// Steps completed.
+    pub steps_done: u64,
+}
+
+const CKPT: &str = "checkpoint.safetensors";
+
+/// Images of one batch resized and normalised into an NCHW tensor.
+pub fn batch_tensor(
+    raw: &[Vec<u8>],
+    (h, w): (usize, usize),
+    flips: &[bool],
+    size: usize,
+    norm: Normalisation,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    let per = 3 * size * size;
+    let mut data = vec![0f32; raw.len() * per];
+    data.par_chunks_mut(per)
+        .zip(raw.par_iter().zip(flips.par_iter()))
+        .for_each(|(out, (img, &flip))| {
+            resize_normalise(img, h, w, size, flip, norm, out);
+        });
+    Tensor::from_vec(data, (raw.len(), 3, size, size), dev)
+}
+
+/// Bilinear resize (half-pixel centres, like OpenCV's `INTER_LINEAR`) of HWC RGB `img` to
+/// `size`×`size`, optional horizontal flip, `(x − mean)/std`, written CHW.
+fn resize_normalise(
+    img: &[u8],
+    h: usize,
+    w: usize,
+    size: usize,
+    flip: bool,
+    norm: Normalisation,
+    out: &mut [f32],
+) {
+    let (sy, sx) = (h as f32 / size as f32, w as f32 / size as f32);
+    let (mean, inv) = (norm.mean as f32, 1.0 / norm.std as f32);
+    for oy in 0..size {
+        let fy = ((oy as f32 + 0.5) * sy - 0.5).clamp(0.0, (h - 1) as f32);
+        let y0 = fy.floor() as usize;
+        let y1 = (y0 + 1).min(h - 1);
+        let dy = fy - y0 as f32;
+        for ox in 0..size {
+            let sxo = if flip { size - 1 - ox } else { ox };
+            let fx = ((sxo as f32 + 0.5) * sx - 0.5).clamp(0.0, (w - 1) as f32);
+            let x0 = fx.floor() as usize;
+            let x1 = (x0 + 1).min(w - 1);
+            let dx = fx - x0 as f32;
+            for c in 0..3 {
+                let p = |y: usize, x: usize| img[(y * w + x) * 3 + c] as f32;
+                let v = (p(y0, x0) * (1.0 - dx) + p(y0, x1) * dx) * (1.0 - dy)
+                    + (p(y1, x0) * (1.0 - dx) + p(y1, x1) * dx) * dy;
+                out[c * size * size + oy * size + ox] = (v - mean) * inv;
+            }
+        }
+    }
+}
+
+/// Independent random stream for (seed, purpose, index).
+fn stream(seed: u64, purpose: u64, index: u64) -> SplitMix {
+    let mut m = SplitMix::new(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let a = m.next_u64();
+    SplitMix::new(a ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
+}
+
+const ORDER: u64 = 1;
+const FLIP: u64 = 2;
+const SAMPLE: u64 = 3;
+
+/// Seeded permutation of `0..n` for `epoch`.
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = stream(seed, ORDER, epoch);
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        v.swap(i, rng.below(i + 1));
+    }
+    v
+}
+
+/// Builds the student and head in a fresh store (seeded), optionally loading initial weights.
+pub fn build_student(
+    cfg: &TrainConfig,
+    classes: usize,
+    dev: &Device,
+    init: Option<&Path>,
+) -> Result<(ParamStore, Backbone, MarginHead), TrainError> {
+    let store = ParamStore::new(cfg.seed);
+    let vb = store.vb(dev);
+    let backbone = Backbone::new(&cfg.backbone, vb.pp("backbone"))?;
+    if let Some(p) = init {
+        load_model_weights(&store, "backbone.", p)?;
+    }
+    let emb = cfg.backbone.embedding_size();
+    let w = vb.pp("head").get_with_hints(
+        (classes, emb),
+        "weight",
+        candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.01,
+        },
+    )?;
+    let var = store
+        .vars()
+        .into_iter()
+        .find(|(k, _)| k == "head.weight")
+        .map(|(_, v)| v)
+        .ok_or_else(|| TrainError::Invalid("head weight was not created".into()))?;
+    debug_assert_eq!(var.dims(), w.dims());
+    let head = MarginHead::new(var, cfg.margin.clone(), cfg.sample_rate)?;
+    Ok((store, backbone, head))
+}
+
+/// Optimiser groups: every non-buffer, non-frozen variable; BN/PReLU without decay when asked.
+fn param_groups(store: &ParamStore, cfg: &TrainConfig) -> Vec<ParamEntry> {
+    store
+        .vars()
+        .into_iter()
+        .filter(|(k, _)| !is_buffer(k))
+        .filter(|(k, _)| {
+            !k.strip_prefix("backbone.")
+                .is_some_and(|n| cfg.backbone.frozen(n))
+        })
+        .map(|(name, var)| {
+            // 1-D tensors of the backbone are BN γ/β, PReLU slopes and biases.
+            let exempt = cfg.no_decay_bn && name.starts_with("backbone.") && var.rank() == 1;
+            ParamEntry {
+                weight_decay: if exempt { 0.0 } else { cfg.weight_decay },
+                name,
+                var,
+            }
+        })
+        .collect()
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    store: &ParamStore,
+    opt: &Optimizer,
+    curve: &[CurvePoint],
+    step: u64,
+) -> Result<(), TrainError> {
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for (k, v) in store.vars() {
+        t.insert(format!("p.{k}"), v.as_tensor().clone());
+    }
+    for (k, v) in opt.state()? {
+        t.insert(format!("o.{k}"), v);
+    }
+    let flat: Vec<f64> = curve
+        .iter()
+        .flat_map(|c| [c.step as f64, c.loss, c.lr])
+        .collect();
+    let cpu = Device::Cpu;
+    if !flat.is_empty() {
+        t.insert(
+            "curve".into(),
+            Tensor::from_vec(flat, (curve.len(), 3), &cpu)?,
+        );
+    }
+    t.insert("step".into(), Tensor::new(&[step as f64], &cpu)?);
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{CKPT}.tmp"));
+    candle_core::safetensors::save(&t, &tmp)?;
+    // Rename is atomic: a kill mid-write leaves the previous checkpoint intact.
+    std::fs::rename(&tmp, dir.join(CKPT))?;
+    Ok(())
+}
+
+/// Loads the checkpoint in `dir` if there is one; returns (step, curve).
+fn load_checkpoint(
+    dir: &Path,
+    store: &ParamStore,
+    opt: &mut Optimizer,
+    dev: &Device,
+) -> Result<Option<(u64, Vec<CurvePoint>)>, TrainError> {
+    let path = dir.join(CKPT);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let t = candle_core::safetensors::load(&path, dev)?;
+    let mut params = HashMap::new();
+    let mut ostate = HashMap::new();
+    for (k, v) in &t {
+        if let Some(n) = k.strip_prefix("p.") {
+            params.insert(n.to_string(), v.clone());
+        } else if let Some(n) = k.strip_prefix("o.") {
+            ostate.insert(n.to_string(), v.clone());
+        }
+    }
+    store.assign("", &params, &path.display().to_string(), false)?;
+    opt.load_state(&ostate)?;
+    let step = match t.get("step") {
+        Some(s) => s.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64,
+        None => return Err(TrainError::Invalid(format!("{}: no step", path.display()))),
+    };
+    let curve = match t.get("curve") {
+        Some(c) => c
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?
+            .into_iter()
+            .map(|r| CurvePoint {
+                step: r[0] as u64,
+                loss: r[1],
+                lr: r[2],
+            })
+            .collect(),
+        None => vec![],
+    };
+    Ok(Some((step, curve)))
+}
+
+/// Runs (or resumes) training of `cfg` on `data`.
+pub fn train(
+    cfg: &TrainConfig,
+    data: &dyn FaceSource,
+    env: &RunEnv,
+) -> Result<Trained, TrainError> {
+    let n = data.len();
+    if n == 0 {
+        return Err(TrainError::Invalid("the training set is empty".into()));
+    }
+    if cfg.batch_size < 2 {
+        return Err(TrainError::Invalid(
+            "batch_size must be at least 2 (BatchNorm)".into(),
+        ));
+    }
+    let classes = data.num_classes();
+    let dev = &env.device;
+    let (store, backbone, head) = build_student(cfg, classes, dev, env.init.as_deref())?;
+    let params = param_groups(&store, cfg);
+    let clip_vars: Vec<_> = params
+        .iter()
+        .filter(|p| p.name.starts_with("backbone."))
+        .map(|p| p.var.clone())
+        .collect();
+    let mut opt = match cfg.optimizer {
+        OptimizerKind::Sgd => Optimizer::sgd(params, cfg.momentum),
+        OptimizerKind::Adamw => Optimizer::adamw(params),
+    };
+    let sched = PolySchedule {
+        base_lr: cfg.lr,
+        warmup: cfg.warmup_steps,
+        total: cfg.steps,
+        power: 1.0,
+    };
+    let (mut step, mut curve) = match load_checkpoint(&env.scratch, &store, &mut opt, dev)? {
+        Some((s, c)) => (s, c),
+        None => (0, vec![]),
+    };
+    curve.truncate(step as usize);
+    let resumed_at = step;
+    let (h, w, _) = data.image_shape();
+    let size = cfg.backbone.input_size();
+    let norm = cfg.backbone.normalisation();
+    let bs = cfg.batch_size;
+    let mut order: (u64, Vec<usize>) = (u64::MAX, vec![]);
+    let mut done_here = 0u64;
+    let start = Instant::now();
+    while step < cfg.steps {
+        if (env.cancelled)() {
+            return Err(TrainError::Interrupted);
+        }
+        if env.stop_after.is_some_and(|s| done_here >= s) {
+            break;
+        }
+        // Batch `step`: global positions step·B .. step·B + B over seeded epoch orders.
+        let mut idx = Vec::with_capacity(bs);
+        for j in 0..bs as u64 {
+            let g = step * bs as u64 + j;
+            let epoch = g / n as u64;
+            if order.0 != epoch {
+                order = (epoch, epoch_order(n, cfg.seed, epoch));
+            }
+            idx.push(order.1[(g % n as u64) as usize]);
+        }
+        let flips: Vec<bool> = (0..bs as u64)
+            .map(|j| cfg.flip && stream(cfg.seed, FLIP, step * bs as u64 + j).next_u64() & 1 == 1)
+            .collect();
+        let raw: Vec<Vec<u8>> = idx
+            .par_iter()
+            .map(|&i| {
+                let mut buf = vec![0u8; h * w * 3];
+                data.read_image(i, &mut buf).map(|_| buf)
+            })
+            .collect::<Result<_, _>>()?;
+        let labels: Vec<u32> = idx.iter().map(|&i| data.label(i)).collect();
+        let x = batch_tensor(&raw, (h, w), &flips, size, norm, dev)?;
+        let emb = backbone.forward(&x, true)?;
+        let mut rng = stream(cfg.seed, SAMPLE, step);
+        let mut loss = head.loss(&emb, &labels, &mut rng)?;
+        if let Some(t) = &env.teacher {
+            let tx = if t.config.input_size() == size && t.config.normalisation() == norm {
+                x.clone()
+            } else {
+                batch_tensor(
+                    &raw,
+                    (h, w),
+                    &flips,
+                    t.config.input_size(),
+                    t.config.normalisation(),
+                    dev,
+                )?
+            };
+            let te = t.model.forward(&tx, false)?.detach();
+            loss = (loss + (angular_distillation(&emb, &te)? * cfg.distil_alpha)?)?;
+        }
+        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !lv.is_finite() {
+            return Err(TrainError::NonFinite { step, loss: lv });
+        }
+        let lr = sched.lr(step);
+        let mut grads = loss.backward()?;
+        if cfg.grad_clip > 0.0 {
+            clip_grad_norm(&mut grads, &clip_vars, cfg.grad_clip)?;
+        }
+        opt.step(&grads, lr)?;
+        curve.push(CurvePoint { step, loss: lv, lr });
+        step += 1;
+        done_here += 1;
+        let ips = (done_here * bs as u64) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        (env.on_step)(step, cfg.steps, lv, lr, ips);
+        if env.checkpoint_every > 0 && step % env.checkpoint_every == 0 && step < cfg.steps {
+            save_checkpoint(&env.scratch, &store, &opt, &curve, step)?;
+        }
+    }
+    Ok(Trained {
+        store,
+        curve,
+        resumed_at,
+        steps_done: step,
+    })
+}
