@@ -72,7 +72,7 @@ impl std::error::Error for PipelineError {}
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The pipeline is invalid (exit code 2).
-    #[error("{0}")]
+    #[error(transparent)]
     Pipeline(#[from] PipelineError),
     /// Several pipeline problems at once.
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]

@@ -207,8 +207,10 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
         let base_dir = raw
             .file
             .parent()
+            .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
         match doc.get("stages") {
             None | Some(serde_yaml::Value::Null) => {}
             Some(serde_yaml::Value::Mapping(stages)) => {
