@@ -378,11 +378,7 @@ fn render_dag(plan: &Plan, format: &str) -> String {
                         "  \"{}\" -> \"{}\" [label=\"{}\"];\n",
                         plan.stages[w.from].name(),
                         s.name(),
-                        if w.port == w.from_port {
-                            w.port.clone()
-                        } else {
-                            format!("{}→{}", w.from_port, w.port)
-                        }
+                        w.port
                     ));
                 }
             }
