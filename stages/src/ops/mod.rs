@@ -1,10 +1,19 @@
-//! Tensor operations that candle lacks or does slowly (see `docs/` and issue on CPU conv).
+//! Tensor operations that candle lacks or runs slowly on the CPU (issue 5).
+//!
+//! - [`conv2d`]: dense, grouped and depthwise convolution with fpipe's own CPU forward and
+//!   backward kernels (see [`conv`]); candle's convolution on other devices.
+
+pub mod conv;
 
 use candle_core::{Result, Tensor};
 
 /// 2-D convolution, NCHW input `x`, weight `[out, in/groups, kh, kw]`, square stride and
 /// padding, `groups` dividing both channel counts. Every backbone calls this, never candle's
 /// `conv2d` directly, so the fast CPU kernels (and the CUDA path) live in one place.
+///
+/// On the CPU (f32, f64) this is a custom op with its own backward: im2col + GEMM for dense
+/// convolutions, direct vectorised kernels for depthwise and narrow-group ones. On CUDA it is
+/// candle's convolution, so one model definition serves both devices.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -12,5 +21,5 @@ pub fn conv2d(
     padding: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    x.conv2d(w, padding, stride, 1, groups)
+    conv::conv2d(x, w, stride, padding, groups)
 }

@@ -1,0 +1,350 @@
+//! Dense and wide-group convolution as im2col / col2im around the `gemm` crate (the GEMM
+//! candle itself uses, 150-190 GFLOP/s here).
+//!
+//! With `K = cg·kh·kw`, per group: forward `y = W·col(x)` (`og×K` times `K×hw`), input
+//! gradient `dx = col2im(Wᵀ·dy)`, weight gradient `dW += dy·col(x)ᵀ`. Images are processed in
+//! chunks: one image per chunk when its output plane is large (the columns of one image then
+//! fit the cache), several when it is small (7x7, 14x14), so the GEMM's `n` (forward) or `k`
+//! (weight gradient) is long enough for the microkernel. Chunks run in parallel with
+//! single-threaded GEMMs; with fewer chunks than threads the GEMM itself runs in parallel.
+//! A 1x1, stride-1, unpadded convolution of one image needs no im2col: the input is its
+//! column matrix.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{valid_range, Elem, Geom};
+
+/// Output positions per chunk below which several images are batched into one GEMM.
+const MIN_CHUNK_COLUMNS: usize = 256;
+
+/// Images per chunk for `g` with `threads` workers.
+fn images_per_chunk(g: &Geom, threads: usize) -> usize {
+    let want = MIN_CHUNK_COLUMNS.div_ceil(g.out_hw().max(1));
+    // Never fewer chunks than threads when the batch allows it.
+    want.min(g.n.div_ceil(threads)).max(1)
+}
+
+/// `dst = lhs·rhs` (or `dst += lhs·rhs` when `accumulate`) for an `m×k` by `k×n` product.
+/// Matrices are given as slices with (row, column) strides; `dst` is row-major with row
+/// stride `dst_rs`.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&[T], usize, usize),
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(T::ZERO);
+            }
+        }
+        return;
+    }
+    // The bounds `gemm` will touch, checked here because it takes raw pointers.
+    assert!((m - 1) * dst_rs + n <= dst.len(), "matmul: dst too short");
+    assert!(
+        (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+        "matmul: lhs too short"
+    );
+    assert!(
+        (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+        "matmul: rhs too short"
+    );
+    // SAFETY: the asserts above keep every index gemm computes from these strides inside the
+    // slices; `dst` is exclusively borrowed and does not overlap the shared inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Writes the im2col matrix of one image's group `x` (`cg·h·w`) into `col`: row `kk` of the
+/// `K × pitch` matrix gets that tap's input for every output position, at columns
+/// `off..off + ho·wo`.
+fn im2col<T: Elem>(g: &Geom, x: &[T], col: &mut [T], pitch: usize, off: usize) {
+    let (s, p, hw, ohw) = (g.stride, g.pad, g.in_hw(), g.out_hw());
+    for ci in 0..g.cg() {
+        let xp = &x[ci * hw..][..hw];
+        for i in 0..g.kh {
+            let (hlo, hhi) = valid_range(i, p, s, g.h, g.ho);
+            for j in 0..g.kw {
+                let (wlo, whi) = valid_range(j, p, s, g.w, g.wo);
+                let row = &mut col[((ci * g.kh + i) * g.kw + j) * pitch + off..][..ohw];
+                row[..hlo * g.wo].fill(T::ZERO);
+                row[hhi * g.wo..].fill(T::ZERO);
+                for oh in hlo..hhi {
+                    let src = &xp[(oh * s + i - p) * g.w..][..g.w];
+                    let dst = &mut row[oh * g.wo..][..g.wo];
+                    dst[..wlo].fill(T::ZERO);
+                    dst[whi..].fill(T::ZERO);
+                    if wlo == whi {
+                        continue;
+                    }
+                    if s == 1 {
+                        dst[wlo..whi].copy_from_slice(&src[wlo + j - p..whi + j - p]);
+                    } else {
+                        for (ow, d) in (wlo..whi).zip(&mut dst[wlo..whi]) {
+                            *d = src[ow * s + j - p];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the columns `off..off + ho·wo` of the `K × pitch` matrix `col` back onto the input
+/// positions they were read from (the adjoint of [`im2col`]).
+fn col2im<T: Elem>(g: &Geom, col: &[T], pitch: usize, off: usize, x: &mut [T]) {
+    let (s, p, hw, ohw) = (g.stride, g.pad, g.in_hw(), g.out_hw());
+    for ci in 0..g.cg() {
+        let xp = &mut x[ci * hw..][..hw];
+        for i in 0..g.kh {
+            let (hlo, hhi) = valid_range(i, p, s, g.h, g.ho);
+            for j in 0..g.kw {
+                let (wlo, whi) = valid_range(j, p, s, g.w, g.wo);
+                if wlo == whi {
+                    continue;
+                }
+                let row = &col[((ci * g.kh + i) * g.kw + j) * pitch + off..][..ohw];
+                for oh in hlo..hhi {
+                    let dst = &mut xp[(oh * s + i - p) * g.w..][..g.w];
+                    let src = &row[oh * g.wo..][..g.wo];
+                    if s == 1 {
+                        let d = &mut dst[wlo + j - p..whi + j - p];
+                        for (d, &v) in d.iter_mut().zip(&src[wlo..whi]) {
+                            *d = *d + v;
+                        }
+                    } else {
+                        for (ow, &v) in (wlo..whi).zip(&src[wlo..whi]) {
+                            let d = &mut dst[ow * s + j - p];
+                            *d = *d + v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies group `grp` of `b` consecutive images of an `(n, o, ho, wo)` tensor into the
+/// `og × (b·ho·wo)` matrix `dst` (image-major columns).
+fn gather_out<T: Elem>(g: &Geom, y: &[T], grp: usize, b: usize, dst: &mut [T]) {
+    let (og, ohw) = (g.og(), g.out_hw());
+    let pitch = b * ohw;
+    for bi in 0..b {
+        for oc in 0..og {
+            let src = &y[(bi * g.o + grp * og + oc) * ohw..][..ohw];
+            dst[oc * pitch + bi * ohw..][..ohw].copy_from_slice(src);
+        }
+    }
+}
+
+/// How the chunks of a batch are run: in parallel with serial GEMMs, or one after the other
+/// with a parallel GEMM.
+fn plan(g: &Geom) -> (usize, bool, Parallelism) {
+    let threads = rayon::current_num_threads().max(1);
+    let nb = images_per_chunk(g, threads);
+    let chunks = g.n.div_ceil(nb);
+    if chunks >= threads || threads == 1 {
+        (nb, true, Parallelism::None)
+    } else {
+        (nb, false, Parallelism::Rayon(threads))
+    }
+}
+
+/// Runs `body(chunk_index, chunk)` over `data` split into `chunk_len` pieces, in parallel or
+/// not.
+fn for_chunks<T: Elem>(
+    data: &mut [T],
+    chunk_len: usize,
+    parallel: bool,
+    body: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    if parallel {
+        data.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| body(i, c));
+    } else {
+        data.chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| body(i, c));
+    }
+}
+
+/// Forward pass.
+pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
+    let mut y = vec![T::ZERO; g.n * g.o * ohw];
+    let (nb, parallel, par) = plan(g);
+    for_chunks(&mut y, nb * g.o * ohw, parallel, |chunk, yc| {
+        let b = yc.len() / (g.o * ohw);
+        let n0 = chunk * nb;
+        let pitch = b * ohw;
+        for grp in 0..g.groups {
+            let wg = (&w[grp * og * kk..][..og * kk], kk, 1);
+            if g.is_pointwise() && b == 1 {
+                let xg = &x[n0 * chw + grp * kk * ohw..][..kk * ohw];
+                let dst = &mut yc[grp * og * ohw..][..og * ohw];
+                matmul((og, ohw, kk), dst, ohw, false, wg, (xg, ohw, 1), par);
+                continue;
+            }
+            let tmp_len = if b > 1 { og * pitch } else { 0 };
+            T::with_scratch(kk * pitch + tmp_len, |scr| {
+                let (col, tmp) = scr.split_at_mut(kk * pitch);
+                for bi in 0..b {
+                    let xg = &x[(n0 + bi) * chw + grp * g.cg() * g.in_hw()..];
+                    im2col(g, &xg[..g.cg() * g.in_hw()], col, pitch, bi * ohw);
+                }
+                if b == 1 {
+                    let dst = &mut yc[grp * og * ohw..][..og * ohw];
+                    matmul((og, ohw, kk), dst, ohw, false, wg, (col, pitch, 1), par);
+                    return;
+                }
+                matmul((og, pitch, kk), tmp, pitch, false, wg, (col, pitch, 1), par);
+                for bi in 0..b {
+                    for oc in 0..og {
+                        let dst = &mut yc[(bi * g.o + grp * og + oc) * ohw..][..ohw];
+                        dst.copy_from_slice(&tmp[oc * pitch + bi * ohw..][..ohw]);
+                    }
+                }
+            });
+        }
+    });
+    y
+}
+
+/// Input gradient.
+pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
+    let mut dx = vec![T::ZERO; g.n * chw];
+    let (nb, parallel, par) = plan(g);
+    for_chunks(&mut dx, nb * chw, parallel, |chunk, dxc| {
+        let b = dxc.len() / chw;
+        let n0 = chunk * nb;
+        let pitch = b * ohw;
+        let dyc = &dy[n0 * g.o * ohw..][..b * g.o * ohw];
+        for grp in 0..g.groups {
+            // Wᵀ of this group: element (kk, oc) sits at w[(grp·og + oc)·K + kk].
+            let wt = (&w[grp * og * kk..][..og * kk], 1, kk);
+            if g.is_pointwise() && b == 1 {
+                let dst = &mut dxc[grp * kk * ohw..][..kk * ohw];
+                let dyg = (&dyc[grp * og * ohw..][..og * ohw], ohw, 1);
+                matmul((kk, ohw, og), dst, ohw, false, wt, dyg, par);
+                continue;
+            }
+            let tmp_len = if b > 1 { og * pitch } else { 0 };
+            T::with_scratch(kk * pitch + tmp_len, |scr| {
+                let (col, tmp) = scr.split_at_mut(kk * pitch);
+                let dyg: &[T] = if b == 1 {
+                    &dyc[grp * og * ohw..][..og * ohw]
+                } else {
+                    gather_out(g, dyc, grp, b, tmp);
+                    tmp
+                };
+                matmul((kk, pitch, og), col, pitch, false, wt, (dyg, pitch, 1), par);
+                for bi in 0..b {
+                    let dxg = &mut dxc[bi * chw + grp * g.cg() * g.in_hw()..];
+                    col2im(g, col, pitch, bi * ohw, &mut dxg[..g.cg() * g.in_hw()]);
+                }
+            });
+        }
+    });
+    dx
+}
+
+/// Weight gradient: each worker sums `dy·colᵀ` over its share of the batch into its own
+/// buffer; the buffers are added at the end.
+pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
+    let (nb, parallel, par) = plan(g);
+    let chunks = g.n.div_ceil(nb);
+    let parts = if parallel {
+        rayon::current_num_threads().clamp(1, chunks)
+    } else {
+        1
+    };
+    let part = |p: usize| -> Vec<T> {
+        let mut dw = vec![T::ZERO; g.o * kk];
+        for chunk in (p * chunks / parts)..((p + 1) * chunks / parts) {
+            let n0 = chunk * nb;
+            let b = nb.min(g.n - n0);
+            let pitch = b * ohw;
+            let dyc = &dy[n0 * g.o * ohw..][..b * g.o * ohw];
+            for grp in 0..g.groups {
+                let dwg = &mut dw[grp * og * kk..][..og * kk];
+                if g.is_pointwise() && b == 1 {
+                    let xg = (&x[n0 * chw + grp * kk * ohw..][..kk * ohw], 1, ohw);
+                    let dyg = (&dyc[grp * og * ohw..][..og * ohw], ohw, 1);
+                    matmul((og, kk, ohw), dwg, kk, true, dyg, xg, par);
+                    continue;
+                }
+                let tmp_len = if b > 1 { og * pitch } else { 0 };
+                T::with_scratch(kk * pitch + tmp_len, |scr| {
+                    let (col, tmp) = scr.split_at_mut(kk * pitch);
+                    for bi in 0..b {
+                        let xg = &x[(n0 + bi) * chw + grp * g.cg() * g.in_hw()..];
+                        im2col(g, &xg[..g.cg() * g.in_hw()], col, pitch, bi * ohw);
+                    }
+                    let dyg: &[T] = if b == 1 {
+                        &dyc[grp * og * ohw..][..og * ohw]
+                    } else {
+                        gather_out(g, dyc, grp, b, tmp);
+                        tmp
+                    };
+                    // colᵀ: element (f, kk) sits at col[kk·pitch + f].
+                    matmul(
+                        (og, kk, pitch),
+                        dwg,
+                        kk,
+                        true,
+                        (dyg, pitch, 1),
+                        (col, 1, pitch),
+                        par,
+                    );
+                });
+            }
+        }
+        dw
+    };
+    let mut partials: Vec<Vec<T>> = if parts > 1 {
+        (0..parts).into_par_iter().map(part).collect()
+    } else {
+        vec![part(0)]
+    };
+    let mut dw = partials.swap_remove(0);
+    for other in &partials {
+        for (a, &b) in dw.iter_mut().zip(other) {
+            *a = *a + b;
+        }
+    }
+    dw
+}

@@ -1,0 +1,212 @@
+//! Direct kernels for depthwise and narrow-group convolutions (forward and both gradients).
+//!
+//! A thin GEMM (8-16 rows for VarGFaceNet's groups of 8, one row for depthwise) cannot use a
+//! GEMM microkernel well, so these convolve plane by plane. To make every kernel tap one
+//! contiguous, vectorisable multiply-add, each input plane is first copied into a zero-padded
+//! *polyphase* layout: for stride `s` the padded plane is split into `s·s` sub-planes by row
+//! and column parity (row `r`, column `q` of sub-plane `(pr, pc)` holds padded pixel
+//! `(r·s + pr, q·s + pc)`), all with row pitch `wq = ceil(padded width / s)`. Tap `(i, j)` of
+//! output pixel `(ho, wo)` then reads sub-plane `(i % s, j % s)` at `(ho + i/s)·wq + wo + j/s`,
+//! so, counting outputs in the same pitch (`f = ho·wq + wo`), every tap is a constant offset
+//! from `f`. Outputs are computed over `f` in `0..(ho-1)·wq + wo`, including `wq - wo`
+//! throw-away columns per row, and the real columns copied out afterwards.
+
+use rayon::prelude::*;
+
+use super::{simd, Elem, Geom};
+
+/// Multiply-adds below which a rayon task is not worth its scheduling (GDC 7x7 on a 7x7
+/// input has 49 per plane).
+const MIN_TASK_MACS: usize = 1 << 15;
+
+/// Polyphase layout of one padded input plane (see the module comment).
+struct Poly {
+    s: usize,
+    wq: usize,
+    /// Size of one sub-plane.
+    sub: usize,
+    /// Offset of each tap `(i, j)`, in row-major tap order.
+    off: Vec<usize>,
+    /// Number of flat output positions computed, `(ho - 1)·wq + wo`.
+    len: usize,
+}
+
+impl Poly {
+    fn new(g: &Geom) -> Self {
+        let s = g.stride;
+        let hq = (g.h + 2 * g.pad).div_ceil(s);
+        let wq = (g.w + 2 * g.pad).div_ceil(s);
+        let sub = hq * wq;
+        let off = (0..g.kh)
+            .flat_map(|i| {
+                (0..g.kw).map(move |j| ((i % s) * s + j % s) * sub + (i / s) * wq + j / s)
+            })
+            .collect();
+        Self {
+            s,
+            wq,
+            sub,
+            off,
+            len: (g.ho - 1) * wq + g.wo,
+        }
+    }
+
+    /// Elements of one plane in polyphase layout.
+    fn size(&self) -> usize {
+        self.s * self.s * self.sub
+    }
+
+    /// Position of input pixel `(hi, wi)` in the polyphase layout.
+    #[inline(always)]
+    fn at(&self, pad: usize, hi: usize, wi: usize) -> usize {
+        let (rp, cp) = (hi + pad, wi + pad);
+        ((rp % self.s) * self.s + cp % self.s) * self.sub + (rp / self.s) * self.wq + cp / self.s
+    }
+
+    /// Writes input plane `x` (`h·w`) into `dst` (`self.size()`), zero padding included.
+    fn pack<T: Elem>(&self, g: &Geom, x: &[T], dst: &mut [T]) {
+        dst.fill(T::ZERO);
+        for (hi, row) in x.chunks_exact(g.w).enumerate() {
+            if self.s == 1 {
+                let start = self.at(g.pad, hi, 0);
+                dst[start..start + g.w].copy_from_slice(row);
+            } else {
+                for (wi, &v) in row.iter().enumerate() {
+                    dst[self.at(g.pad, hi, wi)] = v;
+                }
+            }
+        }
+    }
+
+    /// Reads the real (unpadded) pixels of a polyphase plane `src` back into `x` (`h·w`).
+    fn unpack<T: Elem>(&self, g: &Geom, src: &[T], x: &mut [T]) {
+        for (hi, row) in x.chunks_exact_mut(g.w).enumerate() {
+            if self.s == 1 {
+                let start = self.at(g.pad, hi, 0);
+                row.copy_from_slice(&src[start..start + g.w]);
+            } else {
+                for (wi, v) in row.iter_mut().enumerate() {
+                    *v = src[self.at(g.pad, hi, wi)];
+                }
+            }
+        }
+    }
+}
+
+/// Copies output plane `y` (`ho·wo`) into the flat pitch-`wq` layout; the throw-away columns
+/// of `ext` are left as they are (callers zero them once).
+fn spread<T: Elem>(g: &Geom, wq: usize, y: &[T], ext: &mut [T]) {
+    for (ho, row) in y.chunks_exact(g.wo).enumerate() {
+        ext[ho * wq..ho * wq + g.wo].copy_from_slice(row);
+    }
+}
+
+/// Rayon's minimum number of tasks per split, so that a task has about `MIN_TASK_MACS` work.
+fn min_tasks(macs_per_task: usize) -> usize {
+    (MIN_TASK_MACS / macs_per_task.max(1)).max(1)
+}
+
+/// Forward pass: `y[n, o] = Σ_{ci in group(o)} x[n, ci] ⋆ w[o, ci]`.
+pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let poly = Poly::new(g);
+    let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
+    let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
+    let macs = og * cg * taps * g.out_hw();
+    y.par_chunks_mut(og * g.out_hw())
+        .enumerate()
+        .with_min_len(min_tasks(macs))
+        .for_each(|(task, yg)| {
+            let (n, grp) = (task / g.groups, task % g.groups);
+            T::with_scratch(cg * psize + poly.len, |scr| {
+                let (xs, acc) = scr.split_at_mut(cg * psize);
+                let x0 = (n * g.c + grp * cg) * g.in_hw();
+                for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
+                    poly.pack(g, &x[x0 + ci * g.in_hw()..][..g.in_hw()], plane);
+                }
+                for (oc, yp) in yg.chunks_exact_mut(g.out_hw()).enumerate() {
+                    acc.fill(T::ZERO);
+                    let w0 = (grp * og + oc) * cg * taps;
+                    for (ci, plane) in xs.chunks_exact(psize).enumerate() {
+                        simd::taps_fwd(acc, plane, &poly.off, &w[w0 + ci * taps..][..taps]);
+                    }
+                    for (ho, row) in yp.chunks_exact_mut(g.wo).enumerate() {
+                        row.copy_from_slice(&acc[ho * poly.wq..][..g.wo]);
+                    }
+                }
+            })
+        });
+    y
+}
+
+/// Input gradient: `dx[n, ci] = Σ_{o in group(ci)} dy[n, o] ⋆ᵀ w[o, ci]`.
+pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    let poly = Poly::new(g);
+    let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
+    let mut dx = vec![T::ZERO; g.n * g.c * g.in_hw()];
+    let macs = og * cg * taps * g.out_hw();
+    dx.par_chunks_mut(cg * g.in_hw())
+        .enumerate()
+        .with_min_len(min_tasks(macs))
+        .for_each(|(task, dxg)| {
+            let (n, grp) = (task / g.groups, task % g.groups);
+            T::with_scratch(cg * psize + poly.len, |scr| {
+                let (xs, ext) = scr.split_at_mut(cg * psize);
+                xs.fill(T::ZERO);
+                ext.fill(T::ZERO);
+                for oc in 0..og {
+                    let o = grp * og + oc;
+                    spread(
+                        g,
+                        poly.wq,
+                        &dy[(n * g.o + o) * g.out_hw()..][..g.out_hw()],
+                        ext,
+                    );
+                    for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
+                        let wk = &w[(o * cg + ci) * taps..][..taps];
+                        simd::taps_bwd_data(plane, ext, &poly.off, wk);
+                    }
+                }
+                for (plane, dxp) in xs.chunks_exact(psize).zip(dxg.chunks_exact_mut(g.in_hw())) {
+                    poly.unpack(g, plane, dxp);
+                }
+            })
+        });
+    dx
+}
+
+/// Weight gradient: `dw[o, ci] = Σ_n dy[n, o] ⋆ x[n, ci]`, one rayon task per group so that
+/// no two tasks write the same weights.
+pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    let poly = Poly::new(g);
+    let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
+    let mut dw = vec![T::ZERO; g.o * cg * taps];
+    let macs = g.n * og * cg * taps * g.out_hw();
+    dw.par_chunks_mut(og * cg * taps)
+        .enumerate()
+        .with_min_len(min_tasks(macs))
+        .for_each(|(grp, dwg)| {
+            T::with_scratch(cg * psize + poly.len, |scr| {
+                let (xs, ext) = scr.split_at_mut(cg * psize);
+                ext.fill(T::ZERO);
+                for n in 0..g.n {
+                    let x0 = (n * g.c + grp * cg) * g.in_hw();
+                    for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
+                        poly.pack(g, &x[x0 + ci * g.in_hw()..][..g.in_hw()], plane);
+                    }
+                    for (oc, dwo) in dwg.chunks_exact_mut(cg * taps).enumerate() {
+                        let o = grp * og + oc;
+                        spread(
+                            g,
+                            poly.wq,
+                            &dy[(n * g.o + o) * g.out_hw()..][..g.out_hw()],
+                            ext,
+                        );
+                        for (plane, dwk) in xs.chunks_exact(psize).zip(dwo.chunks_exact_mut(taps)) {
+                            simd::taps_bwd_filter(dwk, ext, plane, &poly.off);
+                        }
+                    }
+                }
+            })
+        });
+    dw
+}

@@ -1,0 +1,186 @@
+//! Vector kernels of the direct convolution: multiply-adds over many kernel taps at once.
+//!
+//! Written as plain loops over fixed-size blocks that LLVM auto-vectorises, and compiled three
+//! times (AVX-512, AVX2+FMA, baseline x86-64 / other targets) with the version picked at run
+//! time, because the default x86-64 target only allows SSE2. The inner loops were checked in
+//! the release assembly to use full-width `vmulps`/`vaddps` on zmm (AVX-512) registers.
+//!
+//! A "tap" is one kernel position (i, j); the direct kernels lay the input out so that every
+//! tap reads one contiguous run of it, starting at that tap's offset (see `direct.rs`).
+
+use std::sync::OnceLock;
+
+use super::Elem;
+
+/// Register block: outputs kept in registers while all taps are added into them.
+const B: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    Base,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2");
+            if fma && is_x86_feature_detected!("avx512f") {
+                return Level::Avx512;
+            }
+            if fma {
+                return Level::Avx2;
+            }
+        }
+        Level::Base
+    })
+}
+
+/// Defines `pub fn $name` that runs `$body` compiled for the best instruction set the CPU has.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident : $ty:ty),*) => $body:ident) => {
+        $(#[$m])*
+        pub fn $name<T: Elem>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512<T: Elem>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2<T: Elem>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                match level() {
+                    // SAFETY: `level()` detected the features these versions are built for.
+                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    Level::Base => {}
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// `acc[f] += Σ_t w[t] · src[off[t] + f]` for every `f < acc.len()`: one output run of a
+    /// forward convolution from all taps of one (output, input) channel pair.
+    fn taps_fwd(acc: &mut [T], src: &[T], off: &[usize], w: &[T]) => taps_fwd_body
+}
+
+multiversion! {
+    /// `dst[off[t] + f] += w[t] · g[f]` for every tap `t` and `f < g.len()`: the scatter of
+    /// one output-gradient run into an input-gradient plane.
+    fn taps_bwd_data(dst: &mut [T], g: &[T], off: &[usize], w: &[T]) => taps_bwd_data_body
+}
+
+multiversion! {
+    /// `dw[t] += Σ_f g[f] · src[off[t] + f]` for every tap `t`: the weight gradient of one
+    /// (output, input) channel pair from one image.
+    fn taps_bwd_filter(dw: &mut [T], g: &[T], src: &[T], off: &[usize]) => taps_bwd_filter_body
+}
+
+#[inline(always)]
+fn taps_fwd_body<T: Elem>(acc: &mut [T], src: &[T], off: &[usize], w: &[T]) {
+    let n = acc.len();
+    let taps = off.len().min(w.len());
+    let mut f0 = 0;
+    while f0 + B <= n {
+        let mut r = [T::ZERO; B];
+        r.copy_from_slice(&acc[f0..f0 + B]);
+        for t in 0..taps {
+            let s = &src[off[t] + f0..][..B];
+            let wt = w[t];
+            for (rl, &sl) in r.iter_mut().zip(s) {
+                *rl = *rl + wt * sl;
+            }
+        }
+        acc[f0..f0 + B].copy_from_slice(&r);
+        f0 += B;
+    }
+    let rest = n - f0;
+    if rest > 0 {
+        let a = &mut acc[f0..];
+        for t in 0..taps {
+            let s = &src[off[t] + f0..][..rest];
+            let wt = w[t];
+            for (al, &sl) in a.iter_mut().zip(s) {
+                *al = *al + wt * sl;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn taps_bwd_data_body<T: Elem>(dst: &mut [T], g: &[T], off: &[usize], w: &[T]) {
+    let n = g.len();
+    let taps = off.len().min(w.len());
+    let mut f0 = 0;
+    while f0 + B <= n {
+        let mut r = [T::ZERO; B];
+        r.copy_from_slice(&g[f0..f0 + B]);
+        for t in 0..taps {
+            let d = &mut dst[off[t] + f0..][..B];
+            let wt = w[t];
+            for (dl, &gl) in d.iter_mut().zip(&r) {
+                *dl = *dl + wt * gl;
+            }
+        }
+        f0 += B;
+    }
+    let rest = n - f0;
+    if rest > 0 {
+        let gr = &g[f0..];
+        for t in 0..taps {
+            let d = &mut dst[off[t] + f0..][..rest];
+            let wt = w[t];
+            for (dl, &gl) in d.iter_mut().zip(gr) {
+                *dl = *dl + wt * gl;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn taps_bwd_filter_body<T: Elem>(dw: &mut [T], g: &[T], src: &[T], off: &[usize]) {
+    let n = g.len();
+    for (d, &o) in dw.iter_mut().zip(off) {
+        *d = *d + dot(g, &src[o..][..n]);
+    }
+}
+
+/// Dot product with `B` independent partial sums, so the additions vectorise and pipeline
+/// (a single running sum could not be reordered by the compiler).
+#[inline(always)]
+fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let mut acc = [T::ZERO; B];
+    let mut f0 = 0;
+    while f0 + B <= n {
+        let (x, y) = (&a[f0..][..B], &b[f0..][..B]);
+        for ((s, &p), &q) in acc.iter_mut().zip(x).zip(y) {
+            *s = *s + p * q;
+        }
+        f0 += B;
+    }
+    let mut tail = T::ZERO;
+    for (&p, &q) in a[f0..n].iter().zip(&b[f0..n]) {
+        tail = tail + p * q;
+    }
+    let mut width = B;
+    while width > 1 {
+        width /= 2;
+        let (lo, hi) = acc.split_at_mut(width);
+        for (l, &h) in lo.iter_mut().zip(hi.iter()) {
+            *l = *l + h;
+        }
+    }
+    acc[0] + tail
+}

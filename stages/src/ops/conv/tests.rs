@@ -1,0 +1,337 @@
+//! Convolution tests: forward against a naive reference, both gradients against a naive
+//! reference and against central finite differences, for every algorithm variant.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::{conv2d, Geom};
+
+/// (n, c, h, w, o, k, stride, pad, groups): every path of `dense.rs` and `direct.rs`.
+const CASES: &[(
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+)] = &[
+    (2, 3, 7, 6, 4, 3, 1, 1, 1), // dense 3x3, odd sizes, several images per chunk
+    (2, 3, 17, 17, 4, 3, 1, 1, 1), // dense, one image per chunk (289 outputs)
+    (2, 4, 9, 8, 6, 3, 2, 1, 1), // dense stride 2
+    (3, 8, 5, 5, 16, 1, 1, 0, 1), // 1x1 as plain GEMM, batched
+    (2, 8, 17, 16, 4, 1, 1, 0, 1), // 1x1 as plain GEMM, one image per chunk
+    (1, 8, 9, 7, 8, 1, 2, 0, 1), // 1x1 stride 2 (shortcut)
+    (1, 4, 11, 11, 8, 7, 2, 3, 1), // dense 7x7 stride 2
+    (5, 3, 5, 5, 2, 3, 1, 2, 1), // padding larger than a tap reaches
+    (2, 64, 5, 5, 64, 3, 1, 1, 2), // wide groups (32 channels): GEMM per group
+    (2, 64, 17, 16, 32, 1, 1, 0, 2), // wide groups pointwise
+    (2, 16, 9, 9, 16, 3, 1, 1, 2), // groups = C/8 (VarGFaceNet), direct
+    (2, 16, 8, 7, 32, 3, 2, 1, 2), // groups = C/8, factor 2, stride 2
+    (2, 8, 6, 6, 8, 3, 1, 1, 4), // 2 channels per group (MobileFaceNet 128 g64)
+    (3, 6, 7, 7, 6, 3, 1, 1, 6), // depthwise
+    (2, 6, 9, 8, 6, 3, 2, 1, 6), // depthwise stride 2, odd/even sizes
+    (2, 4, 6, 6, 8, 3, 1, 1, 4), // depthwise with channel multiplier 2
+    (2, 4, 7, 7, 4, 7, 1, 0, 4), // GDC: 7x7 depthwise, no padding, 1x1 output
+    (1, 16, 7, 7, 16, 7, 1, 0, 2), // 7x7 group conv, 8 channels per group (VarGFaceNet)
+    (1, 3, 70, 9, 3, 3, 1, 1, 3), // depthwise with rows longer than a register block
+];
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(len: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn geom(
+    case: &(
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+    ),
+) -> Geom {
+    let &(n, c, h, w, o, k, s, p, groups) = case;
+    Geom::new(&[n, c, h, w], &[o, c / groups, k, k], s, p, groups).expect("valid test case")
+}
+
+/// Naive forward: the definition, one output at a time.
+fn naive_fwd(g: &Geom, x: &[f64], w: &[f64]) -> Vec<f64> {
+    let mut y = vec![0.0; g.n * g.o * g.out_hw()];
+    let (cg, og) = (g.cg(), g.og());
+    for n in 0..g.n {
+        for o in 0..g.o {
+            for ho in 0..g.ho {
+                for wo in 0..g.wo {
+                    let mut acc = 0.0;
+                    for ci in 0..cg {
+                        let c = (o / og) * cg + ci;
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let hi = (ho * g.stride + i) as isize - g.pad as isize;
+                                let wi = (wo * g.stride + j) as isize - g.pad as isize;
+                                if hi < 0 || wi < 0 || hi >= g.h as isize || wi >= g.w as isize {
+                                    continue;
+                                }
+                                let xv = x[((n * g.c + c) * g.h + hi as usize) * g.w + wi as usize];
+                                acc += xv * w[((o * cg + ci) * g.kh + i) * g.kw + j];
+                            }
+                        }
+                    }
+                    y[((n * g.o + o) * g.ho + ho) * g.wo + wo] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Naive gradients of `Σ y·r` with respect to x and w.
+fn naive_grads(g: &Geom, x: &[f64], w: &[f64], r: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let mut dx = vec![0.0; x.len()];
+    let mut dw = vec![0.0; w.len()];
+    let (cg, og) = (g.cg(), g.og());
+    for n in 0..g.n {
+        for o in 0..g.o {
+            for ho in 0..g.ho {
+                for wo in 0..g.wo {
+                    let gy = r[((n * g.o + o) * g.ho + ho) * g.wo + wo];
+                    for ci in 0..cg {
+                        let c = (o / og) * cg + ci;
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let hi = (ho * g.stride + i) as isize - g.pad as isize;
+                                let wi = (wo * g.stride + j) as isize - g.pad as isize;
+                                if hi < 0 || wi < 0 || hi >= g.h as isize || wi >= g.w as isize {
+                                    continue;
+                                }
+                                let xi = ((n * g.c + c) * g.h + hi as usize) * g.w + wi as usize;
+                                let wk = ((o * cg + ci) * g.kh + i) * g.kw + j;
+                                dx[xi] += gy * w[wk];
+                                dw[wk] += gy * x[xi];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (dx, dw)
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f64::max)
+}
+
+fn inputs(g: &Geom, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let x = values(g.n * g.c * g.in_hw(), seed);
+    let w = values(g.o * g.k(), seed + 1);
+    let r = values(g.n * g.o * g.out_hw(), seed + 2);
+    (x, w, r)
+}
+
+/// Runs our op with autograd on `Σ y·r`; returns (y, dx, dw).
+fn ours(g: &Geom, x: &[f64], w: &[f64], r: &[f64], dtype: DType) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let dev = Device::Cpu;
+    let xt = Var::from_tensor(
+        &Tensor::from_slice(x, (g.n, g.c, g.h, g.w), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    )
+    .unwrap();
+    let wt = Var::from_tensor(
+        &Tensor::from_slice(w, (g.o, g.cg(), g.kh, g.kw), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    )
+    .unwrap();
+    let rt = Tensor::from_slice(r, (g.n, g.o, g.ho, g.wo), &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let y = conv2d(xt.as_tensor(), wt.as_tensor(), g.stride, g.pad, g.groups).unwrap();
+    assert_eq!(y.dims(), &[g.n, g.o, g.ho, g.wo]);
+    let loss = (&y * &rt).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let flat = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    (
+        flat(&y),
+        flat(grads.get(&xt).unwrap()),
+        flat(grads.get(&wt).unwrap()),
+    )
+}
+
+#[test]
+fn matches_naive_reference_f64() {
+    for (idx, case) in CASES.iter().enumerate() {
+        let g = geom(case);
+        let (x, w, r) = inputs(&g, idx as u64 * 7);
+        let (y, dx, dw) = ours(&g, &x, &w, &r, DType::F64);
+        let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
+        let tol = 1e-12 * g.k().max(g.n * g.out_hw()) as f64;
+        assert!(
+            max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < tol,
+            "forward {case:?}"
+        );
+        assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case:?}");
+        assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case:?}");
+    }
+}
+
+#[test]
+fn matches_naive_reference_f32() {
+    for (idx, case) in CASES.iter().enumerate() {
+        let g = geom(case);
+        let (x, w, r) = inputs(&g, 1000 + idx as u64);
+        let (y, dx, dw) = ours(&g, &x, &w, &r, DType::F32);
+        let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
+        let tol = 1e-5 * g.k().max(g.n * g.out_hw()) as f64;
+        assert!(
+            max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < tol,
+            "forward {case:?}"
+        );
+        assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case:?}");
+        assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case:?}");
+    }
+}
+
+/// Central differences of `Σ conv(x, w)·r` in f64, for every element of x and w.
+#[test]
+fn gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    for (idx, case) in CASES.iter().enumerate() {
+        let g = geom(case);
+        let (x, w, r) = inputs(&g, 500 + idx as u64);
+        let (_, dx, dw) = ours(&g, &x, &w, &r, DType::F64);
+        let rt = Tensor::from_slice(&r, (g.n, g.o, g.ho, g.wo), &dev).unwrap();
+        let loss = |x: &[f64], w: &[f64]| -> f64 {
+            let xt = Tensor::from_slice(x, (g.n, g.c, g.h, g.w), &dev).unwrap();
+            let wt = Tensor::from_slice(w, (g.o, g.cg(), g.kh, g.kw), &dev).unwrap();
+            let y = conv2d(&xt, &wt, g.stride, g.pad, g.groups).unwrap();
+            (y * &rt)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let eps = 1e-6;
+        // The loss is bilinear, so central differences are exact up to rounding; checking a
+        // strided subset of elements keeps the test fast on the larger cases.
+        let step = (x.len() / 200).max(1);
+        for i in (0..x.len()).step_by(step) {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += eps;
+            xm[i] -= eps;
+            let fd = (loss(&xp, &w) - loss(&xm, &w)) / (2.0 * eps);
+            assert!(
+                (fd - dx[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "dx[{i}] {case:?}: {fd} vs {}",
+                dx[i]
+            );
+        }
+        let step = (w.len() / 200).max(1);
+        for i in (0..w.len()).step_by(step) {
+            let (mut wp, mut wm) = (w.clone(), w.clone());
+            wp[i] += eps;
+            wm[i] -= eps;
+            let fd = (loss(&x, &wp) - loss(&x, &wm)) / (2.0 * eps);
+            assert!(
+                (fd - dw[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "dw[{i}] {case:?}: {fd} vs {}",
+                dw[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn non_contiguous_input_is_accepted() {
+    let dev = Device::Cpu;
+    let g = geom(&(2, 3, 7, 6, 4, 3, 1, 1, 1));
+    let (x, w, _) = inputs(&g, 3);
+    // Build x transposed in memory, then transpose back: same values, strided layout.
+    let xt = Tensor::from_slice(&x, (g.n, g.c, g.h, g.w), &dev).unwrap();
+    let strided = xt
+        .transpose(2, 3)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(2, 3)
+        .unwrap();
+    assert!(!strided.is_contiguous());
+    let wt = Tensor::from_slice(&w, (g.o, g.cg(), g.kh, g.kw), &dev).unwrap();
+    let y: Vec<f64> = conv2d(&strided, &wt, 1, 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < 1e-12);
+}
+
+#[test]
+fn matches_candle_stock_conv_on_dense_case() {
+    let dev = Device::Cpu;
+    let g = geom(&(2, 4, 9, 8, 6, 3, 2, 1, 1));
+    let (x, w, _) = inputs(&g, 11);
+    let xt = Tensor::from_slice(&x, (g.n, g.c, g.h, g.w), &dev).unwrap();
+    let wt = Tensor::from_slice(&w, (g.o, g.cg(), g.kh, g.kw), &dev).unwrap();
+    let ours: Vec<f64> = conv2d(&xt, &wt, 2, 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let stock: Vec<f64> = xt
+        .conv2d(&wt, 1, 2, 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(max_abs_diff(&ours, &stock) < 1e-12);
+}
+
+#[test]
+fn rejects_mismatched_shapes() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((1, 6, 5, 5), DType::F32, &dev).unwrap();
+    // 6 channels do not split into 4 groups.
+    let w = Tensor::zeros((4, 1, 3, 3), DType::F32, &dev).unwrap();
+    assert!(conv2d(&x, &w, 1, 1, 4).is_err());
+    // Kernel larger than the padded input.
+    let w = Tensor::zeros((4, 6, 9, 9), DType::F32, &dev).unwrap();
+    assert!(conv2d(&x, &w, 1, 1, 1).is_err());
+    // Weight channel count does not match.
+    let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &dev).unwrap();
+    assert!(conv2d(&x, &w, 1, 1, 1).is_err());
+}
