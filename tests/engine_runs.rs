@@ -28,7 +28,10 @@ fn demo_runs_then_is_cached_and_out_finds_it() {
     assert_eq!(p.fpipe(&["run", "demo.yaml"]).ok().counts(), (0, 2, 0));
     let out = p.fpipe(&["out", "upper"]).ok();
     let dir = out.stdout.trim();
-    assert_eq!(std::fs::read_to_string(format!("{dir}/out/up.txt")).unwrap(), "HELLO\n");
+    assert_eq!(
+        std::fs::read_to_string(format!("{dir}/out/up.txt")).unwrap(),
+        "HELLO\n"
+    );
     let out = p.fpipe(&["out", "upper.files", "-f", "demo.yaml"]).ok();
     assert_eq!(out.stdout.trim(), dir);
     // Only the declared output is kept.
@@ -75,15 +78,42 @@ stages:
     );
     assert_eq!(p.fpipe(&["run", "p.yaml"]).ok().counts(), (3, 0, 0));
     let st = p.fpipe(&["status", "p.yaml", "-p", "c=2"]).ok();
-    assert!(st.stdout.contains("c  will run: param run: \"echo c1 > out\" -> \"echo c2 > out\""), "{}", st.stdout);
-    assert!(st.stdout.contains("1 of 3 stages would run"), "{}", st.stdout);
-    assert_eq!(p.fpipe(&["run", "p.yaml", "-p", "c=2"]).ok().counts(), (1, 2, 0));
-    let st = p.fpipe(&["status", "p.yaml", "-p", "a=5", "-p", "c=2"]).ok();
-    assert!(st.stdout.contains("b  will run: input a.files will be recomputed"), "{}", st.stdout);
+    assert!(
+        st.stdout
+            .contains("c  will run: param run: \"echo c1 > out\" -> \"echo c2 > out\""),
+        "{}",
+        st.stdout
+    );
+    assert!(
+        st.stdout.contains("1 of 3 stages would run"),
+        "{}",
+        st.stdout
+    );
+    assert_eq!(
+        p.fpipe(&["run", "p.yaml", "-p", "c=2"]).ok().counts(),
+        (1, 2, 0)
+    );
+    let st = p
+        .fpipe(&["status", "p.yaml", "-p", "a=5", "-p", "c=2"])
+        .ok();
+    assert!(
+        st.stdout
+            .contains("b  will run: input a.files will be recomputed"),
+        "{}",
+        st.stdout
+    );
     // Going back to an earlier value is a cache hit.
-    assert_eq!(p.fpipe(&["run", "p.yaml", "-p", "c=1"]).ok().counts(), (0, 3, 0));
+    assert_eq!(
+        p.fpipe(&["run", "p.yaml", "-p", "c=1"]).ok().counts(),
+        (0, 3, 0)
+    );
     // --force reruns a cached stage; --target runs only it and what it needs.
-    assert_eq!(p.fpipe(&["run", "p.yaml", "--force", "a", "--target", "b"]).ok().counts(), (1, 1, 0));
+    assert_eq!(
+        p.fpipe(&["run", "p.yaml", "--force", "a", "--target", "b"])
+            .ok()
+            .counts(),
+        (1, 1, 0)
+    );
 }
 
 #[test]
@@ -104,10 +134,17 @@ stages:
     );
     assert_eq!(p.fpipe(&["run", "p.yaml"]).ok().counts(), (2, 0, 0));
     // A different command that writes the same bytes: `a` reruns, `b` is cut off.
-    let r = p.fpipe(&["run", "p.yaml", "-p", "cmd=echo -n hi > out"]).ok();
+    let r = p
+        .fpipe(&["run", "p.yaml", "-p", "cmd=echo -n hi > out"])
+        .ok();
     assert_eq!(r.counts(), (1, 1, 0), "{}", r.all());
     // Different bytes: both run.
-    assert_eq!(p.fpipe(&["run", "p.yaml", "-p", "cmd=printf ho > out"]).ok().counts(), (2, 0, 0));
+    assert_eq!(
+        p.fpipe(&["run", "p.yaml", "-p", "cmd=printf ho > out"])
+            .ok()
+            .counts(),
+        (2, 0, 0)
+    );
 }
 
 const FAMILY: &str = r#"fpipe: 1
@@ -138,18 +175,47 @@ fn foreach_growth_runs_only_the_new_items() {
     p.write("kd.yaml", FAMILY);
     assert_eq!(p.fpipe(&["run", "kd.yaml"]).ok().counts(), (7, 0, 0));
     let st = p.fpipe(&["status", "kd.yaml", "-p", "generations=4"]).ok();
-    assert!(st.stdout.contains("student@4  will run: new"), "{}", st.stdout);
-    assert!(st.stdout.contains("2 of 9 stages would run"), "{}", st.stdout);
-    assert_eq!(p.fpipe(&["run", "kd.yaml", "-p", "generations=4"]).ok().counts(), (2, 7, 0));
+    assert!(
+        st.stdout.contains("student@4  will run: new"),
+        "{}",
+        st.stdout
+    );
+    assert!(
+        st.stdout.contains("2 of 9 stages would run"),
+        "{}",
+        st.stdout
+    );
+    assert_eq!(
+        p.fpipe(&["run", "kd.yaml", "-p", "generations=4"])
+            .ok()
+            .counts(),
+        (2, 7, 0)
+    );
     // Generation 3 was initialised from generation 2, which was from 1.
-    let dir = p.fpipe(&["out", "student@3"]).ok().stdout.trim().to_string();
+    let dir = p
+        .fpipe(&["out", "student@3"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
     let model = std::fs::read_to_string(format!("{dir}/model")).unwrap();
     assert_eq!(model.matches("gen ").count(), 3, "{model}");
-    let lines = p.fpipe(&["out", "eval@last", "-f", "kd.yaml", "-p", "generations=4"]).ok();
+    let lines = p
+        .fpipe(&["out", "eval@last", "-f", "kd.yaml", "-p", "generations=4"])
+        .ok();
     let n = std::fs::read_to_string(format!("{}/lines", lines.stdout.trim())).unwrap();
-    assert_eq!(n.trim(), "8", "teacher + own line, plus generation 3's six lines");
+    assert_eq!(
+        n.trim(),
+        "8",
+        "teacher + own line, plus generation 3's six lines"
+    );
     let dag = p.fpipe(&["dag", "kd.yaml", "--format", "dot"]).ok();
-    assert!(dag.stdout.contains("\"student@1\" -> \"student@2\" [label=\"init\"]"), "{}", dag.stdout);
+    assert!(
+        dag.stdout
+            .contains("\"student@1\" -> \"student@2\" [label=\"init\"]"),
+        "{}",
+        dag.stdout
+    );
 }
 
 #[test]
@@ -165,8 +231,16 @@ fn matrix_expands_every_combination() {
 "#,
     );
     assert_eq!(p.fpipe(&["run", "m.yaml"]).ok().counts(), (4, 0, 0));
-    let dir = p.fpipe(&["out", "sweep@0.01-r50"]).ok().stdout.trim().to_string();
-    assert_eq!(std::fs::read_to_string(format!("{dir}/r")).unwrap(), "r50 0.01\n");
+    let dir = p
+        .fpipe(&["out", "sweep@0.01-r50"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    assert_eq!(
+        std::fs::read_to_string(format!("{dir}/r")).unwrap(),
+        "r50 0.01\n"
+    );
 }
 
 #[test]
@@ -191,7 +265,11 @@ fn failure_stops_dependants_and_lets_others_finish() {
     assert_eq!(r.code, 1);
     assert_eq!(r.counts(), (1, 0, 1));
     assert!(r.stderr.contains("exit status 3"), "{}", r.stderr);
-    assert!(r.stderr.contains("something broke"), "the log tail is shown: {}", r.stderr);
+    assert!(
+        r.stderr.contains("something broke"),
+        "the log tail is shown: {}",
+        r.stderr
+    );
     assert!(r.stderr.contains("after skipped"), "{}", r.stderr);
     // Nothing of the failed stage was committed; the next run tries again.
     assert_eq!(p.fpipe(&["run", "f.yaml"]).counts(), (0, 1, 1));
@@ -200,16 +278,25 @@ fn failure_stops_dependants_and_lets_others_finish() {
 #[test]
 fn missing_declared_output_fails_the_stage() {
     let p = Project::new();
-    p.write("f.yaml", "stages:\n  a:\n    uses: shell\n    with: {run: 'true', outputs: [out/model.bin]}\n");
+    p.write(
+        "f.yaml",
+        "stages:\n  a:\n    uses: shell\n    with: {run: 'true', outputs: [out/model.bin]}\n",
+    );
     let r = p.fpipe(&["run", "f.yaml"]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("did not create declared output `out/model.bin`"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("did not create declared output `out/model.bin`"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn parallel_stages_overlap_and_gpu_slots_do_not() {
     let p = Project::new();
-    let stamp = "date +%s%N > start; sleep 0.4; date +%s%N > end; echo ${CUDA_VISIBLE_DEVICES:-none} > gpu";
+    let stamp =
+        "date +%s%N > start; sleep 0.4; date +%s%N > end; echo ${CUDA_VISIBLE_DEVICES:-none} > gpu";
     p.write(
         "par.yaml",
         &format!(
@@ -224,8 +311,17 @@ fn parallel_stages_overlap_and_gpu_slots_do_not() {
     p.fpipe(&["run", "par.yaml", "-j", "4", "--gpus", "1"]).ok();
     let span = |s: &str| {
         let d = p.fpipe(&["out", s]).ok().stdout.trim().to_string();
-        let r = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).unwrap().trim().to_string();
-        (r("start").parse::<u128>().unwrap(), r("end").parse::<u128>().unwrap(), r("gpu"))
+        let r = |f: &str| {
+            std::fs::read_to_string(format!("{d}/{f}"))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        (
+            r("start").parse::<u128>().unwrap(),
+            r("end").parse::<u128>().unwrap(),
+            r("gpu"),
+        )
     };
     let (a0, a1, ga) = span("a");
     let (b0, b1, _) = span("b");
@@ -233,7 +329,10 @@ fn parallel_stages_overlap_and_gpu_slots_do_not() {
     assert_eq!(ga, "none");
     let (g10, g11, gg1) = span("g1");
     let (g20, g21, gg2) = span("g2");
-    assert!(g11 <= g20 || g21 <= g10, "two gpu:1 stages never share the one GPU slot");
+    assert!(
+        g11 <= g20 || g21 <= g10,
+        "two gpu:1 stages never share the one GPU slot"
+    );
     assert_eq!((gg1.as_str(), gg2.as_str()), ("0", "0"));
 }
 
@@ -254,30 +353,72 @@ fn deps_enter_the_key_by_content_and_keys_travel_between_machines() {
 "#;
     team_a.write("exp/p.yaml", pipeline);
     team_a.write("exp/scripts/prep.sh", "echo prepared\n");
-    assert_eq!(team_a.fpipe(&["run", "exp/p.yaml"]).ok().counts(), (2, 0, 0));
-    assert!(team_a.path().join("exp/.fpipe/objects").is_dir(), "default cache sits beside the pipeline");
+    assert_eq!(
+        team_a.fpipe(&["run", "exp/p.yaml"]).ok().counts(),
+        (2, 0, 0)
+    );
+    assert!(
+        team_a.path().join("exp/.fpipe/objects").is_dir(),
+        "default cache sits beside the pipeline"
+    );
     // Same bytes elsewhere: same keys.
     let team_b = Project::new();
     team_b.write("somewhere/else/p.yaml", pipeline);
     team_b.write("somewhere/else/scripts/prep.sh", "echo prepared\n");
     let key = |p: &Project, f: &str| {
-        let v: serde_json::Value = serde_json::from_str(&p.fpipe(&["status", f, "--json"]).ok().stdout).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&p.fpipe(&["status", f, "--json"]).ok().stdout).unwrap();
         v[0]["key"].as_str().unwrap().to_string()
     };
-    assert_eq!(key(&team_a, "exp/p.yaml"), key(&team_b, "somewhere/else/p.yaml"));
+    assert_eq!(
+        key(&team_a, "exp/p.yaml"),
+        key(&team_b, "somewhere/else/p.yaml")
+    );
     // A shared cache hands team A's results to team B.
     let shared = Project::new();
     let shared_dir = shared.path().to_str().unwrap();
     let a_cache = team_a.path().join("exp/.fpipe");
-    team_a.fpipe(&["--cache", a_cache.to_str().unwrap(), "cache", "push", shared_dir]).ok();
+    team_a
+        .fpipe(&[
+            "--cache",
+            a_cache.to_str().unwrap(),
+            "cache",
+            "push",
+            shared_dir,
+        ])
+        .ok();
     let b_cache = team_b.path().join("somewhere/else/.fpipe");
-    team_b.fpipe(&["--cache", b_cache.to_str().unwrap(), "cache", "pull", shared_dir]).ok();
-    assert_eq!(team_b.fpipe(&["run", "somewhere/else/p.yaml"]).ok().counts(), (0, 2, 0));
+    team_b
+        .fpipe(&[
+            "--cache",
+            b_cache.to_str().unwrap(),
+            "cache",
+            "pull",
+            shared_dir,
+        ])
+        .ok();
+    assert_eq!(
+        team_b
+            .fpipe(&["run", "somewhere/else/p.yaml"])
+            .ok()
+            .counts(),
+        (0, 2, 0)
+    );
     // Editing the script reruns `prep`, and `use`, since prep's bytes changed.
     team_b.write("somewhere/else/scripts/prep.sh", "echo PREPARED\n");
     let st = team_b.fpipe(&["status", "somewhere/else/p.yaml"]).ok();
-    assert!(st.stdout.contains("prep  will run: file `deps` changed"), "{}", st.stdout);
-    assert_eq!(team_b.fpipe(&["run", "somewhere/else/p.yaml"]).ok().counts(), (2, 0, 0));
+    assert!(
+        st.stdout.contains("prep  will run: file `deps` changed"),
+        "{}",
+        st.stdout
+    );
+    assert_eq!(
+        team_b
+            .fpipe(&["run", "somewhere/else/p.yaml"])
+            .ok()
+            .counts(),
+        (2, 0, 0)
+    );
 }
 
 #[test]
@@ -294,9 +435,14 @@ fn include_and_relative_paths() {
     );
     p.fpipe(&["run", "main.yaml"]).ok();
     let d = p.fpipe(&["out", "top"]).ok().stdout.trim().to_string();
-    assert_eq!(std::fs::read_to_string(format!("{d}/t")).unwrap(), "lib data\nfrom-main\n");
+    assert_eq!(
+        std::fs::read_to_string(format!("{d}/t")).unwrap(),
+        "lib data\nfrom-main\n"
+    );
     let pf = p.write("over.yaml", "word: from-file\n");
-    let r = p.fpipe(&["run", "main.yaml", "--params", pf.to_str().unwrap()]).ok();
+    let r = p
+        .fpipe(&["run", "main.yaml", "--params", pf.to_str().unwrap()])
+        .ok();
     assert_eq!(r.counts(), (2, 0, 0));
 }
 
@@ -311,12 +457,18 @@ fn metrics_reach_show_and_records() {
     p.fpipe(&["run", "m.yaml", "-p", "acc=0.95"]).ok();
     let show = p.fpipe(&["show", "m.yaml"]).ok();
     assert!(show.stdout.contains("accuracy"), "{}", show.stdout);
-    assert!(show.stdout.contains("0.9000") && show.stdout.contains("0.9500"), "{}", show.stdout);
-    let js: serde_json::Value = serde_json::from_str(&p.fpipe(&["show", "m.yaml", "--json"]).ok().stdout).unwrap();
+    assert!(
+        show.stdout.contains("0.9000") && show.stdout.contains("0.9500"),
+        "{}",
+        show.stdout
+    );
+    let js: serde_json::Value =
+        serde_json::from_str(&p.fpipe(&["show", "m.yaml", "--json"]).ok().stdout).unwrap();
     assert_eq!(js.as_array().unwrap().len(), 2);
     // A cached rerun still reports the stage's metrics.
     p.fpipe(&["run", "m.yaml"]).ok();
-    let js: serde_json::Value = serde_json::from_str(&p.fpipe(&["show", "m.yaml", "--json"]).ok().stdout).unwrap();
+    let js: serde_json::Value =
+        serde_json::from_str(&p.fpipe(&["show", "m.yaml", "--json"]).ok().stdout).unwrap();
     assert_eq!(js[2]["metrics"]["accuracy"], 0.9);
 }
 
@@ -329,13 +481,35 @@ fn gc_keeps_recent_and_removes_the_rest() {
     }
     let c = p.path().join(".fpipe");
     let cache = c.to_str().unwrap();
-    let dry = p.fpipe(&["--cache", cache, "gc", "--keep-runs", "1", "--dry-run"]).ok();
-    assert!(dry.stdout.starts_with("would remove 2 artifacts"), "{}", dry.stdout);
-    assert_eq!(p.fpipe(&["run", "g.yaml", "-p", "v=1"]).ok().counts(), (0, 1, 0), "dry run removed nothing");
+    let dry = p
+        .fpipe(&["--cache", cache, "gc", "--keep-runs", "1", "--dry-run"])
+        .ok();
+    assert!(
+        dry.stdout.starts_with("would remove 2 artifacts"),
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(
+        p.fpipe(&["run", "g.yaml", "-p", "v=1"]).ok().counts(),
+        (0, 1, 0),
+        "dry run removed nothing"
+    );
     let gc = p.fpipe(&["--cache", cache, "gc", "--keep-runs", "1"]).ok();
-    assert!(gc.stdout.starts_with("removed 2 artifacts"), "{}", gc.stdout);
-    assert_eq!(p.fpipe(&["run", "g.yaml", "-p", "v=1"]).ok().counts(), (0, 1, 0), "the newest run's output is kept");
-    assert_eq!(p.fpipe(&["run", "g.yaml", "-p", "v=2"]).ok().counts(), (1, 0, 0), "older outputs were removed");
+    assert!(
+        gc.stdout.starts_with("removed 2 artifacts"),
+        "{}",
+        gc.stdout
+    );
+    assert_eq!(
+        p.fpipe(&["run", "g.yaml", "-p", "v=1"]).ok().counts(),
+        (0, 1, 0),
+        "the newest run's output is kept"
+    );
+    assert_eq!(
+        p.fpipe(&["run", "g.yaml", "-p", "v=2"]).ok().counts(),
+        (1, 0, 0),
+        "older outputs were removed"
+    );
     p.fpipe(&["--cache", cache, "cache", "verify"]).ok();
 }
 
@@ -346,7 +520,11 @@ fn verify_detects_tampering() {
     p.fpipe(&["run", "demo.yaml"]).ok();
     let c = p.path().join(".fpipe");
     let cache = c.to_str().unwrap();
-    assert!(p.fpipe(&["--cache", cache, "cache", "verify"]).ok().stdout.contains("0 problem(s)"));
+    assert!(p
+        .fpipe(&["--cache", cache, "cache", "verify"])
+        .ok()
+        .stdout
+        .contains("0 problem(s)"));
     let d = p.fpipe(&["out", "upper"]).ok().stdout.trim().to_string();
     let f = format!("{d}/out/up.txt");
     let mut perm = std::fs::metadata(&f).unwrap().permissions();
@@ -357,6 +535,11 @@ fn verify_detects_tampering() {
     let r = p.fpipe(&["--cache", cache, "cache", "verify"]);
     assert_eq!(r.code, 1);
     assert!(r.stdout.contains("content hashes to"), "{}", r.stdout);
-    p.fpipe(&["--cache", cache, "cache", "verify", "--repair"]).ok();
-    assert_eq!(p.fpipe(&["run", "demo.yaml"]).ok().counts(), (1, 1, 0), "the damaged entry is recomputed");
+    p.fpipe(&["--cache", cache, "cache", "verify", "--repair"])
+        .ok();
+    assert_eq!(
+        p.fpipe(&["run", "demo.yaml"]).ok().counts(),
+        (1, 1, 0),
+        "the damaged entry is recomputed"
+    );
 }

@@ -682,6 +682,10 @@ fn scalar_suffix(v: &Value) -> Option<String> {
 }
 
 fn foreach_items(f: &Value) -> Result<Vec<Item>, String> {
+    // `foreach: "{{ params.n }}"` renders to the string "3": read it as the number.
+    if let Some(n) = f.as_str().and_then(|s| s.trim().parse::<u64>().ok()) {
+        return foreach_items(&Value::from(n));
+    }
     match f {
         Value::Number(n) => {
             let n = n

@@ -10,7 +10,9 @@ pub struct Project {
 
 impl Project {
     pub fn new() -> Self {
-        Project { dir: tempfile::tempdir().expect("tempdir") }
+        Project {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -27,7 +29,9 @@ impl Project {
     }
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_fpipe"));
-        c.args(args).current_dir(self.path()).env_remove("FPIPE_CACHE");
+        c.args(args)
+            .current_dir(self.path())
+            .env_remove("FPIPE_CACHE");
         c
     }
 }
@@ -52,17 +56,29 @@ impl Run {
     /// The `ran N, cached M, failed F` counts from the summary line, which must be the last
     /// line on stdout.
     pub fn counts(&self) -> (usize, usize, usize) {
-        let last = self.stdout.lines().last().unwrap_or_else(|| panic!("no output; stderr:\n{}", self.stderr));
+        let last = self
+            .stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no output; stderr:\n{}", self.stderr));
         let nums: Vec<usize> = last
             .split(|c: char| !c.is_ascii_digit() && c != '.')
             .filter(|s| !s.is_empty() && !s.contains('.'))
             .map(|s| s.parse().unwrap())
             .collect();
-        assert!(last.starts_with("ran "), "last line is not the summary: {last:?}\n{}", self.stderr);
+        assert!(
+            last.starts_with("ran "),
+            "last line is not the summary: {last:?}\n{}",
+            self.stderr
+        );
         (nums[0], nums[1], nums[2])
     }
     pub fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "fpipe failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "fpipe failed:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
     pub fn all(&self) -> String {
