@@ -83,10 +83,20 @@ impl Stage for ShellStage {
             .unwrap_or_default()
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let work = ctx.scratch.join("work");
-        if work.exists() {
-            std::fs::remove_dir_all(&work)?;
+        // A fresh directory per attempt, so a command orphaned by a killed earlier attempt
+        // cannot write into this one.
+        for e in std::fs::read_dir(&ctx.scratch)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("work-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let work = ctx
+            .scratch
+            .join(format!("work-{}-{stamp}", std::process::id()));
         std::fs::create_dir_all(work.join("in"))?;
         for (port, dir) in &ctx.inputs {
             link(dir, &work.join("in").join(port))?;
