@@ -86,7 +86,7 @@ fn ctrl_c_stops_cleanly_and_kills_children() {
             late.display()
         ),
     );
-    let mut child = p
+    let child = p
         .cmd(&["run", "c.yaml"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
