@@ -91,3 +91,37 @@ fn synthetic_counts_truth_landmarks_and_pairs() {
         assert_eq!(v.label(a as usize) == v.label(b as usize), same);
     }
 }
+
+#[test]
+fn align_synthetic_puts_landmarks_on_the_template() {
+    use fpipe_stages::data::align::{align_dataset, arcface_template, OnMissing};
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = small();
+    p.out_of_domain = 0.0;
+    generate(&p, &dir.path().join("t"), Some(&dir.path().join("p")), &()).unwrap();
+    let c = align_dataset(
+        &dir.path().join("p"),
+        &dir.path().join("a"),
+        112,
+        OnMissing::Fail,
+        &(),
+    )
+    .unwrap();
+    assert_eq!(c.aligned, 24);
+    let a = PackedDataset::open(&dir.path().join("a")).unwrap();
+    assert_eq!(a.image_shape(), (112, 112, 3));
+    assert_eq!(a.pairs().unwrap().len(), 40);
+    let t = arcface_template(112);
+    for i in 0..a.len() {
+        let lm = a.landmarks(i).unwrap();
+        // A similarity cannot map 5 points exactly; residuals stay within a few pixels.
+        for k in 0..5 {
+            let d =
+                ((lm[k][0] as f64 - t[k][0]).powi(2) + (lm[k][1] as f64 - t[k][1]).powi(2)).sqrt();
+            assert!(d < 16.0, "image {i} point {k} off by {d}");
+        }
+    }
+    let v = fpipe_stages::data::inspect(&dir.path().join("a")).unwrap();
+    assert_eq!(v["images"], 24);
+    assert_eq!(v["kind"], "pairs");
+}

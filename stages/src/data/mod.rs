@@ -2,6 +2,7 @@
 //! (synthetic faces, image folders, insightface RecordIO, verification `.bin`, alignment),
 //! and `inspect` for `fpipe inspect`.
 
+pub mod align;
 pub mod packed;
 pub mod stages;
 pub mod synth;
@@ -20,6 +21,8 @@ pub const PAIRS: fpipe_engine::PortType = "pairs";
 pub fn register(registry: &mut fpipe_engine::Registry) {
     use std::sync::Arc;
     registry.register(Arc::new(stages::SyntheticFaces));
+    registry.register(Arc::new(stages::Align { pairs: false }));
+    registry.register(Arc::new(stages::Align { pairs: true }));
 }
 
 /// Summary of the packed data set in `dir` for `fpipe inspect --json`: images, identities,

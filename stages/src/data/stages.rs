@@ -160,3 +160,79 @@ impl Stage for SyntheticFaces {
         Ok(())
     }
 }
+
+/// `align` / `align-pairs`: 5-point similarity alignment to the arcface template.
+pub struct Align {
+    /// True for `align-pairs` (verification sets: pairs in, pairs out).
+    pub pairs: bool,
+}
+
+impl Stage for Align {
+    fn kind(&self) -> &'static str {
+        if self.pairs {
+            "align-pairs"
+        } else {
+            "align"
+        }
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        if self.pairs {
+            "Aligns a verification set (pairs kept) to the arcface 5-point template"
+        } else {
+            "Aligns a data set to the arcface 5-point template (Umeyama + bilinear warp)"
+        }
+    }
+    fn signature(&self) -> StageSignature {
+        let (port, ty) = if self.pairs {
+            ("pairs", PAIRS)
+        } else {
+            ("dataset", DATASET)
+        };
+        StageSignature {
+            inputs: vec![PortSpec::new(port, ty, "images with 5-point landmarks")],
+            outputs: vec![PortSpec::new(port, ty, "aligned images")],
+            params: vec![
+                ParamSpec::with_default(
+                    "image_size",
+                    ParamType::Int,
+                    json!(112),
+                    "output side in pixels (112, 128, 224, ...: estimate_norm rules)",
+                ),
+                ParamSpec::with_default(
+                    "on_missing",
+                    ParamType::Enum(&["skip", "fail"]),
+                    json!("skip"),
+                    "images without landmarks: leave out and count, or stop",
+                ),
+            ],
+        }
+    }
+    fn check_params(&self, params: &BTreeMap<String, Value>) -> Result<(), String> {
+        let s = get_usize(params, "image_size")?;
+        if !(8..=2048).contains(&s) {
+            return Err(format!("`image_size` {s} must be in 8..=2048"));
+        }
+        Ok(())
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let port = if self.pairs { "pairs" } else { "dataset" };
+        let size = get_usize(&ctx.params, "image_size").map_err(StageError::Failed)?;
+        let on_missing = match ctx.param_str("on_missing")? {
+            "fail" => super::align::OnMissing::Fail,
+            _ => super::align::OnMissing::Skip,
+        };
+        let input = ctx.input(port)?.to_path_buf();
+        let output = ctx.output(port)?.to_path_buf();
+        let c = super::align::align_dataset(&input, &output, size, on_missing, &CtxMonitor(ctx))?;
+        ctx.check_cancel()?;
+        ctx.metric("aligned", c.aligned as f64);
+        ctx.metric(
+            "skipped",
+            (c.skipped_no_landmarks + c.skipped_degenerate) as f64,
+        );
+        Ok(())
+    }
+}
