@@ -125,3 +125,78 @@ fn align_synthetic_puts_landmarks_on_the_template() {
     assert_eq!(v["images"], 24);
     assert_eq!(v["kind"], "pairs");
 }
+
+#[test]
+fn recordio_export_then_import_roundtrips_labels_and_images() {
+    use fpipe_stages::data::recordio::{export_recordio, import_recordio, OnError};
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = small();
+    p.pairs = 0;
+    generate(&p, &dir.path().join("t"), None, &()).unwrap();
+    let n = export_recordio(&dir.path().join("t"), &dir.path().join("rec"), 95).unwrap();
+    assert_eq!(n, 60);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("rec/property")).unwrap(),
+        "12,48,48\n"
+    );
+    let c = import_recordio(
+        &dir.path().join("rec/train.rec"),
+        &dir.path().join("back"),
+        OnError::Fail,
+        &(),
+    )
+    .unwrap();
+    assert_eq!(c.images, 60);
+    let a = PackedDataset::open(&dir.path().join("t")).unwrap();
+    let b = PackedDataset::open(&dir.path().join("back")).unwrap();
+    assert_eq!(b.num_classes(), 12);
+    // Same labels in the same order (the data set is already sorted by label); JPEG q95 is
+    // close to the original.
+    for i in 0..60 {
+        assert_eq!(a.label(i), b.label(i));
+        let err: f64 = a
+            .image(i)
+            .iter()
+            .zip(b.image(i))
+            .map(|(x, y)| (*x as f64 - *y as f64).abs())
+            .sum::<f64>()
+            / a.image(i).len() as f64;
+        assert!(err < 6.0, "image {i}: mean abs error {err}");
+    }
+    // Corrupt one image's bytes: skip counts it, fail names the record.
+    let rec = dir.path().join("rec/train.rec");
+    let mut bytes = std::fs::read(&rec).unwrap();
+    let original = bytes.clone();
+    let idx = std::fs::read_to_string(rec.with_extension("idx")).unwrap();
+    let off: usize = idx
+        .lines()
+        .nth(5)
+        .unwrap()
+        .split('\t')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    for b in &mut bytes[off + 8 + 24..off + 8 + 24 + 40] {
+        *b = 0;
+    }
+    std::fs::write(&rec, &bytes).unwrap();
+    let c = import_recordio(&rec, &dir.path().join("skip"), OnError::Skip, &()).unwrap();
+    assert_eq!((c.images, c.skipped), (59, 1));
+    let e = import_recordio(&rec, &dir.path().join("fail"), OnError::Fail, &())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train.rec") && e.contains("record key 5") && e.contains("undecodable"),
+        "{e}"
+    );
+    assert!(!dir.path().join("fail/dataset.json").exists());
+    let v = fpipe_stages::data::inspect(&dir.path().join("skip")).unwrap();
+    assert_eq!(v["skipped"]["undecodable image"], 1);
+    // Truncated file.
+    std::fs::write(&rec, &original[..original.len() / 2]).unwrap();
+    let e = import_recordio(&rec, &dir.path().join("trunc"), OnError::Fail, &())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("byte offset") || e.contains("disagrees"), "{e}");
+}

@@ -4,6 +4,7 @@
 
 pub mod align;
 pub mod packed;
+pub mod recordio;
 pub mod stages;
 pub mod synth;
 
@@ -23,6 +24,8 @@ pub fn register(registry: &mut fpipe_engine::Registry) {
     registry.register(Arc::new(stages::SyntheticFaces));
     registry.register(Arc::new(stages::Align { pairs: false }));
     registry.register(Arc::new(stages::Align { pairs: true }));
+    registry.register(Arc::new(stages::RecordIo));
+    registry.register(Arc::new(stages::WriteRecordIo));
 }
 
 /// Summary of the packed data set in `dir` for `fpipe inspect --json`: images, identities,

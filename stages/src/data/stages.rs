@@ -236,3 +236,112 @@ impl Stage for Align {
         Ok(())
     }
 }
+
+fn on_error(ctx: &StageContext) -> Result<super::recordio::OnError, StageError> {
+    Ok(match ctx.param_str("on_error")? {
+        "fail" => super::recordio::OnError::Fail,
+        _ => super::recordio::OnError::Skip,
+    })
+}
+
+fn on_error_param() -> ParamSpec {
+    ParamSpec::with_default(
+        "on_error",
+        ParamType::Enum(&["skip", "fail"]),
+        json!("fail"),
+        "a corrupt record or undecodable image: stop, or leave it out and count it",
+    )
+}
+
+fn report_import(ctx: &mut StageContext, c: &super::recordio::ImportCounts) {
+    for p in &c.problems {
+        ctx.log(&format!("skipped: {p}"));
+    }
+    ctx.metric("images", c.images as f64);
+    ctx.metric("skipped", c.skipped as f64);
+}
+
+/// `recordio`: imports insightface `train.rec` + `train.idx`.
+pub struct RecordIo;
+
+impl Stage for RecordIo {
+    fn kind(&self) -> &'static str {
+        "recordio"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Reads an insightface/MXNet train.rec (+ .idx beside it) into a packed data set"
+    }
+    fn signature(&self) -> StageSignature {
+        StageSignature {
+            inputs: vec![],
+            outputs: vec![PortSpec::new("dataset", DATASET, "the images and labels")],
+            params: vec![
+                ParamSpec::required(
+                    "path",
+                    ParamType::Path {
+                        companions: &["idx"],
+                    },
+                    "the .rec file; its .idx must lie beside it",
+                ),
+                on_error_param(),
+            ],
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let rec = std::path::PathBuf::from(ctx.param_str("path")?);
+        let out = ctx.output("dataset")?.to_path_buf();
+        let c = super::recordio::import_recordio(&rec, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+        ctx.check_cancel()?;
+        report_import(ctx, &c);
+        Ok(())
+    }
+}
+
+/// `write-recordio`: exports a packed data set as insightface RecordIO.
+pub struct WriteRecordIo;
+
+impl Stage for WriteRecordIo {
+    fn kind(&self) -> &'static str {
+        "write-recordio"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Writes a data set as insightface train.rec/train.idx/property (MXFaceDataset reads it)"
+    }
+    fn signature(&self) -> StageSignature {
+        StageSignature {
+            inputs: vec![PortSpec::new("dataset", DATASET, "images to write")],
+            outputs: vec![PortSpec::new(
+                "files",
+                "files",
+                "train.rec, train.idx, property",
+            )],
+            params: vec![ParamSpec::with_default(
+                "quality",
+                ParamType::Int,
+                json!(95),
+                "JPEG quality 1..100",
+            )],
+        }
+    }
+    fn check_params(&self, params: &BTreeMap<String, Value>) -> Result<(), String> {
+        let q = get_usize(params, "quality")?;
+        if !(1..=100).contains(&q) {
+            return Err(format!("`quality` {q} must be in 1..=100"));
+        }
+        Ok(())
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let q = get_usize(&ctx.params, "quality").map_err(StageError::Failed)?;
+        let input = ctx.input("dataset")?.to_path_buf();
+        let out = ctx.output("files")?.to_path_buf();
+        let n = super::recordio::export_recordio(&input, &out, q.clamp(1, 100) as u8)?;
+        ctx.metric("images", n as f64);
+        Ok(())
+    }
+}
