@@ -4,9 +4,11 @@
 
 pub mod align;
 pub mod packed;
+pub mod pickle;
 pub mod recordio;
 pub mod stages;
 pub mod synth;
+pub mod vbin;
 
 pub use packed::{DataError, ImageTruth, PackedDataset, PackedWriter};
 
@@ -26,6 +28,7 @@ pub fn register(registry: &mut fpipe_engine::Registry) {
     registry.register(Arc::new(stages::Align { pairs: true }));
     registry.register(Arc::new(stages::RecordIo));
     registry.register(Arc::new(stages::WriteRecordIo));
+    registry.register(Arc::new(stages::VerificationBin));
 }
 
 /// Summary of the packed data set in `dir` for `fpipe inspect --json`: images, identities,

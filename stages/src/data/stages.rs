@@ -345,3 +345,40 @@ impl Stage for WriteRecordIo {
         Ok(())
     }
 }
+
+/// `verification-bin`: imports an LFW / CFP-FP / AgeDB-30 style `.bin`.
+pub struct VerificationBin;
+
+impl Stage for VerificationBin {
+    fn kind(&self) -> &'static str {
+        "verification-bin"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Reads an insightface verification .bin (LFW, CFP-FP, AgeDB-30) into a pairs set"
+    }
+    fn signature(&self) -> StageSignature {
+        StageSignature {
+            inputs: vec![],
+            outputs: vec![PortSpec::new(
+                "pairs",
+                PAIRS,
+                "images and pairs (2i, 2i+1, same)",
+            )],
+            params: vec![
+                ParamSpec::required("path", ParamType::Path { companions: &[] }, "the .bin file"),
+                on_error_param(),
+            ],
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let path = std::path::PathBuf::from(ctx.param_str("path")?);
+        let out = ctx.output("pairs")?.to_path_buf();
+        let c = super::vbin::import_bin(&path, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+        ctx.check_cancel()?;
+        report_import(ctx, &c);
+        Ok(())
+    }
+}

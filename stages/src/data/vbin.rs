@@ -1,0 +1,183 @@
+//! insightface verification `.bin` files (LFW, CFP-FP, AgeDB-30): a pickle of
+//! `(bins, issame_list)` with `2N` encoded images and `N` booleans (methods.md §9).
+//!
+//! Read with [`super::pickle`], which executes nothing. Accepted shapes: protocol 2 with py2
+//! strings, protocols 3-5 with `bytes`, images as numpy `uint8` arrays, `issame_list` as a
+//! list of bools / ints / numpy bools or a numpy bool array. Anything else is an error that
+//! says what was found. Images become a packed verification set with pairs `(2i, 2i+1)`;
+//! labels are derived from the pairs (both images of a same pair share one), not identities.
+
+use super::packed::DataError;
+use super::pickle::{ndarray, np_scalar, parse, Val};
+use super::recordio::{decode_image, ImportCounts, OnError, Sink};
+use super::synth::Monitor;
+use rayon::prelude::*;
+use serde_json::json;
+use std::ops::Range;
+use std::path::Path;
+
+fn describe(v: &Val) -> String {
+    match v {
+        Val::None => "None".into(),
+        Val::Bool(_) => "a bool".into(),
+        Val::Int(_) => "an int".into(),
+        Val::Float(_) => "a float".into(),
+        Val::Bytes(r) => format!("bytes of length {}", r.len()),
+        Val::Str(_) => "a str".into(),
+        Val::List(l) => format!("a list of {}", l.len()),
+        Val::Tuple(t) => format!("a tuple of {}", t.len()),
+        Val::Dict(_) => "a dict".into(),
+        Val::Global(m, n) => format!("the global {m}.{n}"),
+        Val::Reduce(..) | Val::Build(..) => match ndarray(v) {
+            Some(a) => format!("a numpy array {} {:?}", a.dtype, a.shape),
+            None => "an object".into(),
+        },
+    }
+}
+
+/// The encoded images and pair labels of a `.bin`, as byte ranges of `data`.
+pub fn read_bin_structure(
+    path: &Path,
+    data: &[u8],
+) -> Result<(Vec<Range<usize>>, Vec<bool>), DataError> {
+    let top = parse(data).map_err(|e| {
+        DataError::format(
+            path,
+            format!("byte offset {}", e.offset),
+            format!("pickle: {}", e.message),
+        )
+    })?;
+    let bad = |what: String| {
+        DataError::format(
+            path,
+            "pickle structure",
+            format!("expected (bins, issame_list): {what}"),
+        )
+    };
+    let items = match &top {
+        Val::Tuple(t) | Val::List(t) if t.len() == 2 => t.clone(),
+        other => return Err(bad(format!("found {}", describe(other)))),
+    };
+    let bins: Vec<Range<usize>> = match &items[0] {
+        Val::List(l) | Val::Tuple(l) => l
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Val::Bytes(r) => Ok(r.clone()),
+                other => match ndarray(other) {
+                    Some(a) if a.dtype.ends_with("u1") || a.dtype.ends_with("i1") => Ok(a.data),
+                    _ => Err(bad(format!(
+                        "bins[{i}] is {}, not encoded image bytes",
+                        describe(other)
+                    ))),
+                },
+            })
+            .collect::<Result<_, _>>()?,
+        other => return Err(bad(format!("bins is {}", describe(other)))),
+    };
+    let issame: Vec<bool> = match &items[1] {
+        Val::List(l) | Val::Tuple(l) => l
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Val::Bool(b) => Ok(*b),
+                Val::Int(x) if *x == 0 || *x == 1 => Ok(*x == 1),
+                other => match np_scalar(other) {
+                    Some((d, r)) if d.ends_with("b1") && r.len() == 1 => Ok(data[r.start] != 0),
+                    _ => Err(bad(format!(
+                        "issame_list[{i}] is {}, not a bool",
+                        describe(other)
+                    ))),
+                },
+            })
+            .collect::<Result<_, _>>()?,
+        other => match ndarray(other) {
+            Some(a)
+                if a.dtype.ends_with("b1") && a.shape.len() == 1 && a.data.len() == a.shape[0] =>
+            {
+                data[a.data].iter().map(|&b| b != 0).collect()
+            }
+            _ => return Err(bad(format!("issame_list is {}", describe(other)))),
+        },
+    };
+    if bins.len() != 2 * issame.len() {
+        return Err(bad(format!(
+            "{} images for {} pairs (need exactly 2 per pair)",
+            bins.len(),
+            issame.len()
+        )));
+    }
+    Ok((bins, issame))
+}
+
+/// Imports the verification `.bin` at `path` into a packed verification set in `out`.
+/// An undecodable image drops its pair (`on_error: skip`) or stops (`fail`).
+pub fn import_bin(
+    path: &Path,
+    out: &Path,
+    on_error: OnError,
+    monitor: &dyn Monitor,
+) -> Result<ImportCounts, DataError> {
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    // SAFETY: input files are not modified while a stage reads them.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
+    let (bins, issame) = read_bin_structure(path, &map)?;
+    let mut sink = Sink::new(out, on_error);
+    let mut pairs = Vec::with_capacity(issame.len());
+    const CHUNK: usize = 512; // pairs per chunk
+    for start in (0..issame.len()).step_by(CHUNK) {
+        if monitor.cancelled() {
+            return Err(DataError::Invalid("interrupted".into()));
+        }
+        let end = (start + CHUNK).min(issame.len());
+        let decoded: Vec<Result<(usize, usize, Vec<u8>), DataError>> = (2 * start..2 * end)
+            .into_par_iter()
+            .map(|i| {
+                decode_image(&map[bins[i].clone()]).map_err(|m| {
+                    DataError::format(
+                        path,
+                        format!("image {i} (byte offset {})", bins[i].start),
+                        m,
+                    )
+                })
+            })
+            .collect();
+        let mut it = decoded.into_iter();
+        for p in start..end {
+            let (a, b) = (it.next(), it.next());
+            let (Some(a), Some(b)) = (a, b) else { break };
+            match (a, b) {
+                (Ok(a), Ok(b)) => {
+                    let la = 2 * p as i64;
+                    let lb = if issame[p] { la } else { la + 1 };
+                    let ia = sink.counts.images as u32;
+                    let ok_a = sink.push(a.0, a.1, &a.2, la, None, || {
+                        DataError::format(path, format!("image {}", 2 * p), "")
+                    })?;
+                    if !ok_a {
+                        continue;
+                    }
+                    let ok_b = sink.push(b.0, b.1, &b.2, lb, None, || {
+                        DataError::format(path, format!("image {}", 2 * p + 1), "")
+                    })?;
+                    if ok_b {
+                        pairs.push((ia, ia + 1, issame[p]));
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => sink.problem("undecodable image (pair dropped)", e)?,
+            }
+        }
+        monitor.progress(end as u64, issame.len() as u64);
+    }
+    let n_pairs = issame.len();
+    sink.finish(
+        path,
+        json!({
+            "kind": "verification-bin",
+            "source": path.file_name().map(|s| s.to_string_lossy().to_string()),
+            "pairs_in_file": n_pairs,
+        }),
+        Some(pairs),
+        None,
+    )
+}
