@@ -74,7 +74,7 @@ fn ref_loss3(
     let mut deltas = vec![];
     for i in 0..B {
         let y = labels[i] as usize;
-        let mut logits = vec![0.0; C];
+        let mut logits = [0.0; C];
         for j in 0..C {
             let c: f64 = (0..D).map(|k| xn[i * D + k] * wn[j * D + k]).sum();
             let mut c = c.clamp(-1.0, 1.0);

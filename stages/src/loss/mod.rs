@@ -75,7 +75,7 @@ impl MarginConfig {
     /// Checks that the margins can be trained: m1 a positive integer, m1 > 1 only without m2
     /// (ψ(θ) has no closed form with an additive angle), margins non-negative, s > 0.
     pub fn validate(&self) -> std::result::Result<(), LossError> {
-        if !(self.s > 0.0) {
+        if self.s.is_nan() || self.s <= 0.0 {
             return Err(LossError::Config(format!(
                 "scale s must be > 0, got {}",
                 self.s
@@ -160,7 +160,13 @@ fn target_fn(t: &Tensor, cfg: &MarginConfig) -> Result<Tensor> {
             .collect();
         let sign: Vec<f64> = ks
             .iter()
-            .map(|k| if *k as usize % 2 == 0 { 1.0 } else { -1.0 })
+            .map(|k| {
+                if (*k as usize).is_multiple_of(2) {
+                    1.0
+                } else {
+                    -1.0
+                }
+            })
             .collect();
         let dev = t.device();
         let k = Tensor::new(ks, dev)?.to_dtype(t.dtype())?;

@@ -103,6 +103,7 @@ impl DepthWise {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Layer {
     Conv(ConvBnAct),
     Dw(DepthWise),

@@ -268,7 +268,7 @@ fn run_training(ctx: &mut StageContext, teacher_port: Option<&str>) -> Result<()
         let eta = (total - step) as f64 * cfg.batch_size as f64 / ips.max(1e-9);
         let msg = format!("loss {loss:.4} lr {lr:.5} {ips:.1} img/s ETA {eta:.0}s");
         sink.progress(step, total, &msg);
-        if step % 50 == 0 || step == total {
+        if step.is_multiple_of(50) || step == total {
             sink.log(&format!("step {step}/{total} {msg}"));
         }
     };
