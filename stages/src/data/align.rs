@@ -24,17 +24,23 @@ pub const ARCFACE_112: [[f64; 2]; 5] = [
 /// A 2×3 affine matrix `[[a, b, tx], [c, d, ty]]` mapping source to destination pixels.
 pub type Affine = [[f64; 3]; 2];
 
-/// The template for an output of `size` pixels, by `estimate_norm`'s rules: a multiple of
-/// 128 scales by `size/128` and shifts x by `8·size/128`; otherwise (multiples of 112 and,
-/// beyond insightface, any other size) it scales by `size/112`.
+/// The template for an output of `size` pixels, by `estimate_norm`'s code: a multiple of
+/// 112 scales by `size/112`; anything else (multiples of 128, and beyond insightface, which
+/// asserts, any other size) scales by `size/128` and shifts x by `8·size/128`. Computed in
+/// `f32` like insightface's `float32` template array, so the values are the ones it uses.
 pub fn arcface_template(size: usize) -> [[f64; 2]; 5] {
-    let (ratio, dx) = if size % 112 != 0 && size % 128 == 0 {
+    let (ratio, dx) = if size % 112 != 0 {
         let r = size as f64 / 128.0;
         (r, 8.0 * r)
     } else {
         (size as f64 / 112.0, 0.0)
     };
-    ARCFACE_112.map(|p| [p[0] * ratio + dx, p[1] * ratio])
+    let (r32, dx32) = (ratio as f32, dx as f32);
+    ARCFACE_112.map(|p| {
+        let x = (p[0] as f32) * r32;
+        let x = if dx != 0.0 { x + dx32 } else { x };
+        [x as f64, ((p[1] as f32) * r32) as f64]
+    })
 }
 
 /// Least-squares similarity transform (rotation, uniform scale, translation; no reflection)
@@ -325,12 +331,17 @@ mod tests {
 
     #[test]
     fn template_rules() {
-        assert_eq!(arcface_template(112), ARCFACE_112);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-5;
+        assert!(close(arcface_template(112)[4][1], 92.2041));
         let t = arcface_template(224);
-        assert!((t[0][0] - 2.0 * 38.2946).abs() < 1e-12);
+        assert!(close(t[0][0], 2.0 * 38.2946));
         let t = arcface_template(128);
-        assert!((t[0][0] - (38.2946 + 8.0)).abs() < 1e-12);
-        assert!((t[0][1] - 51.6963).abs() < 1e-12);
+        assert!(close(t[0][0], 38.2946 + 8.0));
+        assert!(close(t[0][1], 51.6963));
+        assert!(close(
+            arcface_template(96)[0][0],
+            (38.2946 + 8.0) * 96.0 / 128.0
+        ));
     }
 
     #[test]

@@ -354,12 +354,47 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
     }
 }
 
-/// A numpy array found in the tree: dtype string (`u1`, `b1`, `<f4`, ...), shape, raw bytes.
+/// A numpy array found in the tree: dtype string (`u1`, `b1`, `<f4`, ...), shape, and the
+/// value holding its raw bytes (resolve with [`bytes`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct NdArray {
     pub dtype: String,
     pub shape: Vec<usize>,
-    pub data: Range<usize>,
+    pub data: Val,
+}
+
+/// The bytes a value stands for: `bytes`/py2 `str` (borrowed from `input`), Python 3's
+/// protocol-2 spelling `_codecs.encode(str, 'latin1')`, or `bytes()` (empty).
+pub fn bytes<'a>(v: &Val, input: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+    use std::borrow::Cow;
+    match v {
+        Val::Bytes(r) => input.get(r.clone()).map(Cow::Borrowed),
+        Val::Reduce(f, args) => {
+            let Val::Tuple(a) = args.as_ref() else {
+                return None;
+            };
+            match f.as_ref() {
+                Val::Global(m, n) if m == "_codecs" && n == "encode" => {
+                    let Val::Str(s) = a.first()? else { return None };
+                    match a.get(1) {
+                        Some(Val::Str(e)) if e == "latin1" || e == "latin-1" => {}
+                        _ => return None,
+                    }
+                    s.chars()
+                        .map(|c| u8::try_from(c as u32).ok())
+                        .collect::<Option<Vec<u8>>>()
+                        .map(Cow::Owned)
+                }
+                Val::Global(m, n)
+                    if (m == "__builtin__" || m == "builtins") && n == "bytes" && a.is_empty() =>
+                {
+                    Some(Cow::Owned(vec![]))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 fn is_numpy(v: &Val, names: &[&str]) -> bool {
@@ -416,37 +451,34 @@ pub fn ndarray(v: &Val) -> Option<NdArray> {
                 4 => (&s[0], &s[1], &s[3]),
                 _ => return None,
             };
-            let Val::Bytes(r) = data else { return None };
             Some(NdArray {
                 dtype: dtype_of(dtype)?,
                 shape: shape_of(shape)?,
-                data: r.clone(),
+                data: data.clone(),
             })
         }
         Val::Reduce(f, args) if is_numpy(f, &["_frombuffer"]) => {
             let Val::Tuple(a) = args.as_ref() else {
                 return None;
             };
-            let Val::Bytes(r) = a.first()? else {
-                return None;
-            };
             Some(NdArray {
                 dtype: dtype_of(a.get(1)?)?,
                 shape: shape_of(a.get(2)?)?,
-                data: r.clone(),
+                data: a.first()?.clone(),
             })
         }
         _ => None,
     }
 }
 
-/// A numpy scalar (`numpy.core.multiarray.scalar(dtype, bytes)`): dtype and raw bytes.
-pub fn np_scalar(v: &Val) -> Option<(String, Range<usize>)> {
+/// A numpy scalar (`numpy.core.multiarray.scalar(dtype, bytes)`): dtype and the value
+/// holding its raw bytes.
+pub fn np_scalar(v: &Val) -> Option<(String, Val)> {
     if let Val::Reduce(f, args) = v {
         if is_numpy(f, &["scalar"]) {
             if let Val::Tuple(a) = args.as_ref() {
-                if let (Some(d), Some(Val::Bytes(r))) = (a.first().and_then(dtype_of), a.get(1)) {
-                    return Some((d, r.clone()));
+                if let (Some(d), Some(b)) = (a.first().and_then(dtype_of), a.get(1)) {
+                    return Some((d, b.clone()));
                 }
             }
         }

@@ -8,12 +8,12 @@
 //! labels are derived from the pairs (both images of a same pair share one), not identities.
 
 use super::packed::DataError;
-use super::pickle::{ndarray, np_scalar, parse, Val};
+use super::pickle::{bytes, ndarray, np_scalar, parse, Val};
 use super::recordio::{decode_image, ImportCounts, OnError, Sink};
 use super::synth::Monitor;
 use rayon::prelude::*;
 use serde_json::json;
-use std::ops::Range;
+use std::borrow::Cow;
 use std::path::Path;
 
 fn describe(v: &Val) -> String {
@@ -35,11 +35,11 @@ fn describe(v: &Val) -> String {
     }
 }
 
-/// The encoded images and pair labels of a `.bin`, as byte ranges of `data`.
-pub fn read_bin_structure(
+/// The encoded images (borrowed from `data` where possible) and pair labels of a `.bin`.
+pub fn read_bin_structure<'a>(
     path: &Path,
-    data: &[u8],
-) -> Result<(Vec<Range<usize>>, Vec<bool>), DataError> {
+    data: &'a [u8],
+) -> Result<(Vec<Cow<'a, [u8]>>, Vec<bool>), DataError> {
     let top = parse(data).map_err(|e| {
         DataError::format(
             path,
@@ -58,19 +58,24 @@ pub fn read_bin_structure(
         Val::Tuple(t) | Val::List(t) if t.len() == 2 => t.clone(),
         other => return Err(bad(format!("found {}", describe(other)))),
     };
-    let bins: Vec<Range<usize>> = match &items[0] {
+    let bins: Vec<Cow<'a, [u8]>> = match &items[0] {
         Val::List(l) | Val::Tuple(l) => l
             .iter()
             .enumerate()
-            .map(|(i, v)| match v {
-                Val::Bytes(r) => Ok(r.clone()),
-                other => match ndarray(other) {
-                    Some(a) if a.dtype.ends_with("u1") || a.dtype.ends_with("i1") => Ok(a.data),
-                    _ => Err(bad(format!(
+            .map(|(i, v)| {
+                let b = match ndarray(v) {
+                    Some(a) if a.dtype.ends_with("u1") || a.dtype.ends_with("i1") => {
+                        bytes(&a.data, data)
+                    }
+                    Some(_) => None,
+                    None => bytes(v, data),
+                };
+                b.ok_or_else(|| {
+                    bad(format!(
                         "bins[{i}] is {}, not encoded image bytes",
-                        describe(other)
-                    ))),
-                },
+                        describe(v)
+                    ))
+                })
             })
             .collect::<Result<_, _>>()?,
         other => return Err(bad(format!("bins is {}", describe(other)))),
@@ -83,7 +88,10 @@ pub fn read_bin_structure(
                 Val::Bool(b) => Ok(*b),
                 Val::Int(x) if *x == 0 || *x == 1 => Ok(*x == 1),
                 other => match np_scalar(other) {
-                    Some((d, r)) if d.ends_with("b1") && r.len() == 1 => Ok(data[r.start] != 0),
+                    Some((d, b)) if d.ends_with("b1") => match bytes(&b, data) {
+                        Some(b) if b.len() == 1 => Ok(b[0] != 0),
+                        _ => Err(bad(format!("issame_list[{i}] is a malformed numpy bool"))),
+                    },
                     _ => Err(bad(format!(
                         "issame_list[{i}] is {}, not a bool",
                         describe(other)
@@ -92,10 +100,11 @@ pub fn read_bin_structure(
             })
             .collect::<Result<_, _>>()?,
         other => match ndarray(other) {
-            Some(a)
-                if a.dtype.ends_with("b1") && a.shape.len() == 1 && a.data.len() == a.shape[0] =>
-            {
-                data[a.data].iter().map(|&b| b != 0).collect()
+            Some(a) if a.dtype.ends_with("b1") && a.shape.len() == 1 => {
+                match bytes(&a.data, data) {
+                    Some(b) if b.len() == a.shape[0] => b.iter().map(|&x| x != 0).collect(),
+                    _ => return Err(bad("issame_list is a malformed numpy bool array".into())),
+                }
             }
             _ => return Err(bad(format!("issame_list is {}", describe(other)))),
         },
@@ -133,13 +142,7 @@ pub fn import_bin(
         let decoded: Vec<Result<(usize, usize, Vec<u8>), DataError>> = (2 * start..2 * end)
             .into_par_iter()
             .map(|i| {
-                decode_image(&map[bins[i].clone()]).map_err(|m| {
-                    DataError::format(
-                        path,
-                        format!("image {i} (byte offset {})", bins[i].start),
-                        m,
-                    )
-                })
+                decode_image(&bins[i]).map_err(|m| DataError::format(path, format!("image {i}"), m))
             })
             .collect();
         let mut it = decoded.into_iter();
