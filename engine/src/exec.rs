@@ -361,6 +361,14 @@ impl Engine {
                             progressed = true;
                             continue;
                         }
+                        // Cheap readiness check first: this loop rescans on every event.
+                        if !ps
+                            .wires
+                            .iter()
+                            .all(|w| matches!(known[w.from], Some(Known::Outputs(_))))
+                        {
+                            continue;
+                        }
                         let (inputs, pending) = gather_inputs(plan, ps, &known);
                         if !pending.is_empty() {
                             continue;
