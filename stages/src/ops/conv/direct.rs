@@ -56,23 +56,18 @@ impl Poly {
         self.s * self.s * self.sub
     }
 
-    /// Position of input pixel `(hi, wi)` in the polyphase layout.
-    #[inline(always)]
-    fn at(&self, pad: usize, hi: usize, wi: usize) -> usize {
-        let (rp, cp) = (hi + pad, wi + pad);
-        ((rp % self.s) * self.s + cp % self.s) * self.sub + (rp / self.s) * self.wq + cp / self.s
-    }
-
     /// Writes input plane `x` (`h·w`) into `dst` (`self.size()`), zero padding included.
     fn pack<T: Elem>(&self, g: &Geom, x: &[T], dst: &mut [T]) {
         dst.fill(T::ZERO);
         for (hi, row) in x.chunks_exact(g.w).enumerate() {
-            if self.s == 1 {
-                let start = self.at(g.pad, hi, 0);
-                dst[start..start + g.w].copy_from_slice(row);
-            } else {
-                for (wi, &v) in row.iter().enumerate() {
-                    dst[self.at(g.pad, hi, wi)] = v;
+            for (base, first, q0) in self.row_runs(g, hi) {
+                if self.s == 1 {
+                    dst[base + q0..base + q0 + g.w].copy_from_slice(row);
+                    continue;
+                }
+                let d = &mut dst[base + q0..];
+                for (dv, &v) in d.iter_mut().zip(row[first..].iter().step_by(self.s)) {
+                    *dv = v;
                 }
             }
         }
@@ -81,15 +76,32 @@ impl Poly {
     /// Reads the real (unpadded) pixels of a polyphase plane `src` back into `x` (`h·w`).
     fn unpack<T: Elem>(&self, g: &Geom, src: &[T], x: &mut [T]) {
         for (hi, row) in x.chunks_exact_mut(g.w).enumerate() {
-            if self.s == 1 {
-                let start = self.at(g.pad, hi, 0);
-                row.copy_from_slice(&src[start..start + g.w]);
-            } else {
-                for (wi, v) in row.iter_mut().enumerate() {
-                    *v = src[self.at(g.pad, hi, wi)];
+            for (base, first, q0) in self.row_runs(g, hi) {
+                if self.s == 1 {
+                    row.copy_from_slice(&src[base + q0..base + q0 + g.w]);
+                    continue;
+                }
+                let sv = &src[base + q0..];
+                for (v, &s) in row[first..].iter_mut().step_by(self.s).zip(sv) {
+                    *v = s;
                 }
             }
         }
+    }
+
+    /// For input row `hi`, one run per column phase `pc`: (start of that sub-plane row, first
+    /// input column `wi` of the phase, its column in the sub-plane). Input columns
+    /// `first, first + s, …` go to consecutive sub-plane columns from there, so packing is a
+    /// strided copy with no division per pixel.
+    fn row_runs(&self, g: &Geom, hi: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let (s, rp) = (self.s, hi + g.pad);
+        let row_base = (rp % s) * s * self.sub + (rp / s) * self.wq;
+        let (w, pad) = (g.w, g.pad);
+        (0..s).filter_map(move |pc| {
+            // First wi >= 0 with (wi + pad) % s == pc.
+            let first = (pc + s - pad % s) % s;
+            (first < w).then(|| (row_base + pc * self.sub, first, (first + pad) / s))
+        })
     }
 }
 
@@ -106,8 +118,18 @@ fn min_tasks(macs_per_task: usize) -> usize {
     (MIN_TASK_MACS / macs_per_task.max(1)).max(1)
 }
 
+/// The kernel covers the whole unpadded input, so the output is 1x1 (MobileFaceNet's GDC,
+/// VarGFaceNet's 7x7 embedding conv). A group's input block `x[n, group]` then has the same
+/// layout as a weight row `w[o]`, and each output is one dot product of the two.
+fn full_kernel(g: &Geom) -> bool {
+    g.pad == 0 && g.kh == g.h && g.kw == g.w
+}
+
 /// Forward pass: `y[n, o] = Σ_{ci in group(o)} x[n, ci] ⋆ w[o, ci]`.
 pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    if full_kernel(g) {
+        return full_forward(g, x, w);
+    }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
     let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
@@ -140,6 +162,9 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// Input gradient: `dx[n, ci] = Σ_{o in group(ci)} dy[n, o] ⋆ᵀ w[o, ci]`.
 pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    if full_kernel(g) {
+        return full_backward_data(g, dy, w);
+    }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
     let mut dx = vec![T::ZERO; g.n * g.c * g.in_hw()];
@@ -177,6 +202,9 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
 /// Weight gradient: `dw[o, ci] = Σ_n dy[n, o] ⋆ x[n, ci]`, one rayon task per group so that
 /// no two tasks write the same weights.
 pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    if full_kernel(g) {
+        return full_backward_filter(g, x, dy);
+    }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
     let mut dw = vec![T::ZERO; g.o * cg * taps];
@@ -207,6 +235,54 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                     }
                 }
             })
+        });
+    dw
+}
+
+/// [`forward`] when [`full_kernel`]: `y[n, o] = x[n, group(o)] · w[o]`.
+fn full_forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (kk, og) = (g.k(), g.og());
+    let mut y = vec![T::ZERO; g.n * g.o];
+    y.par_chunks_mut(g.o)
+        .enumerate()
+        .with_min_len(min_tasks(g.o * kk))
+        .for_each(|(n, yn)| {
+            for (o, v) in yn.iter_mut().enumerate() {
+                let xg = &x[n * g.c * g.in_hw() + (o / og) * kk..][..kk];
+                *v = simd::dot(xg, &w[o * kk..][..kk]);
+            }
+        });
+    y
+}
+
+/// [`backward_data`] when [`full_kernel`]: `dx[n, group(o)] += dy[n, o]·w[o]`.
+fn full_backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    let (kk, og) = (g.k(), g.og());
+    let mut dx = vec![T::ZERO; g.n * g.c * g.in_hw()];
+    dx.par_chunks_mut(g.c * g.in_hw())
+        .enumerate()
+        .with_min_len(min_tasks(g.o * kk))
+        .for_each(|(n, dxn)| {
+            for o in 0..g.o {
+                let d = &mut dxn[(o / og) * kk..][..kk];
+                simd::axpy(d, dy[n * g.o + o], &w[o * kk..][..kk]);
+            }
+        });
+    dx
+}
+
+/// [`backward_filter`] when [`full_kernel`]: `dw[o] = Σ_n dy[n, o]·x[n, group(o)]`.
+fn full_backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    let (kk, og) = (g.k(), g.og());
+    let mut dw = vec![T::ZERO; g.o * kk];
+    dw.par_chunks_mut(kk)
+        .enumerate()
+        .with_min_len(min_tasks(g.n * kk))
+        .for_each(|(o, dwo)| {
+            for n in 0..g.n {
+                let xg = &x[n * g.c * g.in_hw() + (o / og) * kk..][..kk];
+                simd::axpy(dwo, dy[n * g.o + o], xg);
+            }
         });
     dw
 }

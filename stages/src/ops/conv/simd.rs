@@ -150,37 +150,82 @@ fn taps_bwd_data_body<T: Elem>(dst: &mut [T], g: &[T], off: &[usize], w: &[T]) {
 
 #[inline(always)]
 fn taps_bwd_filter_body<T: Elem>(dw: &mut [T], g: &[T], src: &[T], off: &[usize]) {
-    let n = g.len();
-    for (d, &o) in dw.iter_mut().zip(off) {
-        *d = *d + dot(g, &src[o..][..n]);
+    let taps = dw.len().min(off.len());
+    let mut t0 = 0;
+    // Up to TB taps per pass over `g`, each with its own register accumulators, so every
+    // loaded element of `g` feeds TB multiply-adds.
+    while t0 < taps {
+        let k = (taps - t0).min(TB);
+        let (d, o) = (&mut dw[t0..t0 + k], &off[t0..t0 + k]);
+        match k {
+            8 => filter_block::<T, 8>(d, g, src, o),
+            7 => filter_block::<T, 7>(d, g, src, o),
+            6 => filter_block::<T, 6>(d, g, src, o),
+            5 => filter_block::<T, 5>(d, g, src, o),
+            4 => filter_block::<T, 4>(d, g, src, o),
+            3 => filter_block::<T, 3>(d, g, src, o),
+            2 => filter_block::<T, 2>(d, g, src, o),
+            _ => filter_block::<T, 1>(d, g, src, o),
+        }
+        t0 += k;
     }
 }
 
-/// Dot product with `B` independent partial sums, so the additions vectorise and pipeline
-/// (a single running sum could not be reordered by the compiler).
+/// Taps per pass of the weight-gradient kernel.
+const TB: usize = 8;
+/// Lanes per accumulator of the weight-gradient kernel (one AVX-512 f32 register).
+const LB: usize = 16;
+
 #[inline(always)]
-fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
-    let n = a.len().min(b.len());
-    let mut acc = [T::ZERO; B];
+fn filter_block<T: Elem, const K: usize>(dw: &mut [T], g: &[T], src: &[T], off: &[usize]) {
+    let n = g.len();
+    let srcs: [&[T]; K] = std::array::from_fn(|t| &src[off[t]..off[t] + n]);
+    let mut acc = [[T::ZERO; LB]; K];
     let mut f0 = 0;
-    while f0 + B <= n {
-        let (x, y) = (&a[f0..][..B], &b[f0..][..B]);
-        for ((s, &p), &q) in acc.iter_mut().zip(x).zip(y) {
-            *s = *s + p * q;
+    while f0 + LB <= n {
+        let gb = &g[f0..f0 + LB];
+        for (a, s) in acc.iter_mut().zip(&srcs) {
+            let s = &s[f0..f0 + LB];
+            for ((al, &gl), &sl) in a.iter_mut().zip(gb).zip(s) {
+                *al = *al + gl * sl;
+            }
         }
-        f0 += B;
+        f0 += LB;
     }
-    let mut tail = T::ZERO;
-    for (&p, &q) in a[f0..n].iter().zip(&b[f0..n]) {
-        tail = tail + p * q;
+    for ((d, a), s) in dw.iter_mut().zip(&acc).zip(&srcs) {
+        let mut tail = T::ZERO;
+        for (&gl, &sl) in g[f0..].iter().zip(&s[f0..]) {
+            tail = tail + gl * sl;
+        }
+        *d = *d + hsum(a) + tail;
     }
-    let mut width = B;
+}
+
+/// Pairwise sum of a block of partial sums.
+#[inline(always)]
+fn hsum<T: Elem, const N: usize>(a: &[T; N]) -> T {
+    let mut v = *a;
+    let mut width = N;
     while width > 1 {
         width /= 2;
-        let (lo, hi) = acc.split_at_mut(width);
+        let (lo, hi) = v.split_at_mut(width);
         for (l, &h) in lo.iter_mut().zip(hi.iter()) {
             *l = *l + h;
         }
     }
-    acc[0] + tail
+    v[0]
+}
+
+/// `Σ a[f]·b[f]` over the shorter of the two.
+pub fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let mut r = [T::ZERO];
+    taps_bwd_filter(&mut r, &a[..n], &b[..n], &[0]);
+    r[0]
+}
+
+/// `y[f] += alpha·x[f]` over the shorter of the two.
+pub fn axpy<T: Elem>(y: &mut [T], alpha: T, x: &[T]) {
+    let n = y.len().min(x.len());
+    taps_bwd_data(&mut y[..n], &x[..n], &[0], &[alpha]);
 }

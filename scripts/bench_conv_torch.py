@@ -1,0 +1,68 @@
+"""PyTorch CPU peer of stages/benches/conv.rs (issue 5).
+
+Reads the JSON the Rust benchmark wrote (same layer shapes, batch, thread count), times
+PyTorch's conv2d forward and backward (both gradients, torch.autograd.grad) the same way
+(median of `reps` after one warm-up), and prints a side-by-side table with ratios.
+Usage: python bench_conv_torch.py RUST_JSON [--reps R] [--json OUT]
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_time(reps, f):
+    f()
+    ts = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("rust_json")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    rust = json.load(open(a.rust_json))
+    torch.set_num_threads(rust["threads"])
+    torch.manual_seed(0)
+    n = 2048
+    ma, mb = torch.randn(n, n), torch.randn(n, n)
+    mm_t = median_time(a.reps, lambda: ma @ mb)
+    mm = 2 * n**3 / mm_t / 1e9
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"matmul 2048^3 GFLOP/s: fpipe/candle {rust['matmul_gflops']:.1f}  torch {mm:.1f}")
+    hdr = (f"{'layer (batch 32)':<34} {'fwd GF/s':>9} {'torch':>7} {'ratio':>6} "
+           f"{'bwd GF/s':>9} {'torch':>7} {'ratio':>6} {'fwd %mm':>8} {'bwd %mm':>8}")
+    print(hdr)
+    out = []
+    for L in rust["layers"]:
+        x = torch.randn(L["n"], L["c"], L["hw"], L["hw"], requires_grad=True)
+        w = (0.1 * torch.randn(L["o"], L["c"] // L["groups"], L["k"], L["k"])).requires_grad_()
+        conv = lambda: F.conv2d(x, w, stride=L["stride"], padding=L["pad"], groups=L["groups"])
+        with torch.no_grad():
+            tf = median_time(a.reps, conv)
+        y = conv()
+        gy = torch.randn_like(y)
+        tb = median_time(a.reps, lambda: torch.autograd.grad(y, (x, w), gy, retain_graph=True))
+        fl = L["flops"]
+        ours_f, ours_b = fl / L["fwd_s"] / 1e9, 2 * fl / L["bwd_s"] / 1e9
+        th_f, th_b = fl / tf / 1e9, 2 * fl / tb / 1e9
+        print(f"{L['name']:<34} {ours_f:>9.1f} {th_f:>7.1f} {ours_f / th_f:>6.2f} "
+              f"{ours_b:>9.1f} {th_b:>7.1f} {ours_b / th_b:>6.2f} "
+              f"{100 * ours_f / rust['matmul_gflops']:>7.0f}% {100 * ours_b / rust['matmul_gflops']:>7.0f}%")
+        out.append({**L, "torch_fwd_s": tf, "torch_bwd_s": tb})
+    if a.json:
+        json.dump({"torch_matmul_gflops": mm, "layers": out, **{k: v for k, v in rust.items() if k != "layers"}},
+                  open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
