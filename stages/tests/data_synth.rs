@@ -200,3 +200,65 @@ fn recordio_export_then_import_roundtrips_labels_and_images() {
         .to_string();
     assert!(e.contains("byte offset") || e.contains("disagrees"), "{e}");
 }
+
+#[test]
+fn stage_kinds_are_registered_and_run_through_the_stage_trait() {
+    use fpipe_engine::{Registry, StageContext};
+    use std::collections::BTreeMap;
+    let mut reg = Registry::with_builtins();
+    fpipe_stages::register_all(&mut reg);
+    for k in [
+        "synthetic-faces",
+        "align",
+        "align-pairs",
+        "recordio",
+        "write-recordio",
+        "verification-bin",
+        "image-folder",
+    ] {
+        assert!(reg.get(k).is_some(), "{k} not registered");
+    }
+    let stage = reg.get("synthetic-faces").unwrap();
+    let mut params: BTreeMap<String, serde_json::Value> = stage
+        .signature()
+        .params
+        .iter()
+        .map(|p| (p.name.to_string(), p.default.clone().unwrap()))
+        .collect();
+    for (k, v) in [
+        ("identities", 6),
+        ("images_per_identity", 3),
+        ("image_size", 32),
+        ("test_identities", 4),
+        ("test_images_per_identity", 2),
+        ("pairs", 10),
+    ] {
+        params.insert(k.into(), serde_json::json!(v));
+    }
+    assert!(stage.check_params(&params).is_ok());
+    let mut bad = params.clone();
+    bad.insert("label_noise".into(), serde_json::json!(1.5));
+    assert!(stage
+        .check_params(&bad)
+        .unwrap_err()
+        .contains("label_noise"));
+    let dir = tempfile::tempdir().unwrap();
+    let outputs: BTreeMap<String, std::path::PathBuf> = [("dataset", "d"), ("pairs", "p")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), dir.path().join(v)))
+        .collect();
+    let mut ctx = StageContext::standalone(
+        "synth",
+        params,
+        BTreeMap::new(),
+        outputs,
+        dir.path().join("scratch"),
+    );
+    stage.run(&mut ctx).unwrap();
+    assert_eq!(ctx.metrics()["images"], 18.0);
+    let text = fpipe_stages::data::inspect_text(&dir.path().join("p")).unwrap();
+    assert!(
+        text.starts_with("pairs") && text.contains("pairs: 10 (5 same identity)"),
+        "{text}"
+    );
+}

@@ -3,6 +3,7 @@
 //! and `inspect` for `fpipe inspect`.
 
 pub mod align;
+pub mod folder;
 pub mod packed;
 pub mod pickle;
 pub mod recordio;
@@ -29,6 +30,7 @@ pub fn register(registry: &mut fpipe_engine::Registry) {
     registry.register(Arc::new(stages::RecordIo));
     registry.register(Arc::new(stages::WriteRecordIo));
     registry.register(Arc::new(stages::VerificationBin));
+    registry.register(Arc::new(stages::ImageFolder));
 }
 
 /// Summary of the packed data set in `dir` for `fpipe inspect --json`: images, identities,

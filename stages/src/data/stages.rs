@@ -382,3 +382,40 @@ impl Stage for VerificationBin {
         Ok(())
     }
 }
+
+/// `image-folder`: one sub-folder per identity, optional `landmarks.csv`/`landmarks.json`.
+pub struct ImageFolder;
+
+impl Stage for ImageFolder {
+    fn kind(&self) -> &'static str {
+        "image-folder"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Reads one folder per identity (JPEG/PNG, optional landmarks.csv/.json) into a data set"
+    }
+    fn signature(&self) -> StageSignature {
+        StageSignature {
+            inputs: vec![],
+            outputs: vec![PortSpec::new("dataset", DATASET, "the images and labels")],
+            params: vec![
+                ParamSpec::required(
+                    "path",
+                    ParamType::Path { companions: &[] },
+                    "the folder holding one sub-folder per identity",
+                ),
+                on_error_param(),
+            ],
+        }
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let root = std::path::PathBuf::from(ctx.param_str("path")?);
+        let out = ctx.output("dataset")?.to_path_buf();
+        let c = super::folder::import_folder(&root, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+        ctx.check_cancel()?;
+        report_import(ctx, &c);
+        Ok(())
+    }
+}
