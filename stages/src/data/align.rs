@@ -29,7 +29,7 @@ pub type Affine = [[f64; 3]; 2];
 /// asserts, any other size) scales by `size/128` and shifts x by `8·size/128`. Computed in
 /// `f32` like insightface's `float32` template array, so the values are the ones it uses.
 pub fn arcface_template(size: usize) -> [[f64; 2]; 5] {
-    let (ratio, dx) = if size % 112 != 0 {
+    let (ratio, dx) = if !size.is_multiple_of(112) {
         let r = size as f64 / 128.0;
         (r, 8.0 * r)
     } else {
@@ -200,6 +200,9 @@ pub fn norm_crop(
     Some(m)
 }
 
+/// One aligned image and its transformed landmarks, or why it was not aligned.
+type Aligned = Result<(Vec<u8>, [[f32; 2]; 5]), &'static str>;
+
 /// What to do with an image that has no (usable) landmarks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnMissing {
@@ -244,7 +247,7 @@ pub fn align_dataset(
             return Err(DataError::Invalid("interrupted".into()));
         }
         let end = (start + CHUNK).min(d.len());
-        let batch: Vec<Result<(Vec<u8>, [[f32; 2]; 5]), &'static str>> = (start..end)
+        let batch: Vec<Aligned> = (start..end)
             .into_par_iter()
             .map(|i| {
                 let lm = d.landmarks(i).ok_or("no landmarks")?;
@@ -374,6 +377,6 @@ mod tests {
         // Half-pixel shift: average of neighbours.
         let half = [[1.0, 0.0, -0.5], [0.0, 1.0, 0.0]];
         warp_affine(&src, 4, 4, &half, &mut out, 4, 4);
-        assert_eq!(out[0], ((src[0] as u32 + src[3] as u32 + 1) / 2) as u8);
+        assert_eq!(out[0], (src[0] as u32 + src[3] as u32).div_ceil(2) as u8);
     }
 }

@@ -220,7 +220,7 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
                     b't' => Val::Tuple(Rc::new(items)),
                     b'l' => Val::List(Rc::new(items)),
                     _ => {
-                        if items.len() % 2 != 0 {
+                        if !items.len().is_multiple_of(2) {
                             return err(at, "DICT with an odd number of items");
                         }
                         let mut it = items.into_iter();

@@ -270,7 +270,11 @@ impl Identity {
             lip,
             hair,
             hairline: r.range(-0.62, -0.28),
-            hair_wave: (r.range(0.0, 0.08), r.range(2.0, 9.0), r.range(0.0, 6.28)),
+            hair_wave: (
+                r.range(0.0, 0.08),
+                r.range(2.0, 9.0),
+                r.range(0.0, std::f32::consts::TAU),
+            ),
             hair_style: r.below(4) as u8,
             hair_vol: r.range(0.04, 0.22),
             moles,
@@ -666,7 +670,7 @@ struct Background {
 fn background(r: &mut Rng, items: usize) -> Background {
     let base = r.color();
     let grad = [r.normal() * 0.2, r.normal() * 0.2, r.normal() * 0.2];
-    let a = r.range(0.0, 6.28);
+    let a = r.range(0.0, std::f32::consts::TAU);
     let items = (0..items)
         .map(|_| {
             let c = [r.f(), r.f()];
@@ -675,7 +679,7 @@ fn background(r: &mut Rng, items: usize) -> Background {
                     c,
                     r.range(0.03, 0.3),
                     r.range(0.03, 0.3),
-                    r.range(0.0, 3.14),
+                    r.range(0.0, std::f32::consts::PI),
                 ),
                 1 => Shape::Rect(c, r.range(0.02, 0.3), r.range(0.02, 0.3)),
                 _ => Shape::Capsule(c, [r.f(), r.f()], r.range(0.005, 0.04)),

@@ -35,11 +35,11 @@ fn describe(v: &Val) -> String {
     }
 }
 
+/// The encoded images of a `.bin` and its pair labels.
+pub type BinContents<'a> = (Vec<Cow<'a, [u8]>>, Vec<bool>);
+
 /// The encoded images (borrowed from `data` where possible) and pair labels of a `.bin`.
-pub fn read_bin_structure<'a>(
-    path: &Path,
-    data: &'a [u8],
-) -> Result<(Vec<Cow<'a, [u8]>>, Vec<bool>), DataError> {
+pub fn read_bin_structure<'a>(path: &Path, data: &'a [u8]) -> Result<BinContents<'a>, DataError> {
     let top = parse(data).map_err(|e| {
         DataError::format(
             path,
@@ -119,6 +119,9 @@ pub fn read_bin_structure<'a>(
     Ok((bins, issame))
 }
 
+/// A decoded image: height, width, RGB pixels.
+type Decoded = (usize, usize, Vec<u8>);
+
 /// Imports the verification `.bin` at `path` into a packed verification set in `out`.
 /// An undecodable image drops its pair (`on_error: skip`) or stops (`fail`).
 pub fn import_bin(
@@ -139,20 +142,20 @@ pub fn import_bin(
             return Err(DataError::Invalid("interrupted".into()));
         }
         let end = (start + CHUNK).min(issame.len());
-        let decoded: Vec<Result<(usize, usize, Vec<u8>), DataError>> = (2 * start..2 * end)
+        let decoded: Vec<Result<Decoded, DataError>> = (2 * start..2 * end)
             .into_par_iter()
             .map(|i| {
                 decode_image(&bins[i]).map_err(|m| DataError::format(path, format!("image {i}"), m))
             })
             .collect();
         let mut it = decoded.into_iter();
-        for p in start..end {
+        for (p, &same) in issame.iter().enumerate().take(end).skip(start) {
             let (a, b) = (it.next(), it.next());
             let (Some(a), Some(b)) = (a, b) else { break };
             match (a, b) {
                 (Ok(a), Ok(b)) => {
                     let la = 2 * p as i64;
-                    let lb = if issame[p] { la } else { la + 1 };
+                    let lb = if same { la } else { la + 1 };
                     let ia = sink.counts.images as u32;
                     let ok_a = sink.push(a.0, a.1, &a.2, la, None, || {
                         DataError::format(path, format!("image {}", 2 * p), "")
@@ -164,7 +167,7 @@ pub fn import_bin(
                         DataError::format(path, format!("image {}", 2 * p + 1), "")
                     })?;
                     if ok_b {
-                        pairs.push((ia, ia + 1, issame[p]));
+                        pairs.push((ia, ia + 1, same));
                     }
                 }
                 (Err(e), _) | (_, Err(e)) => sink.problem("undecodable image (pair dropped)", e)?,

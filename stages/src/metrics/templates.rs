@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 fn check_rows(what: &'static str, v: &[f32], dim: usize) -> Result<usize, MetricError> {
-    if dim == 0 || v.len() % dim != 0 {
+    if dim == 0 || !v.len().is_multiple_of(dim) {
         return Err(MetricError::Invalid(format!(
             "{what}: {} values are not rows of {dim}",
             v.len()

@@ -50,7 +50,7 @@ pub fn pair_distances(
     dim: usize,
     pairs: &[(u32, u32)],
 ) -> Result<Vec<f32>, MetricError> {
-    if dim == 0 || emb.len() % dim != 0 {
+    if dim == 0 || !emb.len().is_multiple_of(dim) {
         return Err(MetricError::Invalid(format!(
             "embeddings: {} values are not rows of {dim}",
             emb.len()
