@@ -160,6 +160,22 @@ pub fn warp_affine(
                 fx * fy,
             ];
             let o = (y * ow + x) * 3;
+            // Fast path: all four taps inside the image.
+            if sx >= 0 && sy >= 0 && sx + 1 < sw_i && sy + 1 < sh_i {
+                let i0 = (sy as usize * sw + sx as usize) * 3;
+                let i1 = i0 + sw * 3;
+                let (r0, r1) = (&src[i0..i0 + 6], &src[i1..i1 + 6]);
+                let px = &mut out[o..o + 3];
+                for c in 0..3 {
+                    let v = r0[c] as i32 * w[0]
+                        + r0[c + 3] as i32 * w[1]
+                        + r1[c] as i32 * w[2]
+                        + r1[c + 3] as i32 * w[3];
+                    // (v * 32 + 2^14) >> 15 with OpenCV's 15-bit weights, exactly.
+                    px[c] = ((v + 512) >> 10) as u8;
+                }
+                continue;
+            }
             if sx >= sw_i || sx + 1 < 0 || sy >= sh_i || sy + 1 < 0 {
                 out[o..o + 3].fill(0);
                 continue;
