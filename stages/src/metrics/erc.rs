@@ -73,10 +73,10 @@ pub fn error_vs_reject(
         if imp.is_empty() || gen.is_empty() {
             return Err(MetricError::OneClass("error_vs_reject"));
         }
-        imp.sort_by(|a, b| b.total_cmp(a));
         for (j, &f) in fmrs.iter().enumerate() {
+            // The k-th highest impostor score by selection (linear time), not a full sort.
             let k = ((f * imp.len() as f64).floor() as usize).min(imp.len() - 1);
-            let t = imp[k];
+            let (_, &mut t, _) = imp.select_nth_unstable_by(k, |a, b| b.total_cmp(a));
             let rejected = gen.iter().filter(|&&s| s <= t).count();
             fnmr[j].push(rejected as f64 / gen.len() as f64);
         }
