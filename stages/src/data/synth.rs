@@ -349,6 +349,45 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// Axis-aligned box `[x0, y0, x1, y1]` outside which `sd >= h` for certain, so a pixel
+    /// whose coverage is positive (`sd < px / 2 = h`) lies inside. Used to skip shapes.
+    fn bounds(&self, h: f32) -> [f32; 4] {
+        let e = 1e-3;
+        let around = |c: [f32; 2], rx: f32, ry: f32| {
+            [c[0] - rx - e, c[1] - ry - e, c[0] + rx + e, c[1] + ry + e]
+        };
+        match *self {
+            Shape::Ellipse(c, a, b, _) => {
+                let r = a.max(b) * (1.0 + h / a.min(b));
+                around(c, r, r)
+            }
+            Shape::Capsule(a, b, r) => [
+                a[0].min(b[0]) - r - h - e,
+                a[1].min(b[1]) - r - h - e,
+                a[0].max(b[0]) + r + h + e,
+                a[1].max(b[1]) + r + h + e,
+            ],
+            Shape::Rect(c, hw, hh) => around(c, hw + h, hh + h),
+            Shape::Curve(c, w, t, lift) => {
+                let l = lift.abs() * ((w + h) / w).powi(2);
+                around(c, w + h, l + t + h)
+            }
+            Shape::Fringe(c, a, b, _, _) => {
+                around(c, a * (1.0 + h / a.min(b)), b * (1.0 + h / a.min(b)))
+            }
+            Shape::Ring(c, a, b, t) => {
+                let r = a.max(b) * (1.0 + (t + h) / a.min(b));
+                around(c, r, r)
+            }
+        }
+    }
+}
+
+fn inside(b: &[f32; 4], p: [f32; 2]) -> bool {
+    p[0] >= b[0] && p[0] <= b[2] && p[1] >= b[1] && p[1] <= b[3]
+}
+
 /// A shape painted with a colour; `lit` applies the face shading.
 #[derive(Clone, Copy)]
 struct Paint {
@@ -709,6 +748,19 @@ fn blend(c: &mut [f32; 3], color: [f32; 3], a: f32) {
 fn render(size: usize, bg: &Background, face: Option<&Layout>) -> Vec<f32> {
     let mut img = vec![0f32; size * size * 3];
     let inv = 1.0 / size as f32;
+    let bg_bounds: Vec<[f32; 4]> = bg
+        .items
+        .iter()
+        .map(|(s, _, _)| s.bounds(0.5 * inv))
+        .collect();
+    let face_bounds: Vec<[f32; 4]> = face
+        .map(|l| {
+            l.paints
+                .iter()
+                .map(|p| p.shape.bounds(0.5 / l.scale))
+                .collect()
+        })
+        .unwrap_or_default();
     for y in 0..size {
         for x in 0..size {
             let q = [(x as f32 + 0.5) * inv, (y as f32 + 0.5) * inv];
@@ -718,7 +770,10 @@ fn render(size: usize, bg: &Background, face: Option<&Layout>) -> Vec<f32> {
                 bg.base[1] + bg.grad[1] * t,
                 bg.base[2] + bg.grad[2] * t,
             ];
-            for (shape, color, a) in &bg.items {
+            for ((shape, color, a), b) in bg.items.iter().zip(&bg_bounds) {
+                if !inside(b, q) {
+                    continue;
+                }
                 let cov = coverage(shape.sd(q), inv);
                 if cov > 0.0 {
                     blend(&mut c, *color, cov * a);
@@ -740,7 +795,10 @@ fn render(size: usize, bg: &Background, face: Option<&Layout>) -> Vec<f32> {
                 let nn = (nu * nu + nv * nv + nz * nz).sqrt();
                 let lam = ((nu * l.light[0] + nv * l.light[1] + nz * l.light[2]) / nn).max(0.0);
                 let shade = l.ambient + (1.0 - l.ambient) * lam * 1.1;
-                for pt in &l.paints {
+                for (pt, b) in l.paints.iter().zip(&face_bounds) {
+                    if !inside(b, p) {
+                        continue;
+                    }
                     let cov = coverage(pt.shape.sd(p), px);
                     if cov > 0.0 {
                         let col = if pt.lit {
