@@ -231,9 +231,13 @@ pub enum OnMissing {
 /// Counts of an alignment run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AlignCounts {
+    /// Images aligned and written.
     pub aligned: usize,
+    /// Images left out because they carry no (finite) landmarks.
     pub skipped_no_landmarks: usize,
+    /// Images left out because their landmarks admit no transform (all points equal).
     pub skipped_degenerate: usize,
+    /// Verification pairs dropped because one of their images was left out.
     pub pairs_dropped: usize,
 }
 

@@ -29,10 +29,13 @@ pub const IR_SIZE: usize = 24;
 /// MXNet's `IRHeader`: `flag` extra labels follow the header when `flag > 0`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IrHeader {
+    /// Number of extra labels (0: the single label is in the header).
     pub flag: u32,
     /// `[label]` when `flag == 0`, else the `flag` labels that follow the header.
     pub label: Vec<f32>,
+    /// Record id (im2rec: the image index).
     pub id: u64,
+    /// Second id (unused by insightface).
     pub id2: u64,
 }
 
@@ -289,7 +292,9 @@ pub enum OnError {
 /// Counts of an import.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImportCounts {
+    /// Images imported.
     pub images: usize,
+    /// Inputs left out (`on_error: skip`).
     pub skipped: usize,
     /// The first problems met (file and position), at most 20.
     pub problems: Vec<String>,

@@ -1006,8 +1006,10 @@ impl Monitor for () {
 /// Error of [`generate`]: a data error or a cancelled run.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// Writing the data set failed.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// The monitor asked to stop.
     #[error("interrupted")]
     Interrupted,
 }
@@ -1015,11 +1017,17 @@ pub enum GenerateError {
 /// Counts of what was generated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SynthCounts {
+    /// Images in the training set.
     pub train_images: usize,
+    /// Training images labelled with another identity.
     pub label_noise: usize,
+    /// Training images degraded.
     pub low_quality: usize,
+    /// Training images that are not faces.
     pub out_of_domain: usize,
+    /// Images in the verification set.
     pub test_images: usize,
+    /// Verification pairs.
     pub pairs: usize,
 }
 
