@@ -2,8 +2,13 @@
 //!
 //! - [`conv2d`]: dense, grouped and depthwise convolution with fpipe's own CPU forward and
 //!   backward kernels (see [`conv`]); candle's convolution on other devices.
+//! - [`batch_norm_train`], [`update_running`], [`prelu`]: fused training-mode BatchNorm and
+//!   PReLU with their own backward, instead of candle_nn's chains of full-size temporaries.
 
 pub mod conv;
+mod norm;
+
+pub use norm::{batch_norm_train, prelu, update_running};
 
 use candle_core::{Result, Tensor};
 

@@ -1,0 +1,621 @@
+//! Fused training-mode BatchNorm and PReLU for NCHW tensors on the CPU (issue 5).
+//!
+//! candle_nn builds both from generic element-wise ops: training BatchNorm is about ten
+//! full-size temporaries forward and more backward, PReLU four. On the CPU each temporary is a
+//! fresh allocation whose pages the kernel faults in and zeroes, which profiling showed to be
+//! over half of a MobileFaceNet training step. These ops read and write each activation once
+//! per pass, and their backward passes are custom ops as well. Other devices and dtypes
+//! fall back to candle's composition.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+use super::conv::Elem;
+
+fn dims4(x: &Tensor) -> Result<(usize, usize, usize)> {
+    let (n, c, h, w) = x.dims4()?;
+    Ok((n, c, h * w))
+}
+
+/// Training-mode BatchNorm over (N, H, W) of NCHW `x` with per-channel `gamma` and `beta`:
+/// `y = (x − mean)/sqrt(var + eps)·gamma + beta` with the batch's biased variance, as
+/// PyTorch's `BatchNorm2d` in training mode. Returns `(y, batch mean, unbiased batch
+/// variance)`; the last two are detached, for the caller's running statistics
+/// (`running = (1 − momentum)·running + momentum·batch`, see [`update_running`]).
+/// Gradients flow to `x`, `gamma` and `beta`.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, hw) = dims4(x)?;
+    let m = n * hw;
+    if m < 2 {
+        candle_core::bail!("batch_norm_train: need more than one value per channel");
+    }
+    let fast = matches!(x.dtype(), DType::F32 | DType::F64) && x.device().is_cpu();
+    if !fast {
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+        let y = xc
+            .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
+            .broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&beta.reshape((1, c, 1, 1))?)?;
+        let unbiased = (var.flatten_all()? * (m as f64 / (m - 1) as f64))?;
+        return Ok((y, mean.flatten_all()?.detach(), unbiased.detach()));
+    }
+    let x = x.contiguous()?;
+    let stats = x.apply_op1_no_bwd(&ChannelStats)?;
+    let (mean, var) = (stats.get(0)?, stats.get(1)?);
+    let p = Tensor::stack(
+        &[
+            gamma.to_dtype(x.dtype())?,
+            beta.to_dtype(x.dtype())?,
+            mean.clone(),
+            var.clone(),
+        ],
+        0,
+    )?;
+    let y = x.apply_op2(&p, BnFwd { eps })?;
+    let unbiased = (var * (m as f64 / (m - 1) as f64))?;
+    Ok((y, mean, unbiased))
+}
+
+/// `running ← (1 − momentum)·running + momentum·batch` (PyTorch's momentum convention).
+pub fn update_running(running: &candle_core::Var, batch: &Tensor, momentum: f64) -> Result<()> {
+    let next = ((running.as_tensor() * (1.0 - momentum))?
+        + (batch.to_dtype(running.dtype())? * momentum)?)?;
+    running.set(&next.detach())
+}
+
+/// Per-channel PReLU of NCHW `x`: `y = x` where `x > 0`, `alpha[c]·x` elsewhere; gradients
+/// to `x` and `alpha`.
+pub fn prelu(x: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+    let (_, c, _) = dims4(x)?;
+    if !(matches!(x.dtype(), DType::F32 | DType::F64) && x.device().is_cpu()) {
+        let a = alpha.reshape((1, c, 1, 1))?;
+        let zeros = x.zeros_like()?;
+        return x.maximum(&zeros)? + x.minimum(&zeros)?.broadcast_mul(&a)?;
+    }
+    x.contiguous()?
+        .apply_op2(&alpha.to_dtype(x.dtype())?.contiguous()?, Prelu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels. `hw` is the plane size, planes are (n, c) in row-major order.
+
+fn slice<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused norm op: operand is not contiguous");
+    };
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
+    match l.dims() {
+        &[n, c, h, w] => Ok((n, c, h * w)),
+        d => candle_core::bail!("fused norm op: expected NCHW, got {d:?}"),
+    }
+}
+
+/// Applies `f` to f32 or f64 storages.
+macro_rules! dispatch {
+    ($s:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            _ => candle_core::bail!("fused norm op: f32 or f64 expected"),
+        }
+    };
+}
+
+/// Per-channel mean and biased variance (two passes, f64 sums), as a `[2, C]` tensor.
+struct ChannelStats;
+
+fn stats<T: Elem>(x: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
+    let m = (n * hw) as f64;
+    let per: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..][..hw]);
+            let mean = planes()
+                .map(|p| p.iter().map(|v| v.to_f64()).sum::<f64>())
+                .sum::<f64>()
+                / m;
+            let var = planes()
+                .map(|p| p.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>())
+                .sum::<f64>()
+                / m;
+            (mean, var)
+        })
+        .collect();
+    per.iter()
+        .map(|p| T::from_f64(p.0))
+        .chain(per.iter().map(|p| T::from_f64(p.1)))
+        .collect()
+}
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "fpipe-channel-stats"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l)?;
+        let out = dispatch!(s, |T| T::to_cpu_storage_owned(stats::<T>(
+            slice(s, l)?,
+            n,
+            c,
+            hw
+        )));
+        Ok((out, Shape::from((2, c))))
+    }
+}
+
+/// `y = x·scale[c] + shift[c]` with per-channel `scale`, `shift`; rows of `p` are (gamma,
+/// beta, mean, biased var).
+struct BnFwd {
+    eps: f64,
+}
+
+fn bn_fwd<T: Elem>(x: &[T], p: &[T], c: usize, hw: usize, eps: f64) -> Vec<T> {
+    let (scale, shift) = scale_shift(p, c, eps);
+    let mut y = vec![T::ZERO; x.len()];
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(i, (yp, xp))| {
+            let (s, t) = (T::from_f64(scale[i % c]), T::from_f64(shift[i % c]));
+            for (yv, &xv) in yp.iter_mut().zip(xp) {
+                *yv = xv * s + t;
+            }
+        });
+    y
+}
+
+/// Per channel `scale = gamma/sqrt(var + eps)` and `shift = beta − mean·scale`.
+fn scale_shift<T: Elem>(p: &[T], c: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
+    (0..c)
+        .map(|ch| {
+            let (g, b, m, v) = (
+                p[ch].to_f64(),
+                p[c + ch].to_f64(),
+                p[2 * c + ch].to_f64(),
+                p[3 * c + ch].to_f64(),
+            );
+            let s = g / (v + eps).sqrt();
+            (s, b - m * s)
+        })
+        .unzip()
+}
+
+impl CustomOp2 for BnFwd {
+    fn name(&self) -> &'static str {
+        "fpipe-batch-norm-train"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        if l2.dims() != [4, c] {
+            candle_core::bail!(
+                "fpipe-batch-norm-train: parameters {:?}, expected [4, {c}]",
+                l2.dims()
+            );
+        }
+        let out = dispatch!(s1, |T| T::to_cpu_storage_owned(bn_fwd::<T>(
+            slice(s1, l1)?,
+            slice(s2, l2)?,
+            c,
+            hw,
+            self.eps
+        )));
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (n, _, hw) = dims4(x)?;
+        let m = (n * hw) as f64;
+        // Σ dy and Σ dy·x̂ per channel.
+        let sums = x.apply_op3_no_bwd(&dy, p, &BnGradSums { eps: self.eps })?;
+        let (sdy, sdx) = (sums.get(0)?, sums.get(1)?);
+        let (gamma, mean, var) = (p.get(0)?, p.get(2)?, p.get(3)?);
+        let invstd = (var + self.eps)?.sqrt()?.recip()?;
+        let k = (&gamma * &invstd)?;
+        // dx = k·(dy − Σdy/m − x̂·Σdy·x̂/m) = a·dy + b·x + c0 per channel.
+        let b = ((&k * &invstd)? * &sdx)?.affine(-1.0 / m, 0.0)?;
+        let c0 = ((&k * &sdy)?.affine(-1.0 / m, 0.0)? - (&b * &mean)?)?;
+        let coef = Tensor::stack(&[k, b, c0], 0)?;
+        let dx = dy.apply_op3_no_bwd(x, &coef, &ChannelAxpby)?;
+        let zeros = sdy.zeros_like()?;
+        let dp = Tensor::stack(&[sdx, sdy, zeros.clone(), zeros], 0)?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+/// `[2, C]`: Σ dy and Σ dy·x̂ per channel, from (x, dy, p).
+struct BnGradSums {
+    eps: f64,
+}
+
+fn bn_grad_sums<T: Elem>(
+    x: &[T],
+    dy: &[T],
+    p: &[T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    eps: f64,
+) -> Vec<T> {
+    let per: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = p[2 * c + ch].to_f64();
+            let invstd = 1.0 / (p[3 * c + ch].to_f64() + eps).sqrt();
+            let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
+            for i in 0..n {
+                let (xp, gp) = (
+                    &x[(i * c + ch) * hw..][..hw],
+                    &dy[(i * c + ch) * hw..][..hw],
+                );
+                let (mut a, mut b) = (T::ZERO, T::ZERO);
+                for (&xv, &gv) in xp.iter().zip(gp) {
+                    a = a + gv;
+                    b = b + gv * xv;
+                }
+                sdy += a.to_f64();
+                sdyx += b.to_f64();
+            }
+            // Σ dy·(x − mean)·invstd = (Σ dy·x − mean·Σ dy)·invstd.
+            (sdy, (sdyx - mean * sdy) * invstd)
+        })
+        .collect();
+    per.iter()
+        .map(|p| T::from_f64(p.0))
+        .chain(per.iter().map(|p| T::from_f64(p.1)))
+        .collect()
+}
+
+impl CustomOp3 for BnGradSums {
+    fn name(&self) -> &'static str {
+        "fpipe-batch-norm-grad-sums"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l1)?;
+        let out = dispatch!(s1, |T| T::to_cpu_storage_owned(bn_grad_sums::<T>(
+            slice(s1, l1)?,
+            slice(s2, l2)?,
+            slice(s3, l3)?,
+            n,
+            c,
+            hw,
+            self.eps
+        )));
+        Ok((out, Shape::from((2, c))))
+    }
+}
+
+/// `out = a[c]·u + b[c]·v + c0[c]` for NCHW `u`, `v` and coefficient rows (a, b, c0).
+struct ChannelAxpby;
+
+impl CustomOp3 for ChannelAxpby {
+    fn name(&self) -> &'static str {
+        "fpipe-channel-axpby"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        let out = dispatch!(s1, |T| {
+            let (u, v, k) = (
+                slice::<T>(s1, l1)?,
+                slice::<T>(s2, l2)?,
+                slice::<T>(s3, l3)?,
+            );
+            let mut out = vec![T::ZERO; u.len()];
+            out.par_chunks_mut(hw)
+                .zip(u.par_chunks(hw).zip(v.par_chunks(hw)))
+                .enumerate()
+                .for_each(|(i, (o, (up, vp)))| {
+                    let ch = i % c;
+                    let (a, b, c0) = (k[ch], k[c + ch], k[2 * c + ch]);
+                    for ((ov, &uv), &vv) in o.iter_mut().zip(up).zip(vp) {
+                        *ov = a * uv + b * vv + c0;
+                    }
+                });
+            T::to_cpu_storage_owned(out)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// PReLU forward with its own backward.
+struct Prelu;
+
+impl CustomOp2 for Prelu {
+    fn name(&self) -> &'static str {
+        "fpipe-prelu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        if l2.dims() != [c] {
+            candle_core::bail!("fpipe-prelu: alpha {:?}, expected [{c}]", l2.dims());
+        }
+        let out = dispatch!(s1, |T| {
+            let (x, a) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+            let mut y = vec![T::ZERO; x.len()];
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(i, (yp, xp))| {
+                    let av = a[i % c];
+                    for (yv, &xv) in yp.iter_mut().zip(xp) {
+                        *yv = if xv > T::ZERO { xv } else { av * xv };
+                    }
+                });
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(&dy, a, &PreluBwd { alpha_grad: false })?;
+        let da = x.apply_op3_no_bwd(&dy, a, &PreluBwd { alpha_grad: true })?;
+        Ok((Some(dx), Some(da)))
+    }
+}
+
+/// From (x, dy, alpha): `dx = dy·(x > 0 ? 1 : alpha)`, or with `alpha_grad`
+/// `dalpha[c] = Σ_{x ≤ 0} dy·x`.
+struct PreluBwd {
+    alpha_grad: bool,
+}
+
+impl CustomOp3 for PreluBwd {
+    fn name(&self) -> &'static str {
+        "fpipe-prelu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l1)?;
+        if self.alpha_grad {
+            let out = dispatch!(s1, |T| {
+                let (x, g) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+                let da: Vec<T> = (0..c)
+                    .into_par_iter()
+                    .map(|ch| {
+                        let mut s = 0.0f64;
+                        for i in 0..n {
+                            let (xp, gp) =
+                                (&x[(i * c + ch) * hw..][..hw], &g[(i * c + ch) * hw..][..hw]);
+                            let mut acc = T::ZERO;
+                            for (&xv, &gv) in xp.iter().zip(gp) {
+                                acc = acc + if xv > T::ZERO { T::ZERO } else { xv * gv };
+                            }
+                            s += acc.to_f64();
+                        }
+                        T::from_f64(s)
+                    })
+                    .collect();
+                T::to_cpu_storage_owned(da)
+            });
+            return Ok((out, Shape::from(c)));
+        }
+        let out = dispatch!(s1, |T| {
+            let (x, g, a) = (
+                slice::<T>(s1, l1)?,
+                slice::<T>(s2, l2)?,
+                slice::<T>(s3, l3)?,
+            );
+            let mut dx = vec![T::ZERO; x.len()];
+            dx.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw).zip(g.par_chunks(hw)))
+                .enumerate()
+                .for_each(|(i, (d, (xp, gp)))| {
+                    let av = a[i % c];
+                    for ((dv, &xv), &gv) in d.iter_mut().zip(xp).zip(gp) {
+                        *dv = if xv > T::ZERO { gv } else { av * gv };
+                    }
+                });
+            T::to_cpu_storage_owned(dx)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Module, Tensor, Var};
+
+    fn grads_of(
+        f: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+        x: &Tensor,
+        p1: &Tensor,
+        p2: &Tensor,
+        r: &Tensor,
+    ) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let vars: Vec<Var> = [x, p1, p2]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let y = f(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+        );
+        let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        (
+            flat(&y),
+            vars.iter().map(|v| g.get(v).map(flat).unwrap_or_default()).collect(),
+        )
+    }
+
+    fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(p, q)| (p - q).abs() <= tol * (1.0 + q.abs()))
+    }
+
+    /// Forward, gradients and statistics against candle_nn's BatchNorm (f64).
+    #[test]
+    fn batch_norm_matches_candle_nn() {
+        let dev = Device::Cpu;
+        let (n, c, h, w) = (3, 5, 4, 3);
+        let x = Tensor::randn(0.5f64, 2.0, (n, c, h, w), &dev).unwrap();
+        let gamma = Tensor::randn(1f64, 0.3, c, &dev).unwrap();
+        let beta = Tensor::randn(0f64, 0.3, c, &dev).unwrap();
+        let r = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev).unwrap();
+        let ours =
+            |x: &Tensor, g: &Tensor, b: &Tensor| super::batch_norm_train(x, g, b, 1e-5).unwrap().0;
+        let reference = |x: &Tensor, g: &Tensor, b: &Tensor| {
+            let rm = Tensor::zeros(c, DType::F64, &dev).unwrap();
+            let rv = Tensor::ones(c, DType::F64, &dev).unwrap();
+            let bn = candle_nn::BatchNorm::new(c, rm, rv, g.clone(), b.clone(), 1e-5).unwrap();
+            bn.forward_train(x).unwrap()
+        };
+        let (y, g) = grads_of(ours, &x, &gamma, &beta, &r);
+        let (ry, rg) = grads_of(reference, &x, &gamma, &beta, &r);
+        assert!(close(&y, &ry, 1e-10), "forward");
+        for (a, b) in g.iter().zip(&rg) {
+            assert!(close(a, b, 1e-9), "gradient");
+        }
+        let (_, mean, var) = super::batch_norm_train(&x, &gamma, &beta, 1e-5).unwrap();
+        let rmean = x.mean_keepdim((0, 2, 3)).unwrap().flatten_all().unwrap();
+        let m = (n * h * w) as f64;
+        let rvar = (x
+            .broadcast_sub(&x.mean_keepdim((0, 2, 3)).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap())
+        .sum_keepdim((0, 2, 3))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .affine(1.0 / (m - 1.0), 0.0)
+        .unwrap();
+        let v = |t: &Tensor| t.to_vec1::<f64>().unwrap();
+        assert!(close(&v(&mean), &v(&rmean), 1e-12));
+        assert!(close(&v(&var), &v(&rvar), 1e-12));
+    }
+
+    /// Forward and gradients against candle_nn's PReLU (f64), and f32 runs.
+    #[test]
+    fn prelu_matches_candle_nn() {
+        let dev = Device::Cpu;
+        let (n, c, h, w) = (2, 4, 5, 3);
+        let x = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev).unwrap();
+        let alpha = Tensor::randn(0.25f64, 0.1, c, &dev).unwrap();
+        let r = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev).unwrap();
+        let unused = Tensor::zeros(1, DType::F64, &dev).unwrap();
+        let ours = |x: &Tensor, a: &Tensor, _: &Tensor| super::prelu(x, a).unwrap();
+        let reference = |x: &Tensor, a: &Tensor, _: &Tensor| {
+            candle_nn::PReLU::new(a.clone(), false).forward(x).unwrap()
+        };
+        let (y, g) = grads_of(ours, &x, &alpha, &unused, &r);
+        let (ry, rg) = grads_of(reference, &x, &alpha, &unused, &r);
+        assert!(close(&y, &ry, 1e-12));
+        assert!(close(&g[0], &rg[0], 1e-12));
+        assert!(close(&g[1], &rg[1], 1e-10));
+        let y32 = super::prelu(
+            &x.to_dtype(DType::F32).unwrap(),
+            &alpha.to_dtype(DType::F32).unwrap(),
+        )
+        .unwrap();
+        let y32: Vec<f32> = y32.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(y32
+            .iter()
+            .zip(&y)
+            .all(|(a, b)| (*a as f64 - b).abs() < 1e-5));
+    }
+
+    /// Central differences of BatchNorm's input gradient (f64): the statistics depend on x.
+    #[test]
+    fn batch_norm_input_gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let (n, c, h, w) = (2, 3, 2, 3);
+        let x = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev).unwrap();
+        let gamma = Tensor::randn(1f64, 0.3, c, &dev).unwrap();
+        let beta = Tensor::randn(0f64, 0.3, c, &dev).unwrap();
+        let r = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev).unwrap();
+        let loss = |x: &Tensor| -> f64 {
+            let y = super::batch_norm_train(x, &gamma, &beta, 1e-5).unwrap().0;
+            (y * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let ours =
+            |x: &Tensor, g: &Tensor, b: &Tensor| super::batch_norm_train(x, g, b, 1e-5).unwrap().0;
+        let (_, g) = grads_of(ours, &x, &gamma, &beta, &r);
+        let xv: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-6;
+        for i in 0..xv.len() {
+            let (mut p, mut m) = (xv.clone(), xv.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let t = |v: Vec<f64>| Tensor::from_vec(v, (n, c, h, w), &dev).unwrap();
+            let fd = (loss(&t(p)) - loss(&t(m))) / (2.0 * eps);
+            assert!(
+                (fd - g[0][i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "dx[{i}]: {fd} vs {}",
+                g[0][i]
+            );
+        }
+    }
+}
