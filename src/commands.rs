@@ -135,6 +135,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ..RunOptions::default()
             };
             let st = engine.status(&plan, &opts)?;
+            let changes = engine.param_changes(&plan);
+            if !json && !changes.is_empty() {
+                println!("params changed since the last run: {}", changes.join(", "));
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
@@ -597,6 +601,12 @@ fn format_metric(v: f64) -> String {
 /// A summary of an artifact: a data set's own summary when the stages know its format,
 /// otherwise its files and sizes.
 fn inspect_artifact(path: &Path) -> Result<(String, serde_json::Value)> {
+    #[cfg(feature = "faces")]
+    if path.join("dataset.json").is_file() {
+        let value = fpipe_stages::data::inspect(path)?;
+        let text = fpipe_stages::data::inspect_text(path)?;
+        return Ok((text, value));
+    }
     let (id, entries) = fpipe_cache::tree_id(path)?;
     let mut text = format!("artifact {}\n{}\n", id.short(), path.display());
     let mut files = Vec::new();

@@ -543,3 +543,32 @@ fn verify_detects_tampering() {
         "the damaged entry is recomputed"
     );
 }
+
+#[test]
+fn the_documented_example_is_valid() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/pipeline-format.md"
+    ))
+    .unwrap();
+    let start = doc.find("```yaml\n").unwrap() + 8;
+    let end = start + doc[start..].find("```").unwrap();
+    let p = Project::new();
+    p.write("kd.yaml", &doc[start..end]);
+    for s in ["prepare", "train", "distil", "eval"] {
+        p.write(&format!("scripts/{s}.py"), "print('stub')\n");
+    }
+    p.write("lib/common.yaml", "params: {greeting: from-lib}\n");
+    let v = p.fpipe(&["validate", "kd.yaml"]).ok();
+    assert!(v.stdout.contains("ok, 12 stages (shell)"), "{}", v.stdout);
+    let v = p
+        .fpipe(&["validate", "kd.yaml", "-p", "generations=4"])
+        .ok();
+    assert!(v.stdout.contains("ok, 14 stages"), "{}", v.stdout);
+    assert!(
+        v.stdout
+            .contains("python scripts/prepare.py --greeting \"hello\""),
+        "{}",
+        v.stdout
+    );
+}

@@ -212,6 +212,18 @@ impl Engine {
         Ok((order, force))
     }
 
+    /// Pipeline parameters that differ from the last run of this pipeline with this cache,
+    /// as `name: old -> new` (dotted names for nested ones).
+    pub fn param_changes(&self, plan: &Plan) -> Vec<String> {
+        let memory = PipelineState::load(&self.store, &plan.pipeline.file);
+        if memory.stages.is_empty() {
+            return vec![];
+        }
+        let mut out = Vec::new();
+        diff_values("", &memory.params, &plan.pipeline.params, &mut out);
+        out
+    }
+
     /// What `fpipe run` would do, and why, without running anything.
     pub fn status(&self, plan: &Plan, opts: &RunOptions) -> Result<Vec<StageStatus>> {
         let (order, force) = self.selected(plan, opts)?;
@@ -319,6 +331,7 @@ impl Engine {
         let hasher = PathHasher::with_memo(&self.store.memo_path());
         let mut memory = PipelineState::load(&self.store, &plan.pipeline.file);
         memory.pipeline = plan.pipeline.file.clone();
+        memory.params = plan.pipeline.params.clone();
         reporter.event(Event::Begin { total: order.len() });
 
         let n = plan.stages.len();
@@ -922,6 +935,29 @@ fn explain(
         return "key changed".into();
     }
     why.join("; ")
+}
+
+fn diff_values(prefix: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => diff_values(&name, x, y, out),
+                    (None, Some(y)) => out.push(format!("{name}: (unset) -> {y}")),
+                    (Some(x), None) => out.push(format!("{name}: {x} -> (unset)")),
+                    (None, None) => {}
+                }
+            }
+        }
+        (a, b) if a != b => out.push(format!("{prefix}: {a} -> {b}")),
+        _ => {}
+    }
 }
 
 fn is_path_value(v: &Value) -> bool {

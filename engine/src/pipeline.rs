@@ -20,6 +20,8 @@ pub const FORMAT_VERSIONS: &[u64] = &[1];
 pub struct Source {
     pub file: PathBuf,
     pub text: String,
+    /// Line of each stage's key, found in one pass (large pipelines have thousands).
+    pub stage_lines: std::collections::HashMap<String, usize>,
 }
 
 /// Resources a stage asks the scheduler for.
@@ -165,9 +167,11 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
     let main_index = raws.len() - 1;
     for (i, raw) in raws.iter().enumerate() {
         let rendered = render(&raw.file, &raw.text, &params)?;
+        let stage_lines = crate::yamlpos::child_key_lines(&rendered, "stages");
         let source = Arc::new(Source {
             file: raw.file.clone(),
             text: rendered,
+            stage_lines,
         });
         let doc: serde_yaml::Value =
             serde_yaml::from_str(&source.text).map_err(|e| yaml_err(&raw.file, &e))?;
@@ -502,7 +506,7 @@ fn expand_stage(
     _params: &Value,
     pipeline: &mut Pipeline,
 ) -> Result<(), PipelineError> {
-    let line = key_line(&source.text, &["stages", name]);
+    let line = source.stage_lines.get(name).copied();
     let err = |msg: String| PipelineError::new(&source.file, msg).at(line).stage(name);
     if !valid_name(name) || name.contains('@') {
         return Err(err("invalid stage name".into()).hint(

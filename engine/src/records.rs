@@ -116,6 +116,9 @@ pub struct StageMemory {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PipelineState {
     pub pipeline: PathBuf,
+    /// The pipeline parameters of the last run.
+    #[serde(default)]
+    pub params: Value,
     pub stages: BTreeMap<String, StageMemory>,
 }
 

@@ -51,6 +51,33 @@ pub fn key_line(text: &str, path: &[&str]) -> Option<usize> {
     found
 }
 
+/// The keys directly under the block key `parent` (a top-level key) with their 1-based lines,
+/// in one pass: used to locate all stages of a large pipeline without rescanning per stage.
+pub fn child_key_lines(text: &str, parent: &str) -> std::collections::HashMap<String, usize> {
+    let mut out = std::collections::HashMap::new();
+    let mut inside = false;
+    let mut child_indent = None;
+    for (i, line) in text.lines().enumerate() {
+        let Some(ind) = content_indent(line) else {
+            continue;
+        };
+        if ind == 0 {
+            inside = line_key(line) == Some(parent);
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let ci = *child_indent.get_or_insert(ind);
+        if ind == ci {
+            if let Some(k) = line_key(line.trim_start()) {
+                out.entry(k.to_string()).or_insert(i + 1);
+            }
+        }
+    }
+    out
+}
+
 fn content_indent(line: &str) -> Option<usize> {
     let t = line.trim_start();
     if t.is_empty() || t.starts_with('#') {
@@ -82,5 +109,8 @@ mod tests {
         assert_eq!(key_line(t, &["stages", "b", "with", "lr"]), Some(9));
         assert_eq!(key_line(t, &["stages", "a", "with"]), None);
         assert_eq!(key_line(t, &["stages", "c"]), None);
+        let children = child_key_lines(t, "stages");
+        assert_eq!(children.len(), 2);
+        assert_eq!((children["a"], children["b"]), (3, 6));
     }
 }
