@@ -182,9 +182,11 @@ fn main() -> candle_core::Result<()> {
             "stock": stock,
         }));
     }
+    let norm = norm_bench(args.reps)?;
     if let Some(path) = args.json {
-        let out =
-            serde_json::json!({ "threads": args.threads, "matmul_gflops": mm, "layers": rows });
+        let out = serde_json::json!({
+            "threads": args.threads, "matmul_gflops": mm, "layers": rows, "norm": norm,
+        });
         std::fs::write(
             &path,
             serde_json::to_string_pretty(&out).unwrap_or_default(),
@@ -192,4 +194,52 @@ fn main() -> candle_core::Result<()> {
         .map_err(|e| candle_core::Error::Msg(format!("writing {path}: {e}")))?;
     }
     Ok(())
+}
+
+/// BatchNorm (training) + PReLU forward and backward on a 32x64x56x56 activation:
+/// candle_nn's composition against the fused ops in `fpipe_stages::ops`.
+fn norm_bench(reps: usize) -> candle_core::Result<serde_json::Value> {
+    use candle_core::{Module, Var};
+    let dev = Device::Cpu;
+    let (n, c, hw) = (BATCH, 64, 56);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?)?;
+    let gamma = Var::from_tensor(&Tensor::ones(c, DType::F32, &dev)?)?;
+    let beta = Var::from_tensor(&Tensor::zeros(c, DType::F32, &dev)?)?;
+    let alpha = Var::from_tensor(&Tensor::full(0.25f32, c, &dev)?)?;
+    let dy = Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?;
+    let stock = || -> candle_core::Result<Tensor> {
+        let bn = candle_nn::BatchNorm::new(
+            c,
+            Tensor::zeros(c, DType::F32, &dev)?,
+            Tensor::ones(c, DType::F32, &dev)?,
+            gamma.as_tensor().clone(),
+            beta.as_tensor().clone(),
+            1e-5,
+        )?;
+        let y = bn.forward_train(x.as_tensor())?;
+        candle_nn::PReLU::new(alpha.as_tensor().clone(), false).forward(&y)
+    };
+    let fused = || -> candle_core::Result<Tensor> {
+        let (y, _, _) = fpipe_stages::ops::batch_norm_train(
+            x.as_tensor(),
+            gamma.as_tensor(),
+            beta.as_tensor(),
+            1e-5,
+        )?;
+        fpipe_stages::ops::prelu(&y, alpha.as_tensor())
+    };
+    let mut out = serde_json::Map::new();
+    println!("\nBatchNorm(train)+PReLU, {n}x{c}x{hw}x{hw}:   fwd s   fwd+bwd s");
+    let variants: [(&str, &dyn Fn() -> candle_core::Result<Tensor>); 2] =
+        [("candle_nn", &stock), ("fused", &fused)];
+    for (name, f) in variants {
+        let tf = time(reps, || f().map(|_| ()))?;
+        let tb = time(reps, || (f()? * &dy)?.sum_all()?.backward().map(|_| ()))?;
+        println!("  {name:<10} {tf:>28.4} {tb:>11.4}");
+        out.insert(
+            name.into(),
+            serde_json::json!({ "fwd_s": tf, "fwd_bwd_s": tb }),
+        );
+    }
+    Ok(serde_json::json!({ "shape": [n, c, hw, hw], "results": out }))
 }
