@@ -59,6 +59,22 @@ def main():
               f"{ours_b:>9.1f} {th_b:>7.1f} {ours_b / th_b:>6.2f} "
               f"{100 * ours_f / rust['matmul_gflops']:>7.0f}% {100 * ours_b / rust['matmul_gflops']:>7.0f}%")
         out.append({**L, "torch_fwd_s": tf, "torch_bwd_s": tb})
+    norm = rust.get("norm")
+    if norm:
+        shape = norm["shape"]
+        x = torch.randn(*shape, requires_grad=True)
+        bn, act = torch.nn.BatchNorm2d(shape[1]), torch.nn.PReLU(shape[1])
+        bn.train()
+        f = lambda: act(bn(x))
+        with torch.no_grad():
+            tf = median_time(a.reps, f)
+        gy = torch.randn(*shape)
+        tb = median_time(a.reps, lambda: f().backward(gy))
+        print(f"\nBatchNorm(train)+PReLU {'x'.join(map(str, shape))}:   fwd s  fwd+bwd s  torch/this fwd+bwd")
+        for name, r in norm["results"].items():
+            print(f"  {name:<10} {r['fwd_s']:>24.4f} {r['fwd_bwd_s']:>10.4f} {tb / r['fwd_bwd_s']:>8.2f}")
+        print(f"  {'torch':<10} {tf:>24.4f} {tb:>10.4f}")
+        norm["torch"] = {"fwd_s": tf, "fwd_bwd_s": tb}
     if a.json:
         json.dump({"torch_matmul_gflops": mm, "layers": out, **{k: v for k, v in rust.items() if k != "layers"}},
                   open(a.json, "w"), indent=1)
