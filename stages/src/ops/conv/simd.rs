@@ -192,22 +192,12 @@ fn filter_block<T: Elem, const K: usize>(dw: &mut [T], g: &[T], src: &[T], off: 
         }
         f0 += LB;
     }
-    if f0 < n {
-        // The tail as one more zero-padded block: a scalar reduction loop would not
-        // vectorise, and on 7x7-14x14 planes the tail is a tenth of the work.
-        let rest = n - f0;
-        let mut gb = [T::ZERO; LB];
-        gb[..rest].copy_from_slice(&g[f0..]);
-        for (a, s) in acc.iter_mut().zip(&srcs) {
-            let mut sb = [T::ZERO; LB];
-            sb[..rest].copy_from_slice(&s[f0..]);
-            for ((al, &gl), &sl) in a.iter_mut().zip(&gb).zip(&sb) {
-                *al = *al + gl * sl;
-            }
+    for ((d, a), s) in dw.iter_mut().zip(&acc).zip(&srcs) {
+        let mut tail = T::ZERO;
+        for (&gl, &sl) in g[f0..].iter().zip(&s[f0..]) {
+            tail = tail + gl * sl;
         }
-    }
-    for (d, a) in dw.iter_mut().zip(&acc) {
-        *d = *d + hsum(a);
+        *d = *d + hsum(a) + tail;
     }
 }
 
