@@ -279,8 +279,8 @@ fn bn_grad_sums<T: Elem>(
                 );
                 let (mut a, mut b) = (T::ZERO, T::ZERO);
                 for (&xv, &gv) in xp.iter().zip(gp) {
-                    a = a + gv;
-                    b = b + gv * xv;
+                    a += gv;
+                    b += gv * xv;
                 }
                 sdy += a.to_f64();
                 sdyx += b.to_f64();
@@ -442,7 +442,7 @@ impl CustomOp3 for PreluBwd {
                                 (&x[(i * c + ch) * hw..][..hw], &g[(i * c + ch) * hw..][..hw]);
                             let mut acc = T::ZERO;
                             for (&xv, &gv) in xp.iter().zip(gp) {
-                                acc = acc + if xv > T::ZERO { T::ZERO } else { xv * gv };
+                                acc += if xv > T::ZERO { T::ZERO } else { xv * gv };
                             }
                             s += acc.to_f64();
                         }
@@ -499,7 +499,9 @@ mod tests {
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         (
             flat(&y),
-            vars.iter().map(|v| g.get(v).map(flat).unwrap_or_default()).collect(),
+            vars.iter()
+                .map(|v| g.get(v).map(flat).unwrap_or_default())
+                .collect(),
         )
     }
 

@@ -141,12 +141,12 @@ fn col2im<T: Elem>(g: &Geom, col: &[T], pitch: usize, off: usize, x: &mut [T]) {
                     if s == 1 {
                         let d = &mut dst[wlo + j - p..whi + j - p];
                         for (d, &v) in d.iter_mut().zip(&src[wlo..whi]) {
-                            *d = *d + v;
+                            *d += v;
                         }
                     } else {
                         for (ow, &v) in (wlo..whi).zip(&src[wlo..whi]) {
                             let d = &mut dst[ow * s + j - p];
-                            *d = *d + v;
+                            *d += v;
                         }
                     }
                 }
@@ -343,7 +343,7 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     let mut dw = partials.swap_remove(0);
     for other in &partials {
         for (a, &b) in dw.iter_mut().zip(other) {
-            *a = *a + b;
+            *a += b;
         }
     }
     dw

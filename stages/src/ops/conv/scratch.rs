@@ -5,13 +5,13 @@
 //! time; so each thread keeps one buffer per element type that only ever grows.
 
 use std::cell::Cell;
-use std::ops::{Add, Mul};
+use std::ops::{Add, AddAssign, Mul};
 
 use candle_core::WithDType;
 
 /// A float type the convolution kernels run on (f32 for training, f64 for gradient tests).
 pub trait Elem:
-    WithDType + Copy + Send + Sync + 'static + Add<Output = Self> + Mul<Output = Self>
+    WithDType + Copy + Send + Sync + 'static + Add<Output = Self> + AddAssign + Mul<Output = Self>
 {
     /// Additive identity.
     const ZERO: Self;

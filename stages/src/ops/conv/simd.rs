@@ -99,7 +99,7 @@ fn taps_fwd_body<T: Elem>(acc: &mut [T], src: &[T], off: &[usize], w: &[T]) {
             let s = &src[off[t] + f0..][..B];
             let wt = w[t];
             for (rl, &sl) in r.iter_mut().zip(s) {
-                *rl = *rl + wt * sl;
+                *rl += wt * sl;
             }
         }
         acc[f0..f0 + B].copy_from_slice(&r);
@@ -112,7 +112,7 @@ fn taps_fwd_body<T: Elem>(acc: &mut [T], src: &[T], off: &[usize], w: &[T]) {
             let s = &src[off[t] + f0..][..rest];
             let wt = w[t];
             for (al, &sl) in a.iter_mut().zip(s) {
-                *al = *al + wt * sl;
+                *al += wt * sl;
             }
         }
     }
@@ -130,7 +130,7 @@ fn taps_bwd_data_body<T: Elem>(dst: &mut [T], g: &[T], off: &[usize], w: &[T]) {
             let d = &mut dst[off[t] + f0..][..B];
             let wt = w[t];
             for (dl, &gl) in d.iter_mut().zip(&r) {
-                *dl = *dl + wt * gl;
+                *dl += wt * gl;
             }
         }
         f0 += B;
@@ -142,7 +142,7 @@ fn taps_bwd_data_body<T: Elem>(dst: &mut [T], g: &[T], off: &[usize], w: &[T]) {
             let d = &mut dst[off[t] + f0..][..rest];
             let wt = w[t];
             for (dl, &gl) in d.iter_mut().zip(gr) {
-                *dl = *dl + wt * gl;
+                *dl += wt * gl;
             }
         }
     }
@@ -187,7 +187,7 @@ fn filter_block<T: Elem, const K: usize>(dw: &mut [T], g: &[T], src: &[T], off: 
         for (a, s) in acc.iter_mut().zip(&srcs) {
             let s = &s[f0..f0 + LB];
             for ((al, &gl), &sl) in a.iter_mut().zip(gb).zip(s) {
-                *al = *al + gl * sl;
+                *al += gl * sl;
             }
         }
         f0 += LB;
@@ -195,9 +195,9 @@ fn filter_block<T: Elem, const K: usize>(dw: &mut [T], g: &[T], src: &[T], off: 
     for ((d, a), s) in dw.iter_mut().zip(&acc).zip(&srcs) {
         let mut tail = T::ZERO;
         for (&gl, &sl) in g[f0..].iter().zip(&s[f0..]) {
-            tail = tail + gl * sl;
+            tail += gl * sl;
         }
-        *d = *d + hsum(a) + tail;
+        *d += hsum(a) + tail;
     }
 }
 
@@ -210,7 +210,7 @@ fn hsum<T: Elem, const N: usize>(a: &[T; N]) -> T {
         width /= 2;
         let (lo, hi) = v.split_at_mut(width);
         for (l, &h) in lo.iter_mut().zip(hi.iter()) {
-            *l = *l + h;
+            *l += h;
         }
     }
     v[0]

@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::{conv2d, Geom};
 
-/// (n, c, h, w, o, k, stride, pad, groups): every path of `dense.rs` and `direct.rs`.
-const CASES: &[(
+/// (n, c, h, w, o, k, stride, pad, groups).
+type Case = (
     usize,
     usize,
     usize,
@@ -16,7 +16,10 @@ const CASES: &[(
     usize,
     usize,
     usize,
-)] = &[
+);
+
+/// Every path of `dense.rs` and `direct.rs`.
+const CASES: &[Case] = &[
     (2, 3, 7, 6, 4, 3, 1, 1, 1), // dense 3x3, odd sizes, several images per chunk
     (2, 3, 17, 17, 4, 3, 1, 1, 1), // dense, one image per chunk (289 outputs)
     (2, 4, 9, 8, 6, 3, 2, 1, 1), // dense stride 2
@@ -53,19 +56,7 @@ fn values(len: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
-fn geom(
-    case: &(
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-    ),
-) -> Geom {
+fn geom(case: &Case) -> Geom {
     let &(n, c, h, w, o, k, s, p, groups) = case;
     Geom::new(&[n, c, h, w], &[o, c / groups, k, k], s, p, groups).expect("valid test case")
 }
