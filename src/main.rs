@@ -156,7 +156,27 @@ enum CacheCommand {
     Pull { dir: PathBuf },
 }
 
+/// Keeps freed memory in the process instead of returning it to the OS after 10 ms: a training
+/// step frees and reallocates the same large buffers, and each return made the next step fault
+/// and zero every page again (55 % of a MobileFaceNet step; docs/benchmarks.md). Options the
+/// user sets through MIMALLOC_* variables win.
+fn tune_allocator() {
+    // Indices of mi_option_e in the mimalloc 2.x header bundled by libmimalloc-sys.
+    const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: mi_option_set only stores an integer option; valid at any time.
+    unsafe {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+        }
+        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 1);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match commands::dispatch(cli) {
         Ok(code) => code,
