@@ -226,7 +226,7 @@ fn small_model_on_synthetic_faces_beats_chance_on_held_out_identities() {
         &stage,
         json!({
             "backbone": "mobilefacenet", "width": 0.125, "input_size": 32, "embedding_size": 32,
-            "loss": "cosface", "scale": 16.0, "lr": 0.05, "batch_size": 32, "epochs": 12.0,
+            "loss": "cosface", "scale": 16.0, "lr": 0.05, "batch_size": 32, "epochs": 24.0,
             "warmup_epochs": 1.0, "weight_decay": 5e-4, "checkpoint_every": 50
         }),
     );
@@ -249,8 +249,8 @@ fn small_model_on_synthetic_faces_beats_chance_on_held_out_identities() {
     assert!(model.join("model.safetensors").exists() && model.join("centres.safetensors").exists());
     let report = root.join("train-report");
     let csv = std::fs::read_to_string(report.join("curve.csv")).unwrap();
-    // 480 images / 32 per step × 12 epochs.
-    assert_eq!(csv.lines().count(), 1 + 180);
+    // 480 images / 32 per step × 24 epochs.
+    assert_eq!(csv.lines().count(), 1 + 360);
     assert!(std::fs::read(report.join("curve.png"))
         .unwrap()
         .starts_with(b"\x89PNG"));
