@@ -34,7 +34,11 @@ fn ref_target(t: f64, cfg: &MarginConfig) -> f64 {
     let m1 = cfg.m1 as usize;
     if m1 > 1 {
         let k = (m1 as f64 * theta / PI).floor().min(m1 as f64 - 1.0);
-        let sign = if k as usize % 2 == 0 { 1.0 } else { -1.0 };
+        let sign = if (k as usize).is_multiple_of(2) {
+            1.0
+        } else {
+            -1.0
+        };
         return sign * (m1 as f64 * theta).cos() - 2.0 * k - cfg.m3;
     }
     let m = cfg.m2;

@@ -208,5 +208,8 @@ fn pth_with_wrong_shapes_is_rejected_with_the_tensor_name() {
         .load_pth("", &fixtures().join("iresnet_tiny.pth"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("has shape [8]") && e.contains("expects [16]"), "{e}");
+    assert!(
+        e.contains("has shape [8]") && e.contains("expects [16]"),
+        "{e}"
+    );
 }

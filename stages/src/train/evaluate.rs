@@ -71,6 +71,10 @@ impl Stage for EvaluateStage {
     fn kind(&self) -> &'static str {
         "evaluate"
     }
+    /// Embedding the pairs set uses every core.
+    fn default_cpus(&self) -> usize {
+        usize::MAX
+    }
     fn version(&self) -> u32 {
         1
     }

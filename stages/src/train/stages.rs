@@ -334,6 +334,11 @@ impl Stage for TrainStage {
     fn kind(&self) -> &'static str {
         "train"
     }
+    /// Training and inference use every core: hold all job slots so two such stages do not
+    /// split the cores between them.
+    fn default_cpus(&self) -> usize {
+        usize::MAX
+    }
     fn version(&self) -> u32 {
         1
     }
@@ -367,6 +372,11 @@ pub struct DistilStage;
 impl Stage for DistilStage {
     fn kind(&self) -> &'static str {
         "distil"
+    }
+    /// Training and inference use every core: hold all job slots so two such stages do not
+    /// split the cores between them.
+    fn default_cpus(&self) -> usize {
+        usize::MAX
     }
     fn version(&self) -> u32 {
         1
@@ -502,6 +512,11 @@ pub struct EmbedStage;
 impl Stage for EmbedStage {
     fn kind(&self) -> &'static str {
         "embed"
+    }
+    /// Training and inference use every core: hold all job slots so two such stages do not
+    /// split the cores between them.
+    fn default_cpus(&self) -> usize {
+        usize::MAX
     }
     fn version(&self) -> u32 {
         1
