@@ -1,0 +1,86 @@
+//! Face-recognition stages through the `fpipe` binary: a training stage killed with SIGKILL
+//! resumes from its checkpoint on the next run; wiring and inspection of real artifacts.
+#![cfg(feature = "faces")]
+
+mod common;
+use common::Project;
+use std::time::{Duration, Instant};
+
+const SMALL: &str = r#"stages:
+  faces:
+    uses: synthetic-faces
+    with: {identities: 40, images_per_identity: 10, image_size: 32, test_identities: 10, pairs: 100}
+  train:
+    uses: train
+    inputs: {dataset: faces.dataset}
+    with: {backbone: mobilefacenet, width: 0.125, input_size: 32, embedding_size: 32, epochs: 8, batch_size: 32, checkpoint_every: 20}
+"#;
+
+#[test]
+fn killed_training_resumes_from_its_checkpoint() {
+    let p = Project::new();
+    p.write("r.yaml", SMALL);
+    let mut child = p
+        .cmd(&["run", "r.yaml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until training is past its second checkpoint (step 40), then SIGKILL.
+    let runs = p.path().join(".fpipe/runs");
+    let t = Instant::now();
+    let mut seen = false;
+    while t.elapsed() < Duration::from_secs(300) && !seen {
+        std::thread::sleep(Duration::from_millis(100));
+        seen = std::fs::read_dir(&runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("logs/train.log")).ok())
+            .any(|log| log.contains("step 50/"));
+    }
+    assert!(seen, "training reached step 50");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let c = p.path().join(".fpipe");
+    let v = p
+        .fpipe(&["--cache", c.to_str().unwrap(), "cache", "verify"])
+        .ok();
+    assert!(v.stdout.contains("0 problem(s)"), "{}", v.stdout);
+    let r = p.fpipe(&["run", "r.yaml"]).ok();
+    assert_eq!(r.counts(), (1, 1, 0), "faces cached, train resumed");
+    let logs: String = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("logs/train.log")).ok())
+        .collect();
+    assert!(
+        logs.contains("resumed from the checkpoint at step 40"),
+        "{logs}"
+    );
+    // The checkpoint is gone once the stage succeeded.
+    let scratch: Vec<_> = std::fs::read_dir(c.join("scratch")).unwrap().collect();
+    assert!(scratch.is_empty());
+    let info = p
+        .fpipe(&["inspect", "faces.dataset", "-f", "r.yaml", "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    assert_eq!(v["images"], 400);
+    assert_eq!(v["identities"], 40);
+}
+
+#[test]
+fn a_shell_output_cannot_feed_a_dataset_port() {
+    let p = Project::new();
+    p.write(
+        "w.yaml",
+        "stages:\n  files:\n    uses: shell\n    with: {run: 'touch x', outputs: [x]}\n  train:\n    uses: train\n    inputs:\n      dataset: files\n",
+    );
+    let r = p.fpipe(&["run", "w.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("w.yaml:8: stage `train`: wrong port type: input `dataset` takes `dataset` but `files.files` is `files`"),
+        "{}",
+        r.stderr
+    );
+}
