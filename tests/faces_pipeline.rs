@@ -84,3 +84,62 @@ fn a_shell_output_cannot_feed_a_dataset_port() {
         r.stderr
     );
 }
+
+#[test]
+fn vargface_pipeline_runs_and_grows_by_one_generation() {
+    let p = Project::new();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/pipelines/vargface.yaml"
+    ))
+    .unwrap();
+    p.write("vargface.yaml", &text);
+    let tiny = [
+        "-p",
+        "identities=20",
+        "-p",
+        "images_per_identity=5",
+        "-p",
+        "image_size=32",
+        "-p",
+        "input_size=32",
+        "-p",
+        "teacher_width=0.125",
+        "-p",
+        "student_width=0.125",
+        "-p",
+        "epochs=1",
+        "-p",
+        "batch_size=16",
+    ];
+    let args = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut v = vec!["run", "vargface.yaml"];
+        v.extend_from_slice(&tiny);
+        v.extend_from_slice(extra);
+        v
+    };
+    assert_eq!(p.fpipe(&args(&[])).ok().counts(), (9, 0, 0));
+    assert_eq!(
+        p.fpipe(&args(&[])).ok().counts(),
+        (0, 9, 0),
+        "a second run executes nothing"
+    );
+    assert_eq!(
+        p.fpipe(&args(&["-p", "generations=3"])).ok().counts(),
+        (2, 9, 0),
+        "only student@3 and eval@3"
+    );
+    let show = p.fpipe(&["show", "vargface.yaml", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let evals = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["metrics"].get("accuracy").is_some())
+        .count();
+    assert!(
+        evals >= 5,
+        "every evaluation reports accuracy: {}",
+        show.stdout
+    );
+}
