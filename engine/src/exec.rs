@@ -335,7 +335,6 @@ impl Engine {
         reporter.event(Event::Begin { total: order.len() });
 
         let n = plan.stages.len();
-        let selected: HashSet<usize> = order.iter().copied().collect();
         let mut known: Vec<Option<Known>> = (0..n).map(|_| None).collect();
         let mut recs: BTreeMap<usize, StageRecord> = BTreeMap::new();
         let mut launched = vec![false; n];
@@ -562,7 +561,6 @@ impl Engine {
                 stage_record(&plan.stages[i], None, StageState::NotRun, 0.0, None)
             });
         }
-        let _ = selected;
         record.stages = order.iter().filter_map(|i| recs.remove(i)).collect();
         let count = |s: StageState| record.stages.iter().filter(|r| r.state == s).count();
         let (ran, cached, failed, skipped) = (
