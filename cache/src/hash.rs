@@ -141,8 +141,17 @@ pub(crate) fn is_executable(_meta: &std::fs::Metadata) -> bool {
 
 /// Hashes every file under `root` (in parallel) and returns the tree's id and entries.
 pub fn tree_id(root: &Path) -> Result<(ArtifactId, Vec<TreeEntry>)> {
-    let files = walk(root)?;
-    let entries: Vec<TreeEntry> = files
+    let entries = tree_entries(root, |abs, _| hash_file(abs))?;
+    Ok((id_of_entries(&entries), entries))
+}
+
+/// The sorted entries of a tree, each file hashed (in parallel) by `hash`, which gets the
+/// file's path and metadata (so a caller may answer from a memo instead of reading it).
+pub(crate) fn tree_entries(
+    root: &Path,
+    hash: impl Fn(&Path, &std::fs::Metadata) -> Result<[u8; 32]> + Sync,
+) -> Result<Vec<TreeEntry>> {
+    walk(root)?
         .par_iter()
         .map(|(rel, abs, is_dir)| {
             if *is_dir {
@@ -155,12 +164,11 @@ pub fn tree_id(root: &Path) -> Result<(ArtifactId, Vec<TreeEntry>)> {
             let meta = std::fs::metadata(abs).map_err(io_err(abs))?;
             Ok(TreeEntry {
                 path: rel.clone(),
-                hash: Some(hash_file(abs)?),
+                hash: Some(hash(abs, &meta)?),
                 executable: is_executable(&meta),
             })
         })
-        .collect::<Result<_>>()?;
-    Ok((id_of_entries(&entries), entries))
+        .collect()
 }
 
 /// The Merkle hash of sorted entries. Changing this changes every id: bump the domain string.

@@ -5,9 +5,8 @@
 //! is unchanged is not reread. The memo is local to a store and never enters a key: keys use
 //! only content hashes, so two machines get the same id for the same bytes.
 
-use crate::hash::{id_of_entries, is_executable, ArtifactId, TreeEntry};
+use crate::hash::{id_of_entries, ArtifactId, TreeEntry};
 use crate::{io_err, CacheError, Result};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -93,25 +92,7 @@ impl PathHasher {
                 message: "neither a file nor a directory".into(),
             });
         }
-        let files = crate::hash::walk(path)?;
-        let entries: Vec<TreeEntry> = files
-            .par_iter()
-            .map(|(rel, abs, is_dir)| {
-                if *is_dir {
-                    return Ok(TreeEntry {
-                        path: rel.clone(),
-                        hash: None,
-                        executable: false,
-                    });
-                }
-                let meta = std::fs::metadata(abs).map_err(io_err(abs))?;
-                Ok(TreeEntry {
-                    path: rel.clone(),
-                    hash: Some(self.file_hash(abs, &meta)?),
-                    executable: is_executable(&meta),
-                })
-            })
-            .collect::<Result<_>>()?;
+        let entries = crate::hash::tree_entries(path, |abs, meta| self.file_hash(abs, meta))?;
         Ok(id_of_entries(&entries))
     }
 
