@@ -1,16 +1,22 @@
 //! Face-verification metrics: insightface's 10-fold accuracy, ROC, TPR at fixed FPR, AUC,
-//! EER, IJB-style template pooling and the error-versus-reject curve (methods.md §6, §9).
+//! EER, IJB-style template pooling, the error-versus-reject curve (methods.md §6, §9) and
+//! 1:N identification (exact k-NN search, CMC, DIR at FPIR).
 //!
 //! Everything here is exact (no binning of scores) and scales to tens of millions of pairs:
 //! the ROC is one parallel sort of packed `(score, label)` keys, the 10-fold protocol one pass
 //! over the distances into per-fold histograms over the 400 thresholds.
 
 mod erc;
+mod identify;
 mod roc;
 mod templates;
 mod verification;
 
 pub use erc::{error_vs_reject, ErcCurve};
+pub use identify::{
+    cmc, dir_at_fpir, identify, knn_predict, search, split_gallery_probe, DirPoint, Identification,
+    IdentifyConfig, ProbeOutcome, Split, Vote,
+};
 pub use roc::{auc, eer, roc, tpr_at_fpr, Roc, IJB_FPRS};
 pub use templates::{flip_sum_normalize, pair_scores_cosine, pool_templates, PooledTemplates};
 pub use verification::{pair_distances, verification_10fold, Verification};

@@ -1,4 +1,4 @@
-//! Training stage kinds: `train`, `distil`, `embed`, `evaluate`.
+//! Training stage kinds: `train`, `distil`, `import-model`, `embed`, `evaluate`, `identify`.
 //!
 //! The loop itself is in [`trainer`], the optimisers in [`optim`], model artifacts (weights,
 //! model card, class centres) and curves in [`artifact`], the `Stage` implementations in
@@ -6,6 +6,7 @@
 
 pub mod artifact;
 pub mod evaluate;
+pub mod identify;
 pub mod optim;
 pub mod png;
 pub mod stages;
@@ -146,11 +147,12 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device, TrainError> {
     }
 }
 
-/// Adds `train`, `distil`, `import-model`, `embed` and `evaluate`.
+/// Adds `train`, `distil`, `import-model`, `embed`, `evaluate` and `identify`.
 pub fn register(registry: &mut fpipe_engine::Registry) {
     registry.register(Arc::new(stages::TrainStage));
     registry.register(Arc::new(stages::DistilStage));
     registry.register(Arc::new(stages::ImportModelStage));
     registry.register(Arc::new(stages::EmbedStage));
     registry.register(Arc::new(stages::EvaluateStage));
+    registry.register(Arc::new(identify::IdentifyStage));
 }
