@@ -1,18 +1,22 @@
 //! `evaluate`: verification of a model on the pairs of a packed verification set (held-out
 //! identities, or a converted `.bin` set): 10-fold accuracy ± std on squared distances of
 //! flip-sum embeddings (insightface protocol), ROC on cosine scores with TPR@FPR, AUC and EER,
-//! using [`crate::metrics`].
+//! using [`crate::metrics`]. With the `ijb` parameter, IJB-B/C 1:1 template verification
+//! instead ([`super::ijb`]).
 
 use super::artifact::load_model;
+use super::ijb::{ijb_features, ijb_verify, read_protocol};
 use super::png::{Canvas, Series};
 use super::stages::embed_all;
 use super::{parse_device, TrainError};
 use crate::data::PackedDataset;
-use crate::metrics::{auc, eer, pair_distances, roc, tpr_at_fpr, verification_10fold};
+use crate::metrics::{auc, eer, pair_distances, roc, tpr_at_fpr, verification_10fold, IJB_FPRS};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
 };
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 /// Verification numbers of one evaluation.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -79,13 +83,17 @@ impl Stage for EvaluateStage {
         1
     }
     fn doc(&self) -> &'static str {
-        "verification accuracy, TPR@FPR, AUC, EER and ROC of a model on a pairs set"
+        "verification accuracy, TPR@FPR, AUC, EER and ROC of a model on a pairs set, or IJB-B/C templates"
     }
     fn signature(&self) -> StageSignature {
         StageSignature {
             inputs: vec![
                 PortSpec::new("model", "model", "the model"),
-                PortSpec::new("pairs", "pairs", "verification set (images + pairs)"),
+                PortSpec::optional(
+                    "pairs",
+                    "pairs",
+                    "verification set (images + pairs); or give the `ijb` parameter",
+                ),
             ],
             outputs: vec![
                 PortSpec::new("metrics", "metrics", "metrics.json"),
@@ -109,15 +117,55 @@ impl Stage for EvaluateStage {
                     "fprs",
                     ParamType::List(Box::new(ParamType::Float)),
                     json!([1e-4, 1e-3, 1e-2, 1e-1]),
-                    "FPR targets for TPR@FPR",
+                    "FPR targets for TPR@FPR (IJB: always 1e-6 ... 1e-1)",
+                ),
+                ParamSpec::with_default(
+                    "ijb",
+                    ParamType::List(Box::new(ParamType::Path { companions: &[] })),
+                    json!([]),
+                    "IJB-B/C folder (meta/*_face_tid_mid.txt, *_template_pair_label.txt, *_name_5pts_score.txt, loose_crop/): template verification instead of `pairs`",
                 ),
             ],
         }
     }
+    fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
+        if p.get("ijb").and_then(Value::as_array).map_or(0, Vec::len) > 1 {
+            return Err("ijb: give one IJB folder".into());
+        }
+        let fprs = p.get("fprs").and_then(Value::as_array);
+        if let Some(f) = fprs
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .find(|f| !(*f > 0.0 && *f <= 1.0))
+        {
+            return Err(format!("fprs: {f} is not in (0, 1]"));
+        }
+        Ok(())
+    }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let dev = parse_device(&ctx.device)?;
         let model = load_model(ctx.input("model")?, &dev)?;
-        let data = PackedDataset::open(ctx.input("pairs")?).map_err(TrainError::from)?;
+        let ijb: Option<String> = ctx
+            .param("ijb")?
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        if let Some(dir) = ijb {
+            if ctx.input_opt("pairs").is_some() {
+                return Err(StageError::msg(
+                    "give the `pairs` input or the `ijb` parameter, not both",
+                ));
+            }
+            return run_ijb(ctx, &model, Path::new(&dir), &dev);
+        }
+        let Some(pairs_dir) = ctx.input_opt("pairs") else {
+            return Err(StageError::msg(
+                "wire a `pairs` input (verification set) or give the `ijb` parameter",
+            ));
+        };
+        let data = PackedDataset::open(pairs_dir).map_err(TrainError::from)?;
         let pairs = data
             .pairs()
             .ok_or_else(|| StageError::msg("the `pairs` input has no verification pairs"))?
@@ -137,39 +185,87 @@ impl Stage for EvaluateStage {
         let mut m = serde_json::Map::new();
         m.insert("accuracy".into(), json!(r.accuracy));
         m.insert("accuracy_std".into(), json!(r.accuracy_std));
-        m.insert("auc".into(), json!(r.auc));
-        m.insert("eer".into(), json!(r.eer));
-        m.insert("pairs".into(), json!(r.pairs));
-        for (f, t) in &r.tpr_at_fpr {
-            m.insert(format!("tpr@fpr={f:e}"), json!(t));
-        }
-        std::fs::write(
-            ctx.output("metrics")?.join("metrics.json"),
-            serde_json::to_string_pretty(&Value::Object(m)).map_err(TrainError::from)?,
-        )?;
-        let report = ctx.output("report")?.to_path_buf();
-        let mut csv = String::from("fpr,tpr\n");
-        for (f, t) in &r.roc {
-            csv.push_str(&format!("{f},{t}\n"));
-        }
-        std::fs::write(report.join("roc.csv"), csv)?;
-        let mut cv = Canvas::new(480, 480);
-        let pts: Vec<(f64, f64)> = r.roc.iter().filter(|p| p.0 > 0.0).copied().collect();
-        cv.chart(
-            &[Series {
-                points: &pts,
-                color: [30, 90, 200],
-            }],
-            true,
-        );
-        cv.save(&report.join("roc.png"))?;
         ctx.metric("accuracy", r.accuracy);
         ctx.metric("accuracy_std", r.accuracy_std);
-        ctx.metric("auc", r.auc);
-        ctx.metric("eer", r.eer);
-        for (f, t) in &r.tpr_at_fpr {
-            ctx.metric(&format!("tpr@fpr={f:e}"), *t);
-        }
+        write_outputs(ctx, m, &r)?;
         Ok(())
     }
+}
+
+/// Writes `metrics.json` (`m` plus AUC, EER, pairs, TPR@FPR), `roc.csv`, `roc.png`, and
+/// reports the same numbers to the engine.
+fn write_outputs(
+    ctx: &mut StageContext,
+    mut m: serde_json::Map<String, Value>,
+    r: &EvalResult,
+) -> Result<(), StageError> {
+    m.insert("auc".into(), json!(r.auc));
+    m.insert("eer".into(), json!(r.eer));
+    m.insert("pairs".into(), json!(r.pairs));
+    for (f, t) in &r.tpr_at_fpr {
+        m.insert(format!("tpr@fpr={f:e}"), json!(t));
+    }
+    std::fs::write(
+        ctx.output("metrics")?.join("metrics.json"),
+        serde_json::to_string_pretty(&Value::Object(m)).map_err(TrainError::from)?,
+    )?;
+    let report = ctx.output("report")?.to_path_buf();
+    let mut csv = String::from("fpr,tpr\n");
+    for (f, t) in &r.roc {
+        csv.push_str(&format!("{f},{t}\n"));
+    }
+    std::fs::write(report.join("roc.csv"), csv)?;
+    let mut cv = Canvas::new(480, 480);
+    let pts: Vec<(f64, f64)> = r.roc.iter().filter(|p| p.0 > 0.0).copied().collect();
+    cv.chart(
+        &[Series {
+            points: &pts,
+            color: [30, 90, 200],
+        }],
+        true,
+    );
+    cv.save(&report.join("roc.png"))?;
+    ctx.metric("auc", r.auc);
+    ctx.metric("eer", r.eer);
+    for (f, t) in &r.tpr_at_fpr {
+        ctx.metric(&format!("tpr@fpr={f:e}"), *t);
+    }
+    Ok(())
+}
+
+/// IJB-B/C template verification of `model` on the protocol in `dir`.
+fn run_ijb(
+    ctx: &mut StageContext,
+    model: &super::artifact::LoadedModel,
+    dir: &Path,
+    dev: &candle_core::Device,
+) -> Result<(), StageError> {
+    let protocol = read_protocol(dir)?;
+    let bs = ctx.param_i64("batch_size")?.max(1) as usize;
+    let flip = ctx.param_bool("flip")?;
+    let sink = &*ctx;
+    let feats = ijb_features(model, &protocol, bs, flip, dev, &|d, t| {
+        sink.progress(d, t, "embedding")
+    })?;
+    let r = ijb_verify(&feats, model.card.embedding_size, &protocol, &IJB_FPRS)?;
+    let mut csv = String::from("template1,template2,label,score\n");
+    for ((a, b), (l, s)) in protocol
+        .pairs
+        .iter()
+        .zip(protocol.labels.iter().zip(&r.scores))
+    {
+        csv.push_str(&format!("{a},{b},{},{s}\n", u8::from(*l)));
+    }
+    std::fs::write(ctx.output("report")?.join("scores.csv"), csv)?;
+    let mut m = serde_json::Map::new();
+    m.insert("protocol".into(), json!("ijb"));
+    m.insert("images".into(), json!(protocol.images.len()));
+    m.insert("templates".into(), json!(r.templates));
+    ctx.log(&format!(
+        "IJB: {} images, {} templates, {} pairs",
+        protocol.images.len(),
+        r.templates,
+        protocol.pairs.len()
+    ));
+    write_outputs(ctx, m, &r.eval)
 }

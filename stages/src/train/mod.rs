@@ -7,6 +7,7 @@
 pub mod artifact;
 pub mod evaluate;
 pub mod identify;
+pub mod ijb;
 pub mod optim;
 pub mod png;
 pub mod stages;

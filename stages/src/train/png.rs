@@ -27,6 +27,12 @@ impl Canvas {
         }
     }
 
+    /// A canvas holding `px` (HWC RGB, `w*h*3` bytes), e.g. to write an image as PNG;
+    /// `None` when the size does not match.
+    pub fn from_rgb(w: usize, h: usize, px: Vec<u8>) -> Option<Self> {
+        (px.len() == w * h * 3).then_some(Canvas { w, h, px })
+    }
+
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
         if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
             let i = (y as usize * self.w + x as usize) * 3;
