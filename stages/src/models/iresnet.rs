@@ -3,9 +3,9 @@
 //!
 //! Variable names match the PyTorch state dict, so `.pth` checkpoints of the model zoo load.
 
-use super::{bn, prelu, scaled, Conv, ConvSpec, Linear};
+use super::{bn, prelu, scaled, BatchNorm, Conv, ConvSpec, Linear};
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, PReLU, VarBuilder};
+use candle_nn::{PReLU, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// IResNet configuration. Full size: `width` 1.0 and `input_size` 112.

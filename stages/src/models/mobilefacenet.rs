@@ -4,9 +4,9 @@
 //! Variable names match the PyTorch state dict (`layers.N.layers.M...`, `conv_sep`,
 //! `features.layers.{0,2,3}`).
 
-use super::{bn, prelu, scaled, Conv, ConvBnAct, ConvSpec, Linear};
+use super::{bn, prelu, scaled, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear};
 use candle_core::{ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// MobileFaceNet configuration. Reference "mbf": `blocks` [1, 4, 6, 2], `scale` 2, `width`

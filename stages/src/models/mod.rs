@@ -8,10 +8,11 @@
 
 pub mod iresnet;
 pub mod mobilefacenet;
+pub mod probe;
 pub mod vargfacenet;
 
 use candle_core::{DType, Device, Module, ModuleT, Result, Shape, Tensor, Var};
-use candle_nn::{BatchNorm, BatchNormConfig, Init, PReLU, VarBuilder};
+use candle_nn::{BatchNormConfig, Init, PReLU, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -438,6 +439,17 @@ impl Module for Linear {
     }
 }
 
+/// candle_nn's BatchNorm with the [`probe`] hook on its input (quality features).
+#[derive(Clone, Debug)]
+pub struct BatchNorm(candle_nn::BatchNorm);
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        probe::observe(x)?;
+        self.0.forward_t(x, train)
+    }
+}
+
 /// BatchNorm with PyTorch semantics (momentum 0.1, unbiased running variance).
 pub fn bn(c: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
     candle_nn::batch_norm(
@@ -450,6 +462,7 @@ pub fn bn(c: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
         },
         vb,
     )
+    .map(BatchNorm)
 }
 
 /// Per-channel PReLU (initial slope 0.25, as PyTorch and MXNet).

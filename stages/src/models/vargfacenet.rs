@@ -5,9 +5,9 @@
 //! The MXNet original has no PyTorch state dict; names here follow a PyTorch re-creation
 //! (`scripts/make_model_fixtures.py`) that counts parameters and FLOPs.
 
-use super::{bn, prelu, scaled, Conv, ConvBnAct, ConvSpec, Linear};
+use super::{bn, prelu, scaled, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear};
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, PReLU, VarBuilder};
+use candle_nn::{PReLU, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// VarGFaceNet configuration. Full size: multiplier 1.25, width 1.0, input 112, SE on.
