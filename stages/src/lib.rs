@@ -10,10 +10,12 @@ pub mod loss;
 pub mod metrics;
 pub mod models;
 pub mod ops;
+pub mod quality;
 pub mod train;
 
 /// Adds every face-recognition stage kind to `registry`.
 pub fn register_all(registry: &mut fpipe_engine::Registry) {
     data::register(registry);
     train::register(registry);
+    quality::register(registry);
 }

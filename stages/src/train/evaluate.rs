@@ -3,6 +3,13 @@
 //! flip-sum embeddings (insightface protocol), ROC on cosine scores with TPR@FPR, AUC and EER,
 //! using [`crate::metrics`]. With the `ijb` parameter, IJB-B/C 1:1 template verification
 //! instead ([`super::ijb`]).
+//!
+//! With a `quality` input (one score per image of the pairs set) it also writes the
+//! error-versus-reject curve (pair quality = the lower of the two images' scores; FNMR at FMR
+//! 1e-2, 1e-3, 1e-4 with the threshold recomputed after each rejection, see
+//! [`crate::metrics::error_vs_reject`]), and `drop_lowest` discards that fraction of the
+//! lowest-quality pairs before every other metric, with the table of both in
+//! `drop_lowest.csv`.
 
 use super::artifact::load_model;
 use super::ijb::{ijb_features, ijb_verify, read_protocol};
@@ -10,7 +17,9 @@ use super::png::{Canvas, Series};
 use super::stages::embed_all;
 use super::{parse_device, TrainError};
 use crate::data::PackedDataset;
-use crate::metrics::{auc, eer, pair_distances, roc, tpr_at_fpr, verification_10fold, IJB_FPRS};
+use crate::metrics::{
+    auc, eer, error_vs_reject, pair_distances, roc, tpr_at_fpr, verification_10fold, IJB_FPRS,
+};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
 };
@@ -83,7 +92,8 @@ impl Stage for EvaluateStage {
         1
     }
     fn doc(&self) -> &'static str {
-        "verification accuracy, TPR@FPR, AUC, EER and ROC of a model on a pairs set, or IJB-B/C templates"
+        "verification accuracy, TPR@FPR, AUC, EER and ROC of a model on a pairs set (with quality \
+         scores: error-versus-reject curve and drop_lowest), or IJB-B/C templates"
     }
     fn signature(&self) -> StageSignature {
         StageSignature {
@@ -93,6 +103,11 @@ impl Stage for EvaluateStage {
                     "pairs",
                     "pairs",
                     "verification set (images + pairs); or give the `ijb` parameter",
+                ),
+                PortSpec::optional(
+                    "quality",
+                    crate::quality::QUALITY,
+                    "quality scores of the pairs set's images (error-versus-reject, drop_lowest)",
                 ),
             ],
             outputs: vec![
@@ -125,6 +140,12 @@ impl Stage for EvaluateStage {
                     json!([]),
                     "IJB-B/C folder (meta/*_face_tid_mid.txt, *_template_pair_label.txt, *_name_5pts_score.txt, loose_crop/): template verification instead of `pairs`",
                 ),
+                ParamSpec::with_default(
+                    "drop_lowest",
+                    ParamType::Float,
+                    json!(0.0),
+                    "discard this fraction of pairs with the lowest quality (needs `quality`)",
+                ),
             ],
         }
     }
@@ -141,6 +162,10 @@ impl Stage for EvaluateStage {
         {
             return Err(format!("fprs: {f} is not in (0, 1]"));
         }
+        let d = p.get("drop_lowest").and_then(Value::as_f64).unwrap_or(0.0);
+        if !(0.0..0.95).contains(&d) {
+            return Err(format!("drop_lowest {d} must lie in [0, 0.95)"));
+        }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
@@ -156,6 +181,11 @@ impl Stage for EvaluateStage {
             if ctx.input_opt("pairs").is_some() {
                 return Err(StageError::msg(
                     "give the `pairs` input or the `ijb` parameter, not both",
+                ));
+            }
+            if ctx.input_opt("quality").is_some() || ctx.param_f64("drop_lowest")? > 0.0 {
+                return Err(StageError::msg(
+                    "`quality` and `drop_lowest` apply to a `pairs` input, not to IJB templates",
                 ));
             }
             return run_ijb(ctx, &model, Path::new(&dir), &dev);
@@ -181,7 +211,44 @@ impl Stage for EvaluateStage {
         let emb = embed_all(&model, &data, bs, flip, &dev, &|d, t| {
             sink.progress(d, t, "embedding")
         })?;
-        let r = verify(&emb, model.card.embedding_size, &pairs, &fprs)?;
+        let dim = model.card.embedding_size;
+        let drop = ctx.param_f64("drop_lowest")?;
+        let report = ctx.output("report")?.to_path_buf();
+        let pairs = match ctx.input_opt("quality") {
+            Some(qdir) => {
+                let q = crate::quality::read_quality(qdir)?;
+                if q.len() != data.len() {
+                    return Err(StageError::msg(format!(
+                        "the quality input scores {} images, the pairs set has {}: score the \
+                         pairs set with qaa-score",
+                        q.len(),
+                        data.len()
+                    )));
+                }
+                let pq = pair_quality(&pairs, &q)?;
+                let erc = write_erc(&report, &emb, dim, &pairs, &pq)?;
+                for (f, a) in erc.fmr.iter().zip(&erc.auc) {
+                    ctx.metric(&format!("erc_auc@fmr={f:e}"), *a);
+                }
+                if drop > 0.0 {
+                    let full = verify(&emb, dim, &pairs, &fprs)?;
+                    let kept = drop_lowest(&pairs, &pq, drop);
+                    let cut = verify(&emb, dim, &kept, &fprs)?;
+                    write_drop_table(&report, &[(0.0, &full), (drop, &cut)])?;
+                    ctx.metric("dropped_pairs", (pairs.len() - kept.len()) as f64);
+                    kept
+                } else {
+                    pairs
+                }
+            }
+            None if drop > 0.0 => {
+                return Err(StageError::msg(
+                    "drop_lowest needs the `quality` input (scores of the pairs set's images)",
+                ))
+            }
+            None => pairs,
+        };
+        let r = verify(&emb, dim, &pairs, &fprs)?;
         let mut m = serde_json::Map::new();
         m.insert("accuracy".into(), json!(r.accuracy));
         m.insert("accuracy_std".into(), json!(r.accuracy_std));
@@ -268,4 +335,115 @@ fn run_ijb(
         protocol.pairs.len()
     ));
     write_outputs(ctx, m, &r.eval)
+}
+
+/// Pair quality: the lower of the two images' scores.
+fn pair_quality(pairs: &[(u32, u32, bool)], q: &[f32]) -> Result<Vec<f32>, TrainError> {
+    pairs
+        .iter()
+        .map(|&(a, b, _)| match (q.get(a as usize), q.get(b as usize)) {
+            (Some(x), Some(y)) => Ok(x.min(*y)),
+            _ => Err(TrainError::Invalid(format!(
+                "pair ({a}, {b}) refers to an image without a quality score"
+            ))),
+        })
+        .collect()
+}
+
+/// The pairs left after discarding the `floor(fraction·N)` lowest-quality ones (ties by pair
+/// index, as the error-versus-reject curve), in their original order.
+pub fn drop_lowest(
+    pairs: &[(u32, u32, bool)],
+    pair_quality: &[f32],
+    fraction: f64,
+) -> Vec<(u32, u32, bool)> {
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.sort_by(|&a, &b| pair_quality[a].total_cmp(&pair_quality[b]).then(a.cmp(&b)));
+    let k = (fraction * pairs.len() as f64).floor() as usize;
+    let mut keep = vec![true; pairs.len()];
+    for &i in order.iter().take(k) {
+        keep[i] = false;
+    }
+    pairs
+        .iter()
+        .zip(keep)
+        .filter_map(|(p, k)| k.then_some(*p))
+        .collect()
+}
+
+/// Reject fractions of the error-versus-reject curve: 0, 0.05, ..., 0.95.
+pub fn erc_rejects() -> Vec<f64> {
+    (0..20).map(|i| i as f64 * 0.05).collect()
+}
+
+/// FMR targets of the error-versus-reject curve.
+pub const ERC_FMRS: [f64; 3] = [1e-2, 1e-3, 1e-4];
+
+/// Writes `erc.csv` and `erc.png` (one line per FMR target) for cosine scores of `pairs`.
+fn write_erc(
+    report: &std::path::Path,
+    emb: &[f32],
+    dim: usize,
+    pairs: &[(u32, u32, bool)],
+    pq: &[f32],
+) -> Result<crate::metrics::ErcCurve, TrainError> {
+    let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
+    let same: Vec<bool> = pairs.iter().map(|p| p.2).collect();
+    let dist = pair_distances(emb, dim, &ab).map_err(metric_err)?;
+    let scores: Vec<f32> = dist.iter().map(|d| 1.0 - d / 2.0).collect();
+    let erc = error_vs_reject(&scores, &same, pq, &erc_rejects(), &ERC_FMRS).map_err(metric_err)?;
+    let mut csv = String::from("reject");
+    for f in &erc.fmr {
+        csv.push_str(&format!(",fnmr@fmr={f:e}"));
+    }
+    csv.push('\n');
+    for (i, r) in erc.reject.iter().enumerate() {
+        csv.push_str(&format!("{r:.2}"));
+        for c in &erc.fnmr {
+            csv.push_str(&format!(",{}", c[i]));
+        }
+        csv.push('\n');
+    }
+    std::fs::write(report.join("erc.csv"), csv)?;
+    let colors = [[30, 90, 200], [200, 40, 40], [40, 150, 60]];
+    let curves: Vec<Vec<(f64, f64)>> = erc
+        .fnmr
+        .iter()
+        .map(|c| erc.reject.iter().copied().zip(c.iter().copied()).collect())
+        .collect();
+    let series: Vec<Series> = curves
+        .iter()
+        .zip(colors.iter().cycle())
+        .map(|(p, c)| Series {
+            points: p,
+            color: *c,
+        })
+        .collect();
+    let mut cv = Canvas::new(480, 400);
+    cv.chart(&series, false);
+    cv.save(&report.join("erc.png"))?;
+    Ok(erc)
+}
+
+/// Writes `drop_lowest.csv`: accuracy, AUC and TPR@FPR with and without the dropped pairs.
+fn write_drop_table(
+    report: &std::path::Path,
+    rows: &[(f64, &EvalResult)],
+) -> Result<(), TrainError> {
+    let mut csv = String::from("dropped_fraction,pairs,accuracy,auc");
+    if let Some((_, r)) = rows.first() {
+        for (f, _) in &r.tpr_at_fpr {
+            csv.push_str(&format!(",tpr@fpr={f:e}"));
+        }
+    }
+    csv.push('\n');
+    for (d, r) in rows {
+        csv.push_str(&format!("{d},{},{},{}", r.pairs, r.accuracy, r.auc));
+        for (_, t) in &r.tpr_at_fpr {
+            csv.push_str(&format!(",{t}"));
+        }
+        csv.push('\n');
+    }
+    std::fs::write(report.join("drop_lowest.csv"), csv)?;
+    Ok(())
 }

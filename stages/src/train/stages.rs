@@ -223,7 +223,10 @@ fn config_from(ctx: &StageContext, n_images: usize) -> Result<(TrainConfig, u64)
 }
 
 /// Runs `f` in a rayon pool of `threads` threads (candle's CPU kernels run on rayon).
-fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T, StageError> {
+pub(crate) fn with_threads<T: Send>(
+    threads: usize,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, StageError> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()
@@ -231,7 +234,7 @@ fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result
     Ok(pool.install(f))
 }
 
-fn data_id(dir: &Path, n: usize, classes: usize) -> Value {
+pub(crate) fn data_id(dir: &Path, n: usize, classes: usize) -> Value {
     json!({
         "id": dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
         "images": n,
