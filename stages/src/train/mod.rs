@@ -1,10 +1,12 @@
-//! Training stage kinds: `train`, `distil`, `import-model`, `embed`, `evaluate`, `identify`.
+//! Training stage kinds: `train`, `distil`, `import-model`, `embed`, `evaluate`, `identify`,
+//! `bn-finetune`.
 //!
 //! The loop itself is in [`trainer`], the optimisers in [`optim`], model artifacts (weights,
 //! model card, class centres) and curves in [`artifact`], the `Stage` implementations in
 //! [`stages`].
 
 pub mod artifact;
+pub mod bn_finetune;
 pub mod evaluate;
 pub mod identify;
 pub mod ijb;
@@ -148,7 +150,7 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device, TrainError> {
     }
 }
 
-/// Adds `train`, `distil`, `import-model`, `embed`, `evaluate` and `identify`.
+/// Adds `train`, `distil`, `import-model`, `embed`, `evaluate`, `identify` and `bn-finetune`.
 pub fn register(registry: &mut fpipe_engine::Registry) {
     registry.register(Arc::new(stages::TrainStage));
     registry.register(Arc::new(stages::DistilStage));
@@ -156,4 +158,5 @@ pub fn register(registry: &mut fpipe_engine::Registry) {
     registry.register(Arc::new(stages::EmbedStage));
     registry.register(Arc::new(stages::EvaluateStage));
     registry.register(Arc::new(identify::IdentifyStage));
+    registry.register(Arc::new(bn_finetune::BnFinetuneStage));
 }

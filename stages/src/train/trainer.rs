@@ -159,7 +159,7 @@ fn resize_normalise(
 }
 
 /// Independent random stream for (seed, purpose, index).
-fn stream(seed: u64, purpose: u64, index: u64) -> SplitMix {
+pub(crate) fn stream(seed: u64, purpose: u64, index: u64) -> SplitMix {
     let mut m = SplitMix::new(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let a = m.next_u64();
     SplitMix::new(a ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
@@ -170,7 +170,7 @@ const FLIP: u64 = 2;
 const SAMPLE: u64 = 3;
 
 /// Seeded permutation of `0..n` for `epoch`.
-fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(crate) fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut rng = stream(seed, ORDER, epoch);
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
