@@ -143,3 +143,54 @@ fn vargface_pipeline_runs_and_grows_by_one_generation() {
         show.stdout
     );
 }
+
+#[test]
+fn training_features_pipeline_runs_end_to_end_and_reruns_nothing() {
+    let p = Project::new();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/pipelines/training-features.yaml"
+    ))
+    .unwrap();
+    p.write("tf.yaml", &text);
+    let mut args = vec!["run", "tf.yaml"];
+    for kv in [
+        "identities=10",
+        "images_per_identity=5",
+        "image_size=32",
+        "input_size=32",
+        "width=0.125",
+        "embedding_size=16",
+        "epochs=1",
+        "batch_size=16",
+        "snapshot_every=2",
+        "qaa_iterations=20",
+        "qaa_depth=3",
+    ] {
+        args.extend(["-p", kv]);
+    }
+    // 3 data sets, baseline + its evaluation, 4 fine-tunings + 4 evaluations, qaa,
+    // qaa-score and the quality evaluation.
+    assert_eq!(p.fpipe(&args).ok().counts(), (16, 0, 0));
+    assert_eq!(
+        p.fpipe(&args).ok().counts(),
+        (0, 16, 0),
+        "a second run executes nothing"
+    );
+    let show = p.fpipe(&["show", "tf.yaml", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    let stage = |name: &str| {
+        rows.iter()
+            .find(|r| r["stage"] == name)
+            .unwrap_or_else(|| panic!("no row for {name}: {}", show.stdout))
+    };
+    for mix in ["none", "blur", "noise", "out-of-domain"] {
+        assert!(stage(&format!("bnft@{mix}"))["metrics"]["best_step"].as_f64() > Some(0.0));
+        assert!(stage(&format!("eval-bnft@{mix}"))["metrics"]["tpr@fpr=1e-2"].is_number());
+    }
+    let q = &stage("eval-qaa")["metrics"];
+    assert_eq!(q["dropped_pairs"], 50.0, "5 % of 1000 pairs");
+    assert!(q["erc_auc@fmr=1e-3"].is_number());
+    assert!(stage("qaa")["metrics"]["quality_clean"].is_number());
+}
