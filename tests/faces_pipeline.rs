@@ -194,3 +194,50 @@ fn training_features_pipeline_runs_end_to_end_and_reruns_nothing() {
     assert!(q["erc_auc@fmr=1e-3"].is_number());
     assert!(stage("qaa")["metrics"]["quality_clean"].is_number());
 }
+
+#[test]
+fn bad_training_feature_params_are_rejected_at_plan_time() {
+    let p = Project::new();
+    let head = "stages:\n  faces:\n    uses: synthetic-faces\n  train:\n    uses: train\n    inputs: {dataset: faces.dataset}\n";
+    let cases = [
+        (
+            "bn-finetune",
+            "{model: train.model, dataset: faces.dataset, pairs: faces.pairs}",
+            "fraction: 0.9",
+            "fraction 0.9 must lie in (0, 0.5]",
+        ),
+        (
+            "bn-finetune",
+            "{model: train.model, dataset: faces.dataset, pairs: faces.pairs}",
+            "sigma_min: 5, sigma_max: 3",
+            "need 0 < sigma_min <= sigma_max <= 50",
+        ),
+        (
+            "qaa",
+            "{model: train.model, dataset: faces.dataset}",
+            "depth: 0",
+            "depth 0 must lie in 1..=16",
+        ),
+        (
+            "qaa",
+            "{model: train.model, dataset: faces.dataset}",
+            "bins: 1000",
+            "bins 1000 must lie in 2..=256",
+        ),
+        (
+            "evaluate",
+            "{model: train.model, pairs: faces.pairs}",
+            "drop_lowest: 0.99",
+            "drop_lowest 0.99 must lie in [0, 0.95)",
+        ),
+    ];
+    for (kind, inputs, with, msg) in cases {
+        p.write(
+            "b.yaml",
+            &format!("{head}  s:\n    uses: {kind}\n    inputs: {inputs}\n    with: {{{with}}}\n"),
+        );
+        let r = p.fpipe(&["run", "b.yaml"]);
+        assert_eq!(r.code, 2, "{kind} {with}: {}", r.all());
+        assert!(r.stderr.contains(msg), "{kind} {with}: {}", r.stderr);
+    }
+}
