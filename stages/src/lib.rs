@@ -1,11 +1,12 @@
 //! fpipe-stages: the face-recognition stage kinds of fpipe.
 //!
 //! Data formats and the packed data set, alignment, backbones and losses on candle,
-//! training, distillation, evaluation. Each stage kind implements
+//! training, distillation, evaluation, data set filtering. Each stage kind implements
 //! [`fpipe_engine::Stage`] and is added by [`register_all`]. Nothing here knows about
 //! scheduling or caching beyond the directories a [`fpipe_engine::StageContext`] hands over.
 
 pub mod data;
+pub mod filter;
 pub mod loss;
 pub mod metrics;
 pub mod models;
@@ -18,4 +19,5 @@ pub fn register_all(registry: &mut fpipe_engine::Registry) {
     data::register(registry);
     train::register(registry);
     quality::register(registry);
+    filter::register(registry);
 }
