@@ -441,3 +441,115 @@ impl Stage for FilterStage {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::ImageTruth;
+    use candle_core::Tensor;
+
+    fn save(path: &Path, name: &str, t: Tensor) {
+        let mut m = std::collections::HashMap::new();
+        m.insert(name.to_string(), t);
+        candle_core::safetensors::save(&m, path).unwrap();
+    }
+
+    #[test]
+    fn quality_scores_are_read_checked_and_scaled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quality.safetensors");
+        save(
+            &path,
+            "scores",
+            Tensor::new(&[0f32, 50.0, 100.0], &Device::Cpu).unwrap(),
+        );
+        assert_eq!(read_quality(dir.path(), 3).unwrap(), vec![0.0, 0.5, 1.0]);
+        let e = read_quality(dir.path(), 4).unwrap_err().to_string();
+        assert!(
+            e.contains("3 quality scores for a data set of 4 images"),
+            "{e}"
+        );
+        save(
+            &path,
+            "scores",
+            Tensor::new(&[10f32, 101.0], &Device::Cpu).unwrap(),
+        );
+        let e = read_quality(dir.path(), 2).unwrap_err().to_string();
+        assert!(e.contains("score of image 1 is 101"), "{e}");
+        save(&path, "other", Tensor::new(&[10f32], &Device::Cpu).unwrap());
+        let e = read_quality(dir.path(), 1).unwrap_err().to_string();
+        assert!(e.contains("no tensor `scores`"), "{e}");
+    }
+
+    #[test]
+    fn embeddings_must_match_the_data_set_row_for_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackedWriter::create(dir.path(), 2, 2).unwrap();
+        for l in [0, 0, 1] {
+            w.push(&[0u8; 12], l, None, ImageTruth::default()).unwrap();
+        }
+        w.finish(json!({})).unwrap();
+        let d = PackedDataset::open(dir.path()).unwrap();
+        assert!(check_aligned(&d, &[0, 0, 1]).is_ok());
+        let e = check_aligned(&d, &[0, 1, 1]).unwrap_err().to_string();
+        assert!(
+            e.contains("embeddings row 1 has label 1 but image 1 of the data set has label 0"),
+            "{e}"
+        );
+        let e = check_aligned(&d, &[0, 0]).unwrap_err().to_string();
+        assert!(
+            e.contains("embeddings have 2 rows but the data set has 3 images"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_emptied_identity_renumbers_labels_names_truth_and_pairs() {
+        let src = tempfile::tempdir().unwrap();
+        let mut w = PackedWriter::create(src.path(), 1, 1).unwrap();
+        // Labels 0 0 1 1 2 2; image 5 shows identity 0 (label noise), image 4 shows 1.
+        for (i, l) in [0i64, 0, 1, 1, 2, 2].into_iter().enumerate() {
+            let truth = ImageTruth {
+                true_label: Some(match i {
+                    5 => 0,
+                    4 => 1,
+                    _ => l,
+                }),
+                label_noise: i >= 4,
+                ..ImageTruth::default()
+            };
+            w.push(&[i as u8; 3], l, None, truth).unwrap();
+        }
+        w.set_pairs(vec![(0, 4, false), (1, 5, false), (4, 5, true)]);
+        w.set_class_names(vec!["a".into(), "b".into(), "c".into()]);
+        w.set_meta("corruptions", json!({"label_noise": 2}));
+        w.finish(json!({})).unwrap();
+        let d = PackedDataset::open(src.path()).unwrap();
+        let labels: Vec<i64> = (0..6).map(|i| d.label(i)).collect();
+        // Identity 1 is all noise: removed, and 2 becomes 1.
+        let emb = [1f32, 0.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        let o = filter(&emb, 2, &labels, &[0.9; 6], Method::Graph { offset: 0.1 }).unwrap();
+        assert_eq!(o.kept(), 4);
+        let out = tempfile::tempdir().unwrap();
+        let map = write_dataset(&d, &o, out.path(), json!({}), json!({})).unwrap();
+        assert_eq!(map, Some(vec![0, 2]));
+        let c = PackedDataset::open(out.path()).unwrap();
+        assert_eq!(c.len(), 4);
+        assert_eq!(
+            (0..4).map(|i| c.label(i)).collect::<Vec<_>>(),
+            vec![0, 0, 1, 1]
+        );
+        assert_eq!(c.image(3), &[5u8; 3]);
+        // Image 5 showed identity 0 (still 0); image 4 showed 1, which is gone.
+        assert_eq!(c.truth(3).true_label, Some(0));
+        assert_eq!(c.truth(2).true_label, None);
+        assert_eq!(
+            c.pairs(),
+            Some(&[(0, 2, false), (1, 3, false), (2, 3, true)][..])
+        );
+        assert_eq!(c.metadata()["class_names"], json!(["a", "c"]));
+        assert_eq!(c.metadata()["corruptions"]["label_noise"], 2);
+        assert_eq!(c.metadata()["filter"]["label_map"], json!([0, 2]));
+        assert_eq!(c.metadata()["skipped"]["filter: in no cluster"], 2);
+    }
+}
