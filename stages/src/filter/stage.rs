@@ -314,7 +314,14 @@ impl Stage for FilterStage {
             None => vec![ctx.param_f64("quality_default")? as f32; data.len()],
         };
         let m = method(ctx)?;
-        let o = filter(&emb, dim, &labels, &quality, m).map_err(|e| err(e.to_string()))?;
+        // Identities are clustered in parallel, on the cores the engine granted.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(ctx.threads.max(1))
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let o = pool
+            .install(|| filter(&emb, dim, &labels, &quality, m))
+            .map_err(|e| err(e.to_string()))?;
         let kept = o.kept();
         let removed = data.len() - kept;
         let has_truth = data.metadata().get("corruptions").is_some();
