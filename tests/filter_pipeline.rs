@@ -28,6 +28,13 @@ const PIPELINE: &str = r#"stages:
     uses: filter
     inputs: {dataset: faces.dataset, embeddings: emb.embeddings}
     with: {method: dbscan, eps: 0.3, min_samples: 2}
+  qaa:
+    uses: qaa
+    inputs: {model: train.model, dataset: faces.dataset}
+    with: {iterations: 20, depth: 3}
+  graph_q:
+    uses: filter
+    inputs: {dataset: faces.dataset, embeddings: emb.embeddings, quality: qaa.quality}
 "#;
 
 fn out(p: &Project, port: &str, file: &str) -> PathBuf {
@@ -39,10 +46,10 @@ fn out(p: &Project, port: &str, file: &str) -> PathBuf {
 fn filter_cleans_the_data_set_and_reruns_nothing() {
     let p = Project::new();
     p.write("p.yaml", PIPELINE);
-    assert_eq!(p.fpipe(&["run", "p.yaml"]).ok().counts(), (5, 0, 0));
+    assert_eq!(p.fpipe(&["run", "p.yaml"]).ok().counts(), (7, 0, 0));
     let source = PackedDataset::open(&out(&p, "faces.dataset", "p.yaml")).unwrap();
     assert_eq!(source.len(), 160);
-    for stage in ["graph", "dbscan"] {
+    for stage in ["graph", "dbscan", "graph_q"] {
         let rep = out(&p, &format!("{stage}.report"), "p.yaml");
         let r: Value =
             serde_json::from_str(&std::fs::read_to_string(rep.join("filter.json")).unwrap())
@@ -54,7 +61,14 @@ fn filter_cleans_the_data_set_and_reruns_nothing() {
         // images, so the removal path is exercised (and memorised label noise is not found:
         // the precision/recall printed below are a tiny model's, not the methods').
         assert!(removed > 0, "{stage}");
-        assert_eq!(r["params"]["method"], stage);
+        assert_eq!(r["params"]["method"], stage.trim_end_matches("_q"));
+        // With `qaa`'s scores the edge bar follows each image's quality.
+        let q = if stage == "graph_q" {
+            "input".into()
+        } else {
+            serde_json::json!(0.5)
+        };
+        assert_eq!(r["params"]["quality"], q, "{stage}");
         assert_eq!(r["ground_truth"]["label_noise"], 16, "{stage}");
         assert_eq!(r["per_identity"].as_array().unwrap().len(), 20);
         let per_kept: u64 = r["per_identity"]
@@ -140,7 +154,7 @@ fn filter_cleans_the_data_set_and_reruns_nothing() {
     }
 
     // Nothing changed: nothing runs.
-    assert_eq!(p.fpipe(&["run", "p.yaml"]).ok().counts(), (0, 5, 0));
+    assert_eq!(p.fpipe(&["run", "p.yaml"]).ok().counts(), (0, 7, 0));
 
     // Embeddings of another data set: a clear error naming both sizes.
     p.write(

@@ -10,6 +10,7 @@
 
 use super::{filter, precision_recall, Method, Outcome, Reason};
 use crate::data::{PackedDataset, PackedWriter, DATASET};
+use crate::quality::{QUALITY, SCORES};
 use candle_core::{DType, Device};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
@@ -20,8 +21,6 @@ use std::path::Path;
 
 /// Port type of `embed`'s output.
 pub const EMBEDDINGS: fpipe_engine::PortType = "embeddings";
-/// Port type of `qaa`'s output: `quality.safetensors` with `scores` `[N]` in 0..100.
-pub const QUALITY: fpipe_engine::PortType = "quality";
 /// Quality assumed for every image when no `quality` input is wired: with the default
 /// `offset` 0.1, images of one identity are joined when their cosine is at least 0.4.
 pub const QUALITY_DEFAULT: f64 = 0.5;
@@ -74,7 +73,7 @@ fn read_embeddings(dir: &Path) -> Result<(Vec<f32>, Vec<i64>, usize), StageError
 
 /// Quality in 0..1 per image from a `qaa` output (`scores` in 0..100).
 fn read_quality(dir: &Path, n: usize) -> Result<Vec<f32>, StageError> {
-    let path = dir.join("quality.safetensors");
+    let path = dir.join(SCORES);
     let t = load(&path)?;
     let s = t
         .get("scores")
