@@ -166,15 +166,17 @@ fn training_features_pipeline_runs_end_to_end_and_reruns_nothing() {
         "snapshot_every=2",
         "qaa_iterations=20",
         "qaa_depth=3",
+        "noisy_identities=8",
     ] {
         args.extend(["-p", kv]);
     }
     // 3 data sets, baseline + its evaluation, 4 fine-tunings + 4 evaluations, qaa,
-    // qaa-score and the quality evaluation.
-    assert_eq!(p.fpipe(&args).ok().counts(), (16, 0, 0));
+    // qaa-score and the quality evaluation; the noisy set, its embeddings and quality, and
+    // three filters.
+    assert_eq!(p.fpipe(&args).ok().counts(), (22, 0, 0));
     assert_eq!(
         p.fpipe(&args).ok().counts(),
-        (0, 16, 0),
+        (0, 22, 0),
         "a second run executes nothing"
     );
     let show = p.fpipe(&["show", "tf.yaml", "--json"]).ok();
@@ -193,6 +195,12 @@ fn training_features_pipeline_runs_end_to_end_and_reruns_nothing() {
     assert_eq!(q["dropped_pairs"], 50.0, "5 % of 1000 pairs");
     assert!(q["erc_auc@fmr=1e-3"].is_number());
     assert!(stage("qaa")["metrics"]["quality_clean"].is_number());
+    // Each filter is scored against the injected label noise (8 identities x 5 images x 0.1).
+    for f in ["filter-graph", "filter-graph-flat", "filter-dbscan"] {
+        let m = &stage(f)["metrics"];
+        let (kept, removed) = (m["kept"].as_f64(), m["removed"].as_f64());
+        assert_eq!(kept.zip(removed).map(|(k, r)| k + r), Some(40.0), "{f}: {m}");
+    }
 }
 
 #[test]
