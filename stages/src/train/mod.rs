@@ -8,10 +8,12 @@
 pub mod artifact;
 pub mod bn_finetune;
 pub mod evaluate;
+pub mod filters;
 pub mod identify;
 pub mod ijb;
 pub mod optim;
 pub mod png;
+pub mod reactivation;
 pub mod stages;
 pub mod trainer;
 
@@ -159,4 +161,5 @@ pub fn register(registry: &mut fpipe_engine::Registry) {
     registry.register(Arc::new(stages::EvaluateStage));
     registry.register(Arc::new(identify::IdentifyStage));
     registry.register(Arc::new(bn_finetune::BnFinetuneStage));
+    registry.register(Arc::new(filters::FiltersStage));
 }

@@ -120,6 +120,28 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Zeroes the optimiser state (momentum buffer, Adam moments) of rows `rows` (first
+    /// dimension) of variable `name`: re-initialised filters start without the momentum of the
+    /// dead filter they replace.
+    pub fn reset_rows(&mut self, name: &str, rows: &[usize]) -> Result<()> {
+        for map in [&mut self.m, &mut self.v] {
+            if let Some(t) = map.get(name) {
+                let dims = t.dims().to_vec();
+                let per = dims.iter().skip(1).product::<usize>();
+                let dtype = t.dtype();
+                let mut data = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                for &r in rows {
+                    if let Some(row) = data.get_mut(r * per..(r + 1) * per) {
+                        row.fill(0.0);
+                    }
+                }
+                let new = Tensor::from_vec(data, dims, t.device())?.to_dtype(dtype)?;
+                map.insert(name.to_string(), new);
+            }
+        }
+        Ok(())
+    }
+
     /// State tensors for a checkpoint (`m.<name>`, `v.<name>`, `step`).
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();

@@ -1,0 +1,174 @@
+//! The `filters` stage: activity analysis of a model's first convolution (CRAFT, methods.md
+//! section 4): inactive fraction, unique filters, a PNG grid of the filters, and the per-epoch
+//! history when the model was trained with `reactivation` checks.
+
+use super::artifact::{ModelCard, CARD, WEIGHTS};
+use super::png::Canvas;
+use super::reactivation::{analyse, first_conv, FilterEpoch, ReactivationConfig};
+use super::TrainError;
+use candle_core::{DType, Device};
+use fpipe_engine::{
+    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
+};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Pixels per weight in the grid.
+const CELL: usize = 8;
+/// Gap between filters in the grid, in pixels.
+const GAP: usize = 4;
+
+/// Writes the filters `w` (`[n, 3, k, k]`) as a grid of RGB tiles: one colour channel per
+/// input channel, mid-grey at zero, one scale for the whole layer so that dead filters show
+/// as flat grey.
+pub fn filter_grid(w: &[f32], n: usize, k: usize, path: &Path) -> std::io::Result<()> {
+    let cols = (n as f64).sqrt().ceil().max(1.0) as usize;
+    let rows = n.div_ceil(cols).max(1);
+    let tile = k * CELL;
+    let (wd, ht) = (cols * (tile + GAP) + GAP, rows * (tile + GAP) + GAP);
+    let mut px = vec![255u8; wd * ht * 3];
+    let max = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    for f in 0..n {
+        let (ox, oy) = (GAP + (f % cols) * (tile + GAP), GAP + (f / cols) * (tile + GAP));
+        for y in 0..tile {
+            for x in 0..tile {
+                let (ky, kx) = (y / CELL, x / CELL);
+                let i = ((oy + y) * wd + ox + x) * 3;
+                for c in 0..3 {
+                    let v = w[((f * 3 + c) * k + ky) * k + kx] / max;
+                    px[i + c] = (127.5 + 127.5 * v).round().clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+    }
+    match Canvas::from_rgb(wd, ht, px) {
+        Some(cv) => cv.save(path),
+        None => Err(std::io::Error::other("filter grid size mismatch")),
+    }
+}
+
+/// `filters`: analysis of a model's first conv layer.
+pub struct FiltersStage;
+
+fn config_from(p: &BTreeMap<String, Value>) -> ReactivationConfig {
+    let d = ReactivationConfig::default();
+    let f = |k: &str, v: f64| p.get(k).and_then(|x| x.as_f64()).unwrap_or(v);
+    ReactivationConfig {
+        tau: f("tau", d.tau),
+        threshold: f("threshold", d.threshold),
+        same_cos: f("same_cos", d.same_cos),
+        ..d
+    }
+}
+
+impl Stage for FiltersStage {
+    fn kind(&self) -> &'static str {
+        "filters"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "first-layer filter analysis: inactive fraction, unique filters, PNG grid, reactivation history"
+    }
+    fn signature(&self) -> StageSignature {
+        StageSignature {
+            inputs: vec![PortSpec::new("model", "model", "any model artifact")],
+            outputs: vec![PortSpec::new(
+                "report",
+                "report",
+                "filters.json, filters.png, history.csv",
+            )],
+            params: vec![
+                ParamSpec::with_default(
+                    "tau",
+                    ParamType::Float,
+                    json!(0.1),
+                    "inactive when ‖W_i‖ < tau · max_j ‖W_j‖",
+                ),
+                ParamSpec::with_default(
+                    "threshold",
+                    ParamType::Float,
+                    json!(0.0),
+                    "absolute activity threshold; > 0 replaces tau",
+                ),
+                ParamSpec::with_default(
+                    "same_cos",
+                    ParamType::Float,
+                    json!(0.9),
+                    "|cos| at or above which two filters count as one pattern",
+                ),
+            ],
+        }
+    }
+    fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
+        config_from(p)
+            .validate()
+            .map_err(|e| e.replace("reactivation_", ""))
+    }
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let cfg = config_from(&ctx.params);
+        let dir = ctx.input("model")?.to_path_buf();
+        let weights = dir.join(WEIGHTS);
+        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+            .map_err(|e| StageError::msg(format!("{}: {e}", weights.display())))?;
+        let (name, t) = first_conv(
+            tensors.iter().map(|(k, t)| (k.as_str(), t.clone())),
+            |t| t.dims().to_vec(),
+        )
+        .map_err(|e| StageError::msg(format!("{}: {e}", weights.display())))?;
+        let dims = t.dims().to_vec();
+        let (n, k) = (dims[0], dims[2]);
+        let w = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(TrainError::from)?;
+        let stats = analyse(&w, 3 * k * dims[3], &cfg);
+        let history: Vec<FilterEpoch> = std::fs::read_to_string(dir.join(CARD))
+            .ok()
+            .and_then(|s| serde_json::from_str::<ModelCard>(&s).ok())
+            .and_then(|c| c.training.get("reactivation_history").cloned())
+            .and_then(|h| serde_json::from_value(h).ok())
+            .unwrap_or_default();
+        let out = ctx.output("report")?.to_path_buf();
+        if dims[2] == dims[3] {
+            filter_grid(&w, n, k, &out.join("filters.png"))?;
+        }
+        let mut csv = String::from("epoch,inactive_fraction,unique_filters,reactivated\n");
+        for h in &history {
+            csv.push_str(&format!(
+                "{},{},{},{}\n",
+                h.epoch, h.inactive_fraction, h.unique_filters, h.reactivated
+            ));
+        }
+        std::fs::write(out.join("history.csv"), csv)?;
+        let report = json!({
+            "layer": name,
+            "shape": dims,
+            "filters": n,
+            "inactive": stats.inactive,
+            "inactive_fraction": stats.inactive_fraction(),
+            "unique_filters": stats.unique,
+            "activity": stats.activity,
+            "tau": cfg.tau,
+            "threshold": cfg.threshold,
+            "same_cos": cfg.same_cos,
+            "history": history,
+        });
+        std::fs::write(
+            out.join("filters.json"),
+            serde_json::to_string_pretty(&report).map_err(TrainError::from)?,
+        )?;
+        ctx.metric("inactive_fraction", stats.inactive_fraction());
+        ctx.metric("unique_filters", stats.unique as f64);
+        ctx.metric("filters", n as f64);
+        ctx.log(&format!(
+            "{name}: {} of {n} filters inactive, {} unique",
+            stats.inactive.len(),
+            stats.unique
+        ));
+        Ok(())
+    }
+}
