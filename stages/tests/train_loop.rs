@@ -71,6 +71,7 @@ fn tiny_config(steps: u64) -> TrainConfig {
         flip: true,
         seed: 3,
         distil_alpha: 0.0,
+        reactivation: Default::default(),
     }
 }
 

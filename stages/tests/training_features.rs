@@ -78,6 +78,7 @@ fn bn_finetune_moves_only_running_stats_and_keeps_the_best_snapshot() {
         flip: false,
         seed: 3,
         distil_alpha: 0.0,
+        reactivation: Default::default(),
     };
     let (store, _, _) = build_student(&cfg, 6, &dev, None).unwrap();
     let model_dir = dir.path().join("model");

@@ -28,9 +28,15 @@ pub fn filter_grid(w: &[f32], n: usize, k: usize, path: &Path) -> std::io::Resul
     let tile = k * CELL;
     let (wd, ht) = (cols * (tile + GAP) + GAP, rows * (tile + GAP) + GAP);
     let mut px = vec![255u8; wd * ht * 3];
-    let max = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let max = w
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
     for f in 0..n {
-        let (ox, oy) = (GAP + (f % cols) * (tile + GAP), GAP + (f / cols) * (tile + GAP));
+        let (ox, oy) = (
+            GAP + (f % cols) * (tile + GAP),
+            GAP + (f / cols) * (tile + GAP),
+        );
         for y in 0..tile {
             for x in 0..tile {
                 let (ky, kx) = (y / CELL, x / CELL);
@@ -113,10 +119,9 @@ impl Stage for FiltersStage {
         let weights = dir.join(WEIGHTS);
         let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
             .map_err(|e| StageError::msg(format!("{}: {e}", weights.display())))?;
-        let (name, t) = first_conv(
-            tensors.iter().map(|(k, t)| (k.as_str(), t.clone())),
-            |t| t.dims().to_vec(),
-        )
+        let (name, t) = first_conv(tensors.iter().map(|(k, t)| (k.as_str(), t.clone())), |t| {
+            t.dims().to_vec()
+        })
         .map_err(|e| StageError::msg(format!("{}: {e}", weights.display())))?;
         let dims = t.dims().to_vec();
         let (n, k) = (dims[0], dims[2]);

@@ -129,7 +129,10 @@ impl Optimizer {
                 let dims = t.dims().to_vec();
                 let per = dims.iter().skip(1).product::<usize>();
                 let dtype = t.dtype();
-                let mut data = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut data = t
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 for &r in rows {
                     if let Some(row) = data.get_mut(r * per..(r + 1) * per) {
                         row.fill(0.0);

@@ -184,7 +184,11 @@ pub fn reactivate(
     let n = stats.activity.len();
     let mut active: Vec<usize> = (0..n).filter(|i| !stats.inactive.contains(i)).collect();
     // Strongest first; equal activity keeps index order.
-    active.sort_by(|&a, &b| stats.activity[b].total_cmp(&stats.activity[a]).then(a.cmp(&b)));
+    active.sort_by(|&a, &b| {
+        stats.activity[b]
+            .total_cmp(&stats.activity[a])
+            .then(a.cmp(&b))
+    });
     let Some(&strongest) = active.first() else {
         return vec![];
     };
@@ -438,7 +442,11 @@ mod tests {
         let s = analyse(&w, 3, &c);
         let changed = reactivate(&mut w, 3, &s, &c, &mut SplitMix::new(0));
         assert_eq!(changed, vec![2, 3]);
-        assert_eq!(&w[6..9], &[-3.0, 0.0, 0.0], "first inactive <- -a (strongest)");
+        assert_eq!(
+            &w[6..9],
+            &[-3.0, 0.0, 0.0],
+            "first inactive <- -a (strongest)"
+        );
         assert_eq!(&w[9..12], &[0.0, -2.0, 0.0], "second inactive <- -b");
         let after = analyse(&w, 3, &c);
         assert!(after.inactive.is_empty());
@@ -473,7 +481,10 @@ mod tests {
         assert_eq!(&w[3..6], &[-3.0, 0.0, 0.0], "first copy exact");
         let second = &w[6..9];
         assert_ne!(second, &[-3.0, 0.0, 0.0], "second copy perturbed");
-        assert!(cos(second, &[-3.0, 0.0, 0.0]) > 0.99, "still the complement");
+        assert!(
+            cos(second, &[-3.0, 0.0, 0.0]) > 0.99,
+            "still the complement"
+        );
     }
 
     #[test]
@@ -499,8 +510,18 @@ mod tests {
         let s = analyse(&w, 3, &c);
         assert!(reactivate(&mut w, 3, &s, &c, &mut SplitMix::new(0)).is_empty());
         assert_eq!(w, weights());
-        assert!(ReactivationConfig { tau: 1.5, ..c.clone() }.validate().is_err());
-        assert!(ReactivationConfig { every: 0, ..c.clone() }.validate().is_err());
+        assert!(ReactivationConfig {
+            tau: 1.5,
+            ..c.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(ReactivationConfig {
+            every: 0,
+            ..c.clone()
+        }
+        .validate()
+        .is_err());
         assert!(ReactivationConfig { quiet: 1.0, ..c }.validate().is_err());
     }
 }

@@ -2,6 +2,7 @@
 
 use super::artifact::{self, load_model, save_model, write_curve};
 use super::optim::OptimizerKind;
+use super::reactivation::{ReactivationConfig, ReactivationMode};
 use super::trainer::{batch_tensor, train, RunEnv, Teacher, TrainConfig};
 use super::{load_model_weights, parse_device, FaceSource, TrainError};
 use crate::data::PackedDataset;
@@ -135,8 +136,45 @@ fn train_params() -> Vec<ParamSpec> {
         ParamSpec::with_default("flip", ParamType::Bool, json!(true), "random horizontal flip"),
         ParamSpec::with_default("seed", ParamType::Int, json!(0), "seed of initialisation, order, flips and sampling"),
         ParamSpec::with_default("checkpoint_every", ParamType::Int, json!(200), "checkpoint every N steps").volatile(),
+        ParamSpec::with_default("reactivation", ParamType::Enum(&["none", "scaled-random", "craft"]), json!("none"),
+            "re-initialise inactive first-layer filters (CRAFT; see docs/training.md)"),
+        ParamSpec::with_default("reactivation_tau", ParamType::Float, json!(0.1), "inactive when ||W_i|| < tau * max_j ||W_j||"),
+        ParamSpec::with_default("reactivation_threshold", ParamType::Float, json!(0.0), "absolute activity threshold; > 0 replaces tau"),
+        ParamSpec::with_default("reactivation_every", ParamType::Int, json!(1), "check at the end of every N epochs"),
+        ParamSpec::with_default("reactivation_quiet", ParamType::Float, json!(0.2), "no reactivation in this last fraction of training"),
+        ParamSpec::with_default("reactivation_same_cos", ParamType::Float, json!(0.9), "|cos| at or above which filters are the same pattern"),
+        ParamSpec::with_default("reactivation_perturb", ParamType::Float, json!(0.05), "relative noise on repeated CRAFT complements"),
     ]);
     v
+}
+
+fn reactivation_from(p: &BTreeMap<String, Value>) -> Result<ReactivationConfig, String> {
+    let d = ReactivationConfig::default();
+    let f = |k: &str, v: f64| p.get(k).and_then(|x| x.as_f64()).unwrap_or(v);
+    let mode = match p
+        .get("reactivation")
+        .and_then(|v| v.as_str())
+        .unwrap_or("none")
+    {
+        "scaled-random" => ReactivationMode::ScaledRandom,
+        "craft" => ReactivationMode::Craft,
+        _ => ReactivationMode::None,
+    };
+    let every = p
+        .get("reactivation_every")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(1);
+    let cfg = ReactivationConfig {
+        mode,
+        tau: f("reactivation_tau", d.tau),
+        threshold: f("reactivation_threshold", d.threshold),
+        every: every.max(0) as u64,
+        quiet: f("reactivation_quiet", d.quiet),
+        same_cos: f("reactivation_same_cos", d.same_cos),
+        perturb: f("reactivation_perturb", d.perturb),
+    };
+    cfg.validate()?;
+    Ok(cfg)
 }
 
 fn margin_from(p: &BTreeMap<String, Value>) -> Result<MarginConfig, String> {
@@ -168,6 +206,7 @@ fn margin_from(p: &BTreeMap<String, Value>) -> Result<MarginConfig, String> {
 fn check_train_params(p: &BTreeMap<String, Value>) -> Result<(), String> {
     backbone_from(p)?;
     margin_from(p)?;
+    reactivation_from(p)?;
     let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
     if !(f("sample_rate") > 0.0 && f("sample_rate") <= 1.0) {
         return Err("sample_rate must lie in (0, 1]".into());
@@ -218,6 +257,7 @@ fn config_from(ctx: &StageContext, n_images: usize) -> Result<(TrainConfig, u64)
             .get("alpha")
             .and_then(|v| v.as_f64())
             .unwrap_or(0.0),
+        reactivation: reactivation_from(&ctx.params).map_err(StageError::msg)?,
     };
     Ok((cfg, ctx.param_i64("checkpoint_every")?.max(0) as u64))
 }
@@ -300,6 +340,7 @@ fn run_training(ctx: &mut StageContext, teacher_port: Option<&str>) -> Result<()
         "config": serde_json::to_value(&cfg).map_err(TrainError::from)?,
         "steps": out.steps_done,
         "resumed_at": out.resumed_at,
+        "reactivation_history": out.reactivation,
     });
     let model_dir = ctx.output("model")?.to_path_buf();
     let card = save_model(
@@ -326,6 +367,17 @@ fn run_training(ctx: &mut StageContext, teacher_port: Option<&str>) -> Result<()
         .map_err(TrainError::from)?,
     )?;
     ctx.metric("final_loss", final_loss);
+    if let Some(last) = out.reactivation.last() {
+        ctx.metric("inactive_fraction", last.inactive_fraction);
+        ctx.metric("unique_filters", last.unique_filters as f64);
+        ctx.metric(
+            "reactivated",
+            out.reactivation
+                .iter()
+                .map(|h| h.reactivated)
+                .sum::<usize>() as f64,
+        );
+    }
     ctx.metric("parameters", card.parameters as f64);
     Ok(())
 }

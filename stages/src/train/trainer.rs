@@ -7,6 +7,7 @@
 //! step, so a resumed run sees exactly the batches the uninterrupted run would have.
 
 use super::optim::{clip_grad_norm, Optimizer, OptimizerKind, ParamEntry, PolySchedule};
+use super::reactivation::{FilterEpoch, ReactivationConfig, Reactivator};
 use super::{load_model_weights, FaceSource, TrainError};
 use crate::loss::{angular_distillation, MarginConfig, MarginHead};
 use crate::models::{is_buffer, Backbone, BackboneConfig, Normalisation, ParamStore, SplitMix};
@@ -50,6 +51,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Weight α of the angular distillation term (used with a teacher).
     pub distil_alpha: f64,
+    /// Reactivation of inactive first-layer filters (CRAFT); `none` records the history only.
+    #[serde(default)]
+    pub reactivation: ReactivationConfig,
 }
 
 /// A fixed teacher for distillation.
@@ -101,6 +105,8 @@ pub struct Trained {
     pub resumed_at: u64,
     /// Steps completed.
     pub steps_done: u64,
+    /// First-layer filter history, one row per completed epoch.
+    pub reactivation: Vec<FilterEpoch>,
 }
 
 const CKPT: &str = "checkpoint.safetensors";
@@ -349,6 +355,9 @@ pub fn train(
         Some((s, c)) => (s, c),
         None => (0, vec![]),
     };
+    let mut react = Reactivator::new(&cfg.reactivation, &store.vars(), cfg.seed)
+        .map_err(TrainError::Invalid)?;
+    react.history = load_history(&env.scratch, step * cfg.batch_size as u64 / n as u64)?;
     curve.truncate(step as usize);
     let resumed_at = step;
     let (h, w, _) = data.image_shape();
@@ -416,12 +425,16 @@ pub fn train(
             clip_grad_norm(&mut grads, &clip_vars, cfg.grad_clip)?;
         }
         opt.step(&grads, lr)?;
+        react.after_step(step, cfg.steps, bs, n, &mut |name, rows| {
+            opt.reset_rows(name, rows)
+        })?;
         curve.push(CurvePoint { step, loss: lv, lr });
         step += 1;
         done_here += 1;
         let ips = (done_here * bs as u64) as f64 / start.elapsed().as_secs_f64().max(1e-9);
         (env.on_step)(step, cfg.steps, lv, lr, ips);
         if env.checkpoint_every > 0 && step % env.checkpoint_every == 0 && step < cfg.steps {
+            save_history(&env.scratch, &react.history)?;
             save_checkpoint(&env.scratch, &store, &opt, &curve, step)?;
         }
     }
@@ -430,5 +443,29 @@ pub fn train(
         curve,
         resumed_at,
         steps_done: step,
+        reactivation: react.history,
     })
+}
+
+const HISTORY: &str = "reactivation.json";
+
+/// Writes the filter history beside the checkpoint (before it, so a checkpoint never lacks
+/// the history of its own epochs).
+fn save_history(dir: &Path, history: &[FilterEpoch]) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{HISTORY}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(history)?)?;
+    std::fs::rename(&tmp, dir.join(HISTORY))?;
+    Ok(())
+}
+
+/// The saved history up to `epochs` completed epochs (the checkpoint's), or empty.
+fn load_history(dir: &Path, epochs: u64) -> Result<Vec<FilterEpoch>, TrainError> {
+    let path = dir.join(HISTORY);
+    if epochs == 0 || !path.exists() {
+        return Ok(vec![]);
+    }
+    let mut h: Vec<FilterEpoch> = serde_json::from_slice(&std::fs::read(&path)?)?;
+    h.retain(|e| e.epoch <= epochs);
+    Ok(h)
 }
