@@ -210,7 +210,6 @@ pub fn reactivate(
         }
         ReactivationMode::Craft => {
             let mut out = Vec::new();
-            let mut placed = 0usize;
             // Candidates: active filters whose complement no other filter already covers.
             let candidates: Vec<usize> = active
                 .iter()
@@ -227,7 +226,7 @@ pub fn reactivate(
             if candidates.is_empty() {
                 return vec![];
             }
-            for &i in &stats.inactive {
+            for (placed, &i) in stats.inactive.iter().enumerate() {
                 let c = candidates[placed % candidates.len()];
                 let cycle = placed / candidates.len();
                 let src: Vec<f32> = w[c * len..(c + 1) * len].to_vec();
@@ -240,7 +239,6 @@ pub fn reactivate(
                     };
                     *d = -src[k] + noise;
                 }
-                placed += 1;
                 out.push(i);
             }
             out
