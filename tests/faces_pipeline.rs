@@ -199,7 +199,11 @@ fn training_features_pipeline_runs_end_to_end_and_reruns_nothing() {
     for f in ["filter-graph", "filter-graph-flat", "filter-dbscan"] {
         let m = &stage(f)["metrics"];
         let (kept, removed) = (m["kept"].as_f64(), m["removed"].as_f64());
-        assert_eq!(kept.zip(removed).map(|(k, r)| k + r), Some(40.0), "{f}: {m}");
+        assert_eq!(
+            kept.zip(removed).map(|(k, r)| k + r),
+            Some(40.0),
+            "{f}: {m}"
+        );
     }
 }
 

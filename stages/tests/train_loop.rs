@@ -58,6 +58,7 @@ fn tiny_config(steps: u64) -> TrainConfig {
             s: 16.0,
             ..MarginConfig::arcface()
         },
+        objective: Default::default(),
         sample_rate: 0.5,
         optimizer: OptimizerKind::Sgd,
         lr: 0.05,

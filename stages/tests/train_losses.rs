@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use fpipe_stages::loss::{
-    angular_distillation, cross_entropy, margin_logits, partial_fc_sample, MarginConfig,
-    MarginHead, MarginVariant,
+    angular_distillation, cross_entropy, margin_logits, partial_fc_sample, LambdaSchedule,
+    MarginConfig, MarginHead, MarginVariant,
 };
 use fpipe_stages::models::SplitMix;
 use fpipe_stages::train::optim::{clip_grad_norm, Optimizer, ParamEntry, PolySchedule};
@@ -28,18 +28,22 @@ fn norm_rows(v: &[f64], d: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Target value by the textbook definition (acos), for each variant.
-fn ref_target(t: f64, cfg: &MarginConfig) -> f64 {
+/// Target value by the textbook definition (acos), for each variant; `lambda` is SphereFace's
+/// blend `(λ·cosθ + ψ(θ))/(1 + λ)`.
+fn ref_target(t: f64, cfg: &MarginConfig, lambda: f64) -> f64 {
     let theta = t.acos();
-    let m1 = cfg.m1 as usize;
-    if m1 > 1 {
-        let k = (m1 as f64 * theta / PI).floor().min(m1 as f64 - 1.0);
+    if cfg.m1 > 1.0 {
+        let phi = cfg.m1 * theta + cfg.m2;
+        // The last piece ends at θ = π: k < ⌈(m1·π + m2)/π⌉.
+        let k_max = ((cfg.m1 * PI + cfg.m2) / PI).ceil() - 1.0;
+        let k = (phi / PI).floor().min(k_max);
         let sign = if (k as usize).is_multiple_of(2) {
             1.0
         } else {
             -1.0
         };
-        return sign * (m1 as f64 * theta).cos() - 2.0 * k - cfg.m3;
+        let psi = sign * phi.cos() - 2.0 * k;
+        return (lambda * t + psi) / (1.0 + lambda) - cfg.m3;
     }
     let m = cfg.m2;
     let v = match cfg.variant {
@@ -70,6 +74,7 @@ fn ref_loss3(
     labels: &[u32],
     cfg: &MarginConfig,
     fixed_delta: Option<&[f64]>,
+    lambda: f64,
 ) -> (f64, f64, Vec<f64>) {
     let xn = norm_rows(x, D);
     let wn = norm_rows(w, D);
@@ -90,7 +95,7 @@ fn ref_loss3(
         let t = logits[y];
         let delta = match fixed_delta {
             Some(d) => d[i],
-            None => ref_target(t, cfg) - t,
+            None => ref_target(t, cfg, lambda) - t,
         };
         deltas.push(delta);
         logits[y] = t + delta;
@@ -110,8 +115,9 @@ fn ref_loss(
     labels: &[u32],
     cfg: &MarginConfig,
     fixed_delta: Option<&[f64]>,
+    lambda: f64,
 ) -> (f64, Vec<f64>) {
-    let (c, _, d) = ref_loss3(x, w, labels, cfg, fixed_delta);
+    let (c, _, d) = ref_loss3(x, w, labels, cfg, fixed_delta, lambda);
     (c, d)
 }
 
@@ -131,13 +137,14 @@ fn candle_loss(
     w: &[f64],
     labels: &[u32],
     cfg: &MarginConfig,
+    iter: u64,
 ) -> (f64, Vec<f64>, Vec<f64>) {
     let dev = Device::Cpu;
     let xv = Var::from_tensor(&Tensor::from_vec(x.to_vec(), (B, D), &dev).unwrap()).unwrap();
     let wv = Var::from_tensor(&Tensor::from_vec(w.to_vec(), (C, D), &dev).unwrap()).unwrap();
     let head = MarginHead::new(wv.clone(), cfg.clone(), 1.0).unwrap();
     let loss = head
-        .loss(xv.as_tensor(), labels, &mut SplitMix::new(0))
+        .loss_at(xv.as_tensor(), labels, &mut SplitMix::new(0), iter)
         .unwrap();
     let g = loss.backward().unwrap();
     let gx = g
@@ -182,21 +189,28 @@ fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
 }
 
 fn check(cfg: MarginConfig) {
+    check_at(cfg, 0);
+}
+
+/// Value and gradients at training iteration `iter` (SphereFace's λ depends on it).
+fn check_at(cfg: MarginConfig, iter: u64) {
     let (x, w, labels) = setup(7);
-    let (loss, gx, gw) = candle_loss(&x, &w, &labels, &cfg);
-    let (rl, deltas) = ref_loss(&x, &w, &labels, &cfg, None);
+    let lambda = cfg.lambda_at(iter);
+    let (loss, gx, gw) = candle_loss(&x, &w, &labels, &cfg, iter);
+    let (rl, deltas) = ref_loss(&x, &w, &labels, &cfg, None, lambda);
     assert!(
         (loss - rl).abs() < 1e-9 * rl.abs().max(1.0),
         "{cfg:?}: loss {loss} vs {rl}"
     );
-    let straight = cfg.variant == MarginVariant::StraightThrough && cfg.m2 != 0.0;
+    // SphereFace's ψ is differentiable under every variant.
+    let straight = cfg.variant == MarginVariant::StraightThrough && cfg.m2 != 0.0 && cfg.m1 == 1.0;
     let fixed = if straight {
         Some(deltas.as_slice())
     } else {
         None
     };
-    let rx = fd(&|xx| ref_loss3(xx, &w, &labels, &cfg, fixed).1, &x);
-    let rw = fd(&|ww| ref_loss3(&x, ww, &labels, &cfg, fixed).1, &w);
+    let rx = fd(&|xx| ref_loss3(xx, &w, &labels, &cfg, fixed, lambda).1, &x);
+    let rw = fd(&|ww| ref_loss3(&x, ww, &labels, &cfg, fixed, lambda).1, &w);
     assert_close(&gx, &rx, 1e-5, &format!("{cfg:?} dL/dx"));
     assert_close(&gw, &rw, 1e-5, &format!("{cfg:?} dL/dW"));
 }
@@ -209,6 +223,7 @@ fn cfg(m1: f64, m2: f64, m3: f64, variant: MarginVariant) -> MarginConfig {
         m3,
         variant,
         interclass_threshold: 0.0,
+        sphere_lambda: None,
     }
 }
 
@@ -242,6 +257,42 @@ fn sphereface_psi_matches_reference() {
 }
 
 #[test]
+fn sphereface_real_m_and_combined_m2_match_reference() {
+    // Real m1: k = ⌊m1·θ/π⌋ with a partial last piece.
+    check(cfg(1.5, 0.0, 0.0, MarginVariant::Differentiable));
+    check(cfg(2.7, 0.0, 0.2, MarginVariant::Differentiable));
+    // The full combined margin: ψ of m1·θ + m2, then − m3.
+    check(cfg(2.0, 0.3, 0.1, MarginVariant::Differentiable));
+    // ψ is trained through even with the straight-through default.
+    check(cfg(4.0, 0.0, 0.0, MarginVariant::StraightThrough));
+}
+
+#[test]
+fn sphereface_lambda_schedule_and_blend_match_reference() {
+    let sched = LambdaSchedule::default();
+    // λ = max(5, 1000·(1 + 0.12·iter)^−1).
+    assert_eq!(sched.at(0), 1000.0);
+    assert!((sched.at(100) - 1000.0 / 13.0).abs() < 1e-12);
+    assert_eq!(sched.at(10_000), 5.0);
+    let mut c = cfg(4.0, 0.0, 0.0, MarginVariant::Differentiable);
+    c.sphere_lambda = Some(sched);
+    assert_eq!(c.lambda_at(100), sched.at(100));
+    for iter in [0, 100, 10_000] {
+        check_at(c.clone(), iter);
+    }
+    // Far into training (λ = 5) the loss is larger than early on (λ = 1000, nearly softmax):
+    // the margin is phased in.
+    let (x, w, labels) = setup(7);
+    let early = candle_loss(&x, &w, &labels, &c, 0).0;
+    let late = candle_loss(&x, &w, &labels, &c, 10_000).0;
+    assert!(late > early, "λ=5 loss {late} vs λ=1000 loss {early}");
+    // Without m1 > 1 there is no λ.
+    let mut a = MarginConfig::arcface();
+    a.sphere_lambda = Some(sched);
+    assert_eq!(a.lambda_at(0), 0.0);
+}
+
+#[test]
 fn interclass_filtering_matches_reference() {
     let mut c = cfg(1.0, 0.5, 0.0, MarginVariant::Differentiable);
     c.interclass_threshold = 0.2;
@@ -260,16 +311,28 @@ fn interclass_filtering_matches_reference() {
 
 #[test]
 fn invalid_margins_are_rejected_with_a_message() {
-    let e = cfg(1.5, 0.0, 0.0, MarginVariant::Differentiable)
+    for m1 in [0.5, 9.0, f64::NAN] {
+        let e = cfg(m1, 0.0, 0.0, MarginVariant::Differentiable)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("m1 must lie in [1, 8]"), "{e}");
+    }
+    let mut c = cfg(4.0, 0.0, 0.0, MarginVariant::Differentiable);
+    c.sphere_lambda = Some(LambdaSchedule {
+        min: -1.0,
+        ..LambdaSchedule::default()
+    });
+    let e = c.validate().unwrap_err();
+    assert!(e.to_string().contains("sphere_lambda"), "{e}");
+    assert!(cfg(1.5, 0.0, 0.0, MarginVariant::Differentiable)
         .validate()
-        .unwrap_err();
-    assert!(e.to_string().contains("m1 must be an integer"), "{e}");
-    let e = cfg(4.0, 0.5, 0.0, MarginVariant::Differentiable)
+        .is_ok());
+    assert!(cfg(4.0, 0.5, 0.0, MarginVariant::Differentiable)
         .validate()
-        .unwrap_err();
-    assert!(e.to_string().contains("SphereFace"), "{e}");
+        .is_ok());
     assert!(MarginConfig::arcface().validate().is_ok());
     assert!(MarginConfig::cosface().validate().is_ok());
+    assert!(MarginConfig::norm_softmax().validate().is_ok());
 }
 
 #[test]
@@ -296,7 +359,7 @@ fn cross_entropy_matches_naive_softmax() {
         m2: 0.0,
         ..MarginConfig::arcface()
     };
-    let ml: Vec<f64> = margin_logits(&cos, &[0, 1], &c)
+    let ml: Vec<f64> = margin_logits(&cos, &[0, 1], &c, 0)
         .unwrap()
         .flatten_all()
         .unwrap()

@@ -65,6 +65,7 @@ fn bn_finetune_moves_only_running_stats_and_keeps_the_best_snapshot() {
     let cfg = fpipe_stages::train::trainer::TrainConfig {
         backbone: tiny_backbone(),
         margin: fpipe_stages::loss::MarginConfig::arcface(),
+        objective: Default::default(),
         sample_rate: 1.0,
         optimizer: fpipe_stages::train::optim::OptimizerKind::Sgd,
         lr: 0.1,

@@ -6,7 +6,17 @@
 //! [`MarginVariant::StraightThrough`] (current arcface_torch: the margin is added under
 //! no-grad, the gradient passes as if d/dcos = 1) and [`MarginVariant::Differentiable`]
 //! (earlier arcface_torch, MagFace: `cosθ·cos m − sinθ·sin m` with the threshold or easy-margin
-//! fallback). SphereFace (integer m1 > 1) uses the monotone ψ(θ) = (−1)^k cos(m1·θ) − 2k.
+//! fallback). SphereFace (m1 > 1, integer or real) uses the monotone
+//! ψ(θ) = (−1)^k cos(m1·θ + m2) − 2k, k = ⌊(m1·θ + m2)/π⌋, blended with cos θ by the annealed λ
+//! of the SphereFace paper ([`LambdaSchedule`]).
+//!
+//! The other objectives of `train`: plain and centre-loss softmax ([`softmax`]), triplet loss
+//! with online mining ([`triplet`]); [`objective`] puts them behind one interface for the
+//! training loop.
+
+pub mod objective;
+pub mod softmax;
+pub mod triplet;
 
 use crate::models::SplitMix;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -50,6 +60,43 @@ pub struct MarginConfig {
     pub variant: MarginVariant,
     /// Inter-class filtering: non-target cosines above this are zeroed (0 = off).
     pub interclass_threshold: f64,
+    /// SphereFace (m1 > 1): the annealed blend of cos θ into the target logit; `None` trains
+    /// with ψ(θ) alone (λ = 0).
+    #[serde(default)]
+    pub sphere_lambda: Option<LambdaSchedule>,
+}
+
+/// SphereFace's annealed softmax blend: the target logit is `(λ·cosθ + ψ(θ))/(1 + λ)` with
+/// `λ = max(λ_min, base·(1 + γ·iter)^(−power))` (the reference Caffe `MarginInnerProduct`
+/// defaults base 1000, γ 0.12, power 1, λ_min 5).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LambdaSchedule {
+    /// λ at iteration 0.
+    pub base: f64,
+    /// Decay rate γ.
+    pub gamma: f64,
+    /// Decay power.
+    pub power: f64,
+    /// Floor λ_min.
+    pub min: f64,
+}
+
+impl Default for LambdaSchedule {
+    fn default() -> Self {
+        LambdaSchedule {
+            base: 1000.0,
+            gamma: 0.12,
+            power: 1.0,
+            min: 5.0,
+        }
+    }
+}
+
+impl LambdaSchedule {
+    /// λ at 0-based iteration `iter`.
+    pub fn at(&self, iter: u64) -> f64 {
+        (self.base * (1.0 + self.gamma * iter as f64).powf(-self.power)).max(self.min)
+    }
 }
 
 impl MarginConfig {
@@ -62,6 +109,7 @@ impl MarginConfig {
             m3: 0.0,
             variant: MarginVariant::StraightThrough,
             interclass_threshold: 0.0,
+            sphere_lambda: None,
         }
     }
     /// CosFace (1, 0, 0.4), s = 64.
@@ -72,8 +120,22 @@ impl MarginConfig {
             ..Self::arcface()
         }
     }
-    /// Checks that the margins can be trained: m1 a positive integer, m1 > 1 only without m2
-    /// (ψ(θ) has no closed form with an additive angle), margins non-negative, s > 0.
+    /// SphereFace's λ at iteration `iter` (0 when m1 = 1 or without a schedule).
+    pub fn lambda_at(&self, iter: u64) -> f64 {
+        match &self.sphere_lambda {
+            Some(l) if self.m1 > 1.0 => l.at(iter),
+            _ => 0.0,
+        }
+    }
+    /// Normalised softmax (1, 0, 0), s = 64: features and weights normalised, no margin.
+    pub fn norm_softmax() -> Self {
+        MarginConfig {
+            m2: 0.0,
+            ..Self::arcface()
+        }
+    }
+    /// Checks that the margins can be trained: s > 0, m1 in [1, 8] (real values allowed: ψ
+    /// needs only k = ⌊(m1·θ + m2)/π⌋), margins non-negative, λ schedule non-negative.
     pub fn validate(&self) -> std::result::Result<(), LossError> {
         if self.s.is_nan() || self.s <= 0.0 {
             return Err(LossError::Config(format!(
@@ -81,17 +143,21 @@ impl MarginConfig {
                 self.s
             )));
         }
-        if self.m1 < 1.0 || self.m1.fract() != 0.0 || self.m1 > 8.0 {
+        if !(1.0..=8.0).contains(&self.m1) {
             return Err(LossError::Config(format!(
-                "m1 must be an integer from 1 to 8 (SphereFace's multiplicative margin uses \
-                 cos(m1·θ) as a Chebyshev polynomial), got {}",
+                "m1 must lie in [1, 8] (SphereFace's multiplicative angular margin), got {}",
                 self.m1
             )));
         }
-        if self.m1 > 1.0 && self.m2 != 0.0 {
-            return Err(LossError::Config(
-                "m1 > 1 (SphereFace) cannot be combined with m2 > 0: use m1 with m3 only".into(),
-            ));
+        if let Some(l) = &self.sphere_lambda {
+            if [l.base, l.gamma, l.power, l.min]
+                .iter()
+                .any(|v| v.is_nan() || *v < 0.0)
+            {
+                return Err(LossError::Config(
+                    "sphere_lambda_base, _gamma, _power and _min must be >= 0".into(),
+                ));
+            }
         }
         if self.m2 < 0.0 || self.m3 < 0.0 || self.m2 >= std::f64::consts::PI {
             return Err(LossError::Config(
@@ -129,50 +195,53 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&n)
 }
 
-/// Chebyshev polynomial T_k(t) = cos(k·acos t), by the recurrence.
-fn chebyshev(t: &Tensor, k: usize) -> Result<Tensor> {
-    let mut a = t.ones_like()?;
-    let mut b = t.clone();
-    if k == 0 {
-        return Ok(a);
+/// SphereFace's ψ for target cosines `t` `[B]`: value `(−1)^k cos(φ) − 2k` with
+/// `φ = m1·acos(t) + m2`, `k = ⌊φ/π⌋`, and gradient `dψ/dt = (−1)^k·m1·sin φ / sin θ`. candle has
+/// no `acos`, so both are computed on the host in f64 and joined as `t·g + (ψ − t·g)` with
+/// `g` and `ψ − t·g` held constant: the forward value is ψ, the gradient exactly ψ'(t).
+fn sphere_psi(t: &Tensor, m1: f64, m2: f64) -> Result<Tensor> {
+    let host: Vec<f64> = t.to_dtype(DType::F64)?.to_vec1()?;
+    // k never exceeds the last piece: θ ≤ π gives φ ≤ m1·π + m2.
+    let k_max = ((m1 * std::f64::consts::PI + m2) / std::f64::consts::PI).ceil() - 1.0;
+    let (mut val, mut grad) = (
+        Vec::with_capacity(host.len()),
+        Vec::with_capacity(host.len()),
+    );
+    for &c in &host {
+        let c = c.clamp(-1.0, 1.0);
+        let theta = c.acos();
+        let phi = m1 * theta + m2;
+        let k = (phi / std::f64::consts::PI).floor().min(k_max).max(0.0);
+        let sign = if (k as u64).is_multiple_of(2) {
+            1.0
+        } else {
+            -1.0
+        };
+        let sin_t = theta.sin();
+        // Near θ = 0 with m2 = 0, sin(m1·θ)/sin θ → m1; elsewhere sin θ is kept off 0.
+        let ratio = if sin_t < 1e-6 && m2 == 0.0 && theta < 1.0 {
+            m1
+        } else {
+            phi.sin() / sin_t.max(1e-6)
+        };
+        val.push(sign * phi.cos() - 2.0 * k);
+        grad.push(sign * m1 * ratio);
     }
-    for _ in 1..k {
-        let c = ((t * 2.0)?.mul(&b)? - &a)?;
-        a = b;
-        b = c;
-    }
-    Ok(b)
+    let dev = t.device();
+    let g = Tensor::new(grad, dev)?.to_dtype(t.dtype())?;
+    let v = Tensor::new(val, dev)?.to_dtype(t.dtype())?;
+    let tg = t.mul(&g)?;
+    let offset = (v - tg.detach())?.detach();
+    tg + offset
 }
 
-/// Target-logit function f(t) (before scaling) for target cosines `t` `[B]`, with gradient.
-fn target_fn(t: &Tensor, cfg: &MarginConfig) -> Result<Tensor> {
-    let m1 = cfg.m1 as usize;
-    if m1 > 1 {
-        // ψ(θ) = (−1)^k cos(m1θ) − 2k, k = ⌊m1θ/π⌋: θ ≥ jπ/m1 ⇔ t ≤ cos(jπ/m1).
-        let host: Vec<f64> = t.to_dtype(DType::F64)?.to_vec1()?;
-        let ks: Vec<f64> = host
-            .iter()
-            .map(|&c| {
-                (1..m1)
-                    .filter(|&j| c <= (j as f64 * std::f64::consts::PI / m1 as f64).cos())
-                    .count() as f64
-            })
-            .collect();
-        let sign: Vec<f64> = ks
-            .iter()
-            .map(|k| {
-                if (*k as usize).is_multiple_of(2) {
-                    1.0
-                } else {
-                    -1.0
-                }
-            })
-            .collect();
-        let dev = t.device();
-        let k = Tensor::new(ks, dev)?.to_dtype(t.dtype())?;
-        let sign = Tensor::new(sign, dev)?.to_dtype(t.dtype())?;
-        let psi = (chebyshev(t, m1)?.mul(&sign)? - (k * 2.0)?)?;
-        return psi - cfg.m3;
+/// Target-logit function f(t) (before scaling) for target cosines `t` `[B]`, with gradient;
+/// `lambda` blends cos θ into SphereFace's ψ (unused when m1 = 1).
+fn target_fn(t: &Tensor, cfg: &MarginConfig, lambda: f64) -> Result<Tensor> {
+    if cfg.m1 > 1.0 {
+        let psi = sphere_psi(t, cfg.m1, cfg.m2)?;
+        let f = ((t * lambda)? + psi)? / (1.0 + lambda);
+        return f? - cfg.m3;
     }
     if cfg.m2 == 0.0 {
         return t - cfg.m3;
@@ -194,8 +263,14 @@ fn target_fn(t: &Tensor, cfg: &MarginConfig) -> Result<Tensor> {
     out - cfg.m3
 }
 
-/// Scaled logits `[B, C]` with the margin on each row's target class.
-pub fn margin_logits(cos: &Tensor, labels: &[u32], cfg: &MarginConfig) -> Result<Tensor> {
+/// Scaled logits `[B, C]` with the margin on each row's target class, at 0-based training
+/// iteration `iter` (which sets SphereFace's λ).
+pub fn margin_logits(
+    cos: &Tensor,
+    labels: &[u32],
+    cfg: &MarginConfig,
+    iter: u64,
+) -> Result<Tensor> {
     let (_, c) = cos.dims2()?;
     let oh = one_hot(labels, c, cos.dtype(), cos.device())?;
     let mut cos = cos.clone();
@@ -207,10 +282,11 @@ pub fn margin_logits(cos: &Tensor, labels: &[u32], cfg: &MarginConfig) -> Result
         cos = (cos * keep.detach())?;
     }
     let t = (&cos * &oh)?.sum(1)?;
-    let f = target_fn(&t, cfg)?;
+    let f = target_fn(&t, cfg, cfg.lambda_at(iter))?;
     let delta = (f - &t)?;
+    // ψ is always differentiable: SphereFace's λ annealing exists to tame its gradient.
     let delta = match cfg.variant {
-        MarginVariant::StraightThrough => delta.detach(),
+        MarginVariant::StraightThrough if cfg.m1 == 1.0 => delta.detach(),
         _ => delta,
     };
     let logits = (cos + oh.broadcast_mul(&delta.unsqueeze(1)?)?)?;
@@ -310,8 +386,19 @@ impl MarginHead {
         x.matmul(&w.t()?)?.clamp(-1.0, 1.0)
     }
 
-    /// Loss of a batch; `rng` drives PartialFC sampling (unused at rate 1).
+    /// Loss of a batch at iteration 0; `rng` drives PartialFC sampling (unused at rate 1).
     pub fn loss(&self, emb: &Tensor, labels: &[u32], rng: &mut SplitMix) -> Result<Tensor> {
+        self.loss_at(emb, labels, rng, 0)
+    }
+
+    /// Loss of a batch at 0-based iteration `iter` (SphereFace's λ depends on it).
+    pub fn loss_at(
+        &self,
+        emb: &Tensor,
+        labels: &[u32],
+        rng: &mut SplitMix,
+        iter: u64,
+    ) -> Result<Tensor> {
         let classes = self.weight.dim(0)?;
         let (w, labels) = if self.sample_rate < 1.0 {
             let (idx, remapped) = partial_fc_sample(labels, classes, self.sample_rate, rng);
@@ -321,7 +408,7 @@ impl MarginHead {
             (self.weight.as_tensor().clone(), labels.to_vec())
         };
         let cos = self.cosines(emb, &w)?;
-        let logits = margin_logits(&cos, &labels, &self.cfg)?;
+        let logits = margin_logits(&cos, &labels, &self.cfg, iter)?;
         cross_entropy(&logits, &labels)
     }
 }

@@ -108,10 +108,29 @@ pub fn load_model(dir: &Path, dev: &Device) -> Result<LoadedModel, TrainError> {
 /// Writes `curve.csv` (step, loss, lr) and `curve.png` (loss in blue, lr rescaled to the loss
 /// range in red) into `dir`.
 pub fn write_curve(dir: &Path, curve: &[CurvePoint]) -> Result<(), TrainError> {
+    write_curve_with(dir, curve, None)
+}
+
+/// [`write_curve`] with the objective's per-step extra as a fourth CSV column named `extra`
+/// (e.g. `active_triplets`, `lambda`).
+pub fn write_curve_with(
+    dir: &Path,
+    curve: &[CurvePoint],
+    extra: Option<&str>,
+) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir)?;
-    let mut csv = String::from("step,loss,lr\n");
+    let mut csv = match extra {
+        Some(name) => format!("step,loss,lr,{name}\n"),
+        None => String::from("step,loss,lr\n"),
+    };
     for c in curve {
-        csv.push_str(&format!("{},{},{}\n", c.step, c.loss, c.lr));
+        match extra {
+            Some(_) => {
+                let e = c.extra.map(|v| v.to_string()).unwrap_or_default();
+                csv.push_str(&format!("{},{},{},{e}\n", c.step, c.loss, c.lr))
+            }
+            None => csv.push_str(&format!("{},{},{}\n", c.step, c.loss, c.lr)),
+        }
     }
     std::fs::write(dir.join("curve.csv"), csv)?;
     let loss: Vec<(f64, f64)> = curve.iter().map(|c| (c.step as f64, c.loss)).collect();

@@ -14,6 +14,7 @@ pub mod ijb;
 pub mod optim;
 pub mod png;
 pub mod reactivation;
+pub mod sampler;
 pub mod stages;
 pub mod trainer;
 

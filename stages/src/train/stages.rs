@@ -1,12 +1,14 @@
 //! The `train`, `distil`, `import-model`, `embed` and `evaluate` stage kinds.
 
-use super::artifact::{self, load_model, save_model, write_curve};
+use super::artifact::{self, load_model, save_model, write_curve_with};
 use super::optim::OptimizerKind;
 use super::reactivation::{ReactivationConfig, ReactivationMode};
 use super::trainer::{batch_tensor, train, RunEnv, Teacher, TrainConfig};
 use super::{load_model_weights, parse_device, FaceSource, TrainError};
 use crate::data::PackedDataset;
-use crate::loss::{MarginConfig, MarginVariant};
+use crate::loss::objective::ObjectiveConfig;
+use crate::loss::triplet::Mining;
+use crate::loss::{LambdaSchedule, MarginConfig, MarginVariant};
 use crate::models::{iresnet, mobilefacenet, vargfacenet, Backbone, BackboneConfig, ParamStore};
 use candle_core::{DType, Device, Tensor};
 use fpipe_engine::{
@@ -113,14 +115,23 @@ fn backbone_from(p: &BTreeMap<String, Value>) -> Result<BackboneConfig, String> 
 fn train_params() -> Vec<ParamSpec> {
     let mut v = backbone_params();
     v.extend([
-        ParamSpec::with_default("loss", ParamType::Enum(&["arcface", "cosface", "combined", "sphereface", "custom"]), json!("arcface"),
-            "margin preset: arcface (1,0.5,0), cosface (1,0,0.4), combined (1,0.3,0.2), sphereface (4,0,0), custom uses m1/m2/m3"),
-        ParamSpec::with_default("m1", ParamType::Float, json!(1.0), "custom: multiplicative angular margin (integer)"),
+        ParamSpec::with_default("loss", ParamType::Enum(LOSSES), json!("arcface"),
+            "arcface (1,0.5,0), cosface (1,0,0.4), combined (1,0.3,0.2), sphereface (4,0,0), norm-softmax (1,0,0), custom (m1/m2/m3); softmax, center, triplet (see docs/training.md)"),
+        ParamSpec::with_default("m1", ParamType::Float, json!(1.0), "custom: multiplicative angular margin (SphereFace; real, 1..8)"),
         ParamSpec::with_default("m2", ParamType::Float, json!(0.5), "custom: additive angular margin"),
         ParamSpec::with_default("m3", ParamType::Float, json!(0.0), "custom: additive cosine margin"),
         ParamSpec::with_default("margin_variant", ParamType::Enum(&["straight-through", "differentiable", "easy-margin"]), json!("straight-through"),
             "how the angular margin enters the gradient (see docs/training.md)"),
         ParamSpec::with_default("scale", ParamType::Float, json!(64.0), "logit scale s"),
+        ParamSpec::with_default("sphere_lambda_base", ParamType::Float, json!(1000.0), "SphereFace (m1 > 1): λ = max(min, base·(1+gamma·iter)^-power) blends cos θ into ψ(θ)"),
+        ParamSpec::with_default("sphere_lambda_gamma", ParamType::Float, json!(0.12), "SphereFace: λ decay rate"),
+        ParamSpec::with_default("sphere_lambda_power", ParamType::Float, json!(1.0), "SphereFace: λ decay power"),
+        ParamSpec::with_default("sphere_lambda_min", ParamType::Float, json!(5.0), "SphereFace: λ floor"),
+        ParamSpec::with_default("center_lambda", ParamType::Float, json!(0.003), "center: weight λ of λ/2·‖x − c_y‖²"),
+        ParamSpec::with_default("center_alpha", ParamType::Float, json!(0.5), "center: centre update rate α"),
+        ParamSpec::with_default("triplet_margin", ParamType::Float, json!(0.2), "triplet: hinge margin on squared distances of normalised embeddings"),
+        ParamSpec::with_default("triplet_mining", ParamType::Enum(&["semi-hard", "batch-hard"]), json!("semi-hard"), "triplet: online selection (FaceNet semi-hard, or batch-hard)"),
+        ParamSpec::with_default("triplet_k", ParamType::Int, json!(4), "triplet: images per identity K in a batch (P = batch_size / K)"),
         ParamSpec::with_default("interclass_threshold", ParamType::Float, json!(0.0), "zero non-target cosines above this (0 = off)"),
         ParamSpec::with_default("sample_rate", ParamType::Float, json!(1.0), "PartialFC: fraction of class centres per step"),
         ParamSpec::with_default("optimizer", ParamType::Enum(&["sgd", "adamw"]), json!("sgd"), "optimiser"),
@@ -177,6 +188,18 @@ fn reactivation_from(p: &BTreeMap<String, Value>) -> Result<ReactivationConfig, 
     Ok(cfg)
 }
 
+const LOSSES: &[&str] = &[
+    "arcface",
+    "cosface",
+    "combined",
+    "sphereface",
+    "norm-softmax",
+    "custom",
+    "softmax",
+    "center",
+    "triplet",
+];
+
 fn margin_from(p: &BTreeMap<String, Value>) -> Result<MarginConfig, String> {
     let f = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
     let (m1, m2, m3) = match p.get("loss").and_then(|v| v.as_str()).unwrap_or("arcface") {
@@ -184,8 +207,17 @@ fn margin_from(p: &BTreeMap<String, Value>) -> Result<MarginConfig, String> {
         "cosface" => (1.0, 0.0, 0.4),
         "combined" => (1.0, 0.3, 0.2),
         "sphereface" => (4.0, 0.0, 0.0),
-        _ => (f("m1", 1.0), f("m2", 0.5), f("m3", 0.0)),
+        "custom" => (f("m1", 1.0), f("m2", 0.5), f("m3", 0.0)),
+        // norm-softmax; softmax, center and triplet do not use the margin head.
+        _ => (1.0, 0.0, 0.0),
     };
+    let d = LambdaSchedule::default();
+    let sphere_lambda = (m1 > 1.0).then(|| LambdaSchedule {
+        base: f("sphere_lambda_base", d.base),
+        gamma: f("sphere_lambda_gamma", d.gamma),
+        power: f("sphere_lambda_power", d.power),
+        min: f("sphere_lambda_min", d.min),
+    });
     let variant = match p.get("margin_variant").and_then(|v| v.as_str()) {
         Some("differentiable") => MarginVariant::Differentiable,
         Some("easy-margin") => MarginVariant::EasyMargin,
@@ -198,8 +230,41 @@ fn margin_from(p: &BTreeMap<String, Value>) -> Result<MarginConfig, String> {
         m3,
         variant,
         interclass_threshold: f("interclass_threshold", 0.0),
+        sphere_lambda,
     };
     cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn objective_from(p: &BTreeMap<String, Value>) -> Result<ObjectiveConfig, String> {
+    let f = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+    let cfg = match p.get("loss").and_then(|v| v.as_str()).unwrap_or("arcface") {
+        "softmax" => ObjectiveConfig::Softmax,
+        "center" => ObjectiveConfig::Center {
+            lambda: f("center_lambda", 0.003),
+            alpha: f("center_alpha", 0.5),
+        },
+        "triplet" => ObjectiveConfig::Triplet {
+            margin: f("triplet_margin", 0.2),
+            mining: match p.get("triplet_mining").and_then(|v| v.as_str()) {
+                Some("batch-hard") => Mining::BatchHard,
+                _ => Mining::SemiHard,
+            },
+            per_identity: p
+                .get("triplet_k")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(4)
+                .clamp(0, 1 << 20) as usize,
+        },
+        _ => ObjectiveConfig::Margin,
+    };
+    let bs = p
+        .get("batch_size")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(128)
+        .clamp(0, 1 << 30) as usize;
+    cfg.validate(bs, f("sample_rate", 1.0))
+        .map_err(|e| e.to_string())?;
     Ok(cfg)
 }
 
@@ -207,6 +272,7 @@ fn check_train_params(p: &BTreeMap<String, Value>) -> Result<(), String> {
     backbone_from(p)?;
     margin_from(p)?;
     reactivation_from(p)?;
+    objective_from(p)?;
     let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
     if !(f("sample_rate") > 0.0 && f("sample_rate") <= 1.0) {
         return Err("sample_rate must lie in (0, 1]".into());
@@ -226,6 +292,7 @@ fn check_train_params(p: &BTreeMap<String, Value>) -> Result<(), String> {
 fn config_from(ctx: &StageContext, n_images: usize) -> Result<(TrainConfig, u64), StageError> {
     let backbone = backbone_from(&ctx.params).map_err(StageError::msg)?;
     let margin = margin_from(&ctx.params).map_err(StageError::msg)?;
+    let objective = objective_from(&ctx.params).map_err(StageError::msg)?;
     let bs = ctx.param_i64("batch_size")?.max(2) as usize;
     let steps_per_epoch = (n_images as f64 / bs as f64).max(1.0);
     let steps = match ctx.param_i64("steps")? {
@@ -236,6 +303,7 @@ fn config_from(ctx: &StageContext, n_images: usize) -> Result<(TrainConfig, u64)
     let cfg = TrainConfig {
         backbone,
         margin,
+        objective,
         sample_rate: ctx.param_f64("sample_rate")?,
         optimizer: if ctx.param_str("optimizer")? == "adamw" {
             OptimizerKind::Adamw
@@ -352,19 +420,29 @@ fn run_training(ctx: &mut StageContext, teacher_port: Option<&str>) -> Result<()
         training,
     )?;
     let report = ctx.output("report")?.to_path_buf();
-    write_curve(&report, &out.curve)?;
-    let last: Vec<f64> = out.curve.iter().rev().take(20).map(|c| c.loss).collect();
-    let final_loss = last.iter().sum::<f64>() / last.len().max(1) as f64;
+    let extra = cfg.objective.extra_name(&cfg.margin);
+    write_curve_with(&report, &out.curve, extra)?;
+    let tail = |f: fn(&super::trainer::CurvePoint) -> Option<f64>| {
+        let last: Vec<f64> = out.curve.iter().rev().take(20).filter_map(f).collect();
+        last.iter().sum::<f64>() / last.len().max(1) as f64
+    };
+    let final_loss = tail(|c| Some(c.loss));
+    let mut summary = json!({
+        "final_loss": final_loss,
+        "steps": out.steps_done,
+        "parameters": card.parameters,
+        "macs": card.macs,
+        "seconds_this_run": secs,
+    });
+    if let Some(name) = extra {
+        // Mean of the last 20 steps, like final_loss.
+        let v = tail(|c| c.extra);
+        summary[format!("final_{name}")] = json!(v);
+        ctx.metric(&format!("final_{name}"), v);
+    }
     std::fs::write(
         report.join("summary.json"),
-        serde_json::to_string_pretty(&json!({
-            "final_loss": final_loss,
-            "steps": out.steps_done,
-            "parameters": card.parameters,
-            "macs": card.macs,
-            "seconds_this_run": secs,
-        }))
-        .map_err(TrainError::from)?,
+        serde_json::to_string_pretty(&summary).map_err(TrainError::from)?,
     )?;
     ctx.metric("final_loss", final_loss);
     if let Some(last) = out.reactivation.last() {
@@ -394,11 +472,12 @@ impl Stage for TrainStage {
     fn default_cpus(&self) -> usize {
         usize::MAX
     }
+    /// 2: SphereFace trains through ψ with the annealed λ; softmax, centre and triplet losses.
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn doc(&self) -> &'static str {
-        "train a backbone with a margin loss (ArcFace/CosFace/combined/SphereFace, PartialFC)"
+        "train a backbone: margin losses (ArcFace/CosFace/combined/SphereFace/norm-softmax, PartialFC), softmax, center or triplet loss"
     }
     fn signature(&self) -> StageSignature {
         StageSignature {
@@ -433,8 +512,9 @@ impl Stage for DistilStage {
     fn default_cpus(&self) -> usize {
         usize::MAX
     }
+    /// 2: as `train` version 2.
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn doc(&self) -> &'static str {
         "train a student with margin loss + alpha * angular distillation to a teacher"

@@ -1,15 +1,18 @@
 //! The training loop shared by `train` and `distil`: seeded batches from a [`FaceSource`],
-//! backbone + margin head (+ α · angular distillation against a fixed teacher), SGD-momentum or
+//! backbone + objective (margin head, softmax, centre or triplet loss; see
+//! [`crate::loss::objective`]) (+ α · angular distillation against a fixed teacher), SGD-momentum or
 //! AdamW, polynomial decay with warm-up, gradient clipping, checkpoints in the scratch area and
 //! resume from the last one.
 //!
-//! Every random choice (epoch order, flips, PartialFC samples) is a function of the seed and the
+//! Every random choice (batch composition, flips, PartialFC samples) is a function of the seed and the
 //! step, so a resumed run sees exactly the batches the uninterrupted run would have.
 
 use super::optim::{clip_grad_norm, Optimizer, OptimizerKind, ParamEntry, PolySchedule};
 use super::reactivation::{FilterEpoch, ReactivationConfig, Reactivator};
+use super::sampler::BatchSampler;
 use super::{load_model_weights, FaceSource, TrainError};
-use crate::loss::{angular_distillation, MarginConfig, MarginHead};
+use crate::loss::objective::{Objective, ObjectiveConfig};
+use crate::loss::{angular_distillation, MarginConfig};
 use crate::models::{is_buffer, Backbone, BackboneConfig, Normalisation, ParamStore, SplitMix};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -23,8 +26,11 @@ use std::time::Instant;
 pub struct TrainConfig {
     /// Student backbone.
     pub backbone: BackboneConfig,
-    /// Margin head.
+    /// Margin head (used by the margin objective).
     pub margin: MarginConfig,
+    /// Training objective: margin head, softmax, centre or triplet loss.
+    #[serde(default)]
+    pub objective: ObjectiveConfig,
     /// PartialFC sample rate (1 = every class every step).
     pub sample_rate: f64,
     /// SGD (momentum) or AdamW.
@@ -93,6 +99,9 @@ pub struct CurvePoint {
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
+    /// The objective's per-step extra (SphereFace λ, centre distance, active-triplet
+    /// fraction), if it has one.
+    pub extra: Option<f64>,
 }
 
 /// Result of a finished (or stopped) run.
@@ -171,27 +180,23 @@ pub(crate) fn stream(seed: u64, purpose: u64, index: u64) -> SplitMix {
     SplitMix::new(a ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
-const ORDER: u64 = 1;
+// Stream 1 (epoch order) and 4, 5 (identity batches) are the sampler's.
 const FLIP: u64 = 2;
 const SAMPLE: u64 = 3;
 
-/// Seeded permutation of `0..n` for `epoch`.
+/// Seeded permutation of `0..n` for `epoch`: the order the epoch sampler uses.
 pub(crate) fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut rng = stream(seed, ORDER, epoch);
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        v.swap(i, rng.below(i + 1));
-    }
-    v
+    super::sampler::epoch_order(n, seed, super::sampler::ORDER, epoch)
 }
 
-/// Builds the student and head in a fresh store (seeded), optionally loading initial weights.
+/// Builds the student and its objective in a fresh store (seeded), optionally loading initial
+/// weights.
 pub fn build_student(
     cfg: &TrainConfig,
     classes: usize,
     dev: &Device,
     init: Option<&Path>,
-) -> Result<(ParamStore, Backbone, MarginHead), TrainError> {
+) -> Result<(ParamStore, Backbone, Objective), TrainError> {
     let store = ParamStore::new(cfg.seed);
     let vb = store.vb(dev);
     let backbone = Backbone::new(&cfg.backbone, vb.pp("backbone"))?;
@@ -199,31 +204,25 @@ pub fn build_student(
         load_model_weights(&store, "backbone.", p)?;
     }
     let emb = cfg.backbone.embedding_size();
-    let w = vb.pp("head").get_with_hints(
-        (classes, emb),
-        "weight",
-        candle_nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.01,
-        },
+    let objective = Objective::build(
+        &cfg.objective,
+        &cfg.margin,
+        cfg.sample_rate,
+        &store,
+        classes,
+        emb,
+        dev,
     )?;
-    let var = store
-        .vars()
-        .into_iter()
-        .find(|(k, _)| k == "head.weight")
-        .map(|(_, v)| v)
-        .ok_or_else(|| TrainError::Invalid("head weight was not created".into()))?;
-    debug_assert_eq!(var.dims(), w.dims());
-    let head = MarginHead::new(var, cfg.margin.clone(), cfg.sample_rate)?;
-    Ok((store, backbone, head))
+    Ok((store, backbone, objective))
 }
 
-/// Optimiser groups: every non-buffer, non-frozen variable; BN/PReLU without decay when asked.
+/// Optimiser groups: every non-buffer, non-frozen variable that is not loss state (centres);
+/// BN/PReLU without decay when asked.
 fn param_groups(store: &ParamStore, cfg: &TrainConfig) -> Vec<ParamEntry> {
     store
         .vars()
         .into_iter()
-        .filter(|(k, _)| !is_buffer(k))
+        .filter(|(k, _)| !is_buffer(k) && !Objective::is_state(k))
         .filter(|(k, _)| {
             !k.strip_prefix("backbone.")
                 .is_some_and(|n| cfg.backbone.frozen(n))
@@ -256,13 +255,13 @@ fn save_checkpoint(
     }
     let flat: Vec<f64> = curve
         .iter()
-        .flat_map(|c| [c.step as f64, c.loss, c.lr])
+        .flat_map(|c| [c.step as f64, c.loss, c.lr, c.extra.unwrap_or(f64::NAN)])
         .collect();
     let cpu = Device::Cpu;
     if !flat.is_empty() {
         t.insert(
             "curve".into(),
-            Tensor::from_vec(flat, (curve.len(), 3), &cpu)?,
+            Tensor::from_vec(flat, (curve.len(), 4), &cpu)?,
         );
     }
     t.insert("step".into(), Tensor::new(&[step as f64], &cpu)?);
@@ -310,6 +309,7 @@ fn load_checkpoint(
                 step: r[0] as u64,
                 loss: r[1],
                 lr: r[2],
+                extra: r.get(3).copied().filter(|v| !v.is_nan()),
             })
             .collect(),
         None => vec![],
@@ -334,7 +334,7 @@ pub fn train(
     }
     let classes = data.num_classes();
     let dev = &env.device;
-    let (store, backbone, head) = build_student(cfg, classes, dev, env.init.as_deref())?;
+    let (store, backbone, objective) = build_student(cfg, classes, dev, env.init.as_deref())?;
     let params = param_groups(&store, cfg);
     let clip_vars: Vec<_> = params
         .iter()
@@ -364,7 +364,12 @@ pub fn train(
     let size = cfg.backbone.input_size();
     let norm = cfg.backbone.normalisation();
     let bs = cfg.batch_size;
-    let mut order: (u64, Vec<usize>) = (u64::MAX, vec![]);
+    let mut sampler = match cfg.objective {
+        ObjectiveConfig::Triplet { per_identity, .. } => {
+            BatchSampler::identities(data, bs / per_identity.max(1), per_identity, cfg.seed)?
+        }
+        _ => BatchSampler::epochs(n, bs, cfg.seed),
+    };
     let mut done_here = 0u64;
     let start = Instant::now();
     while step < cfg.steps {
@@ -374,16 +379,7 @@ pub fn train(
         if env.stop_after.is_some_and(|s| done_here >= s) {
             break;
         }
-        // Batch `step`: global positions step·B .. step·B + B over seeded epoch orders.
-        let mut idx = Vec::with_capacity(bs);
-        for j in 0..bs as u64 {
-            let g = step * bs as u64 + j;
-            let epoch = g / n as u64;
-            if order.0 != epoch {
-                order = (epoch, epoch_order(n, cfg.seed, epoch));
-            }
-            idx.push(order.1[(g % n as u64) as usize]);
-        }
+        let idx = sampler.batch(step);
         let flips: Vec<bool> = (0..bs as u64)
             .map(|j| cfg.flip && stream(cfg.seed, FLIP, step * bs as u64 + j).next_u64() & 1 == 1)
             .collect();
@@ -398,7 +394,8 @@ pub fn train(
         let x = batch_tensor(&raw, (h, w), &flips, size, norm, dev)?;
         let emb = backbone.forward(&x, true)?;
         let mut rng = stream(cfg.seed, SAMPLE, step);
-        let mut loss = head.loss(&emb, &labels, &mut rng)?;
+        let out = objective.loss(&emb, &labels, step, &mut rng)?;
+        let mut loss = out.loss;
         if let Some(t) = &env.teacher {
             let tx = if t.config.input_size() == size && t.config.normalisation() == norm {
                 x.clone()
@@ -428,7 +425,13 @@ pub fn train(
         react.after_step(step, cfg.steps, bs, n, &mut |name, rows| {
             opt.reset_rows(name, rows)
         })?;
-        curve.push(CurvePoint { step, loss: lv, lr });
+        objective.after_step(&emb, &labels)?;
+        curve.push(CurvePoint {
+            step,
+            loss: lv,
+            lr,
+            extra: out.extra,
+        });
         step += 1;
         done_here += 1;
         let ips = (done_here * bs as u64) as f64 / start.elapsed().as_secs_f64().max(1e-9);
