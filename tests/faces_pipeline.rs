@@ -252,4 +252,76 @@ fn bad_training_feature_params_are_rejected_at_plan_time() {
         assert_eq!(r.code, 2, "{kind} {with}: {}", r.all());
         assert!(r.stderr.contains(msg), "{kind} {with}: {}", r.stderr);
     }
+
+fn losses_pipeline_trains_every_loss_and_a_rerun_executes_nothing() {
+    let p = Project::new();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/pipelines/losses.yaml"
+    ))
+    .unwrap();
+    p.write("losses.yaml", &text);
+    let tiny = [
+        "-p",
+        "identities=16",
+        "-p",
+        "images_per_identity=4",
+        "-p",
+        "image_size=32",
+        "-p",
+        "test_identities=10",
+        "-p",
+        "pairs=100",
+        "-p",
+        "width=0.125",
+        "-p",
+        "embedding_size=32",
+        "-p",
+        "epochs=1",
+        "-p",
+        "batch_size=16",
+    ];
+    let mut args = vec!["run", "losses.yaml"];
+    args.extend_from_slice(&tiny);
+    // faces + 9 trainings (8 presets and CM2) + 9 evaluations.
+    assert_eq!(p.fpipe(&args).ok().counts(), (19, 0, 0));
+    assert_eq!(
+        p.fpipe(&args).ok().counts(),
+        (0, 19, 0),
+        "a second run executes nothing"
+    );
+    let show = p.fpipe(&["show", "losses.yaml", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    // Rows of both runs may be listed: count stages.
+    let stages_with = |name: &str| {
+        let mut v: Vec<(String, f64)> = rows
+            .iter()
+            .filter_map(|r| {
+                let m = r["metrics"].get(name).and_then(|m| m.as_f64())?;
+                Some((r["stage"].as_str()?.to_string(), m))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.dedup_by(|a, b| a.0 == b.0);
+        v
+    };
+    assert_eq!(
+        stages_with("accuracy").len(),
+        9,
+        "every loss is evaluated: {}",
+        show.stdout
+    );
+    // Each loss with a per-step extra reports it.
+    let metric = |name: &str| {
+        stages_with(name)
+            .into_iter()
+            .map(|s| s.1)
+            .collect::<Vec<_>>()
+    };
+    let active = metric("final_active_triplets");
+    assert_eq!(active.len(), 1, "{}", show.stdout);
+    assert!((0.0..=1.0).contains(&active[0]));
+    assert_eq!(metric("final_lambda").len(), 2, "sphereface and CM2");
+    assert_eq!(metric("final_center_distance").len(), 1);
 }

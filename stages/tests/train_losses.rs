@@ -32,7 +32,7 @@ fn norm_rows(v: &[f64], d: usize) -> Vec<f64> {
 /// blend `(λ·cosθ + ψ(θ))/(1 + λ)`.
 fn ref_target(t: f64, cfg: &MarginConfig, lambda: f64) -> f64 {
     let theta = t.acos();
-    if cfg.m1 > 1.0 {
+    if cfg.m1 != 1.0 {
         let phi = cfg.m1 * theta + cfg.m2;
         // The last piece ends at θ = π: k < ⌈(m1·π + m2)/π⌉.
         let k_max = ((cfg.m1 * PI + cfg.m2) / PI).ceil() - 1.0;
@@ -261,8 +261,9 @@ fn sphereface_real_m_and_combined_m2_match_reference() {
     // Real m1: k = ⌊m1·θ/π⌋ with a partial last piece.
     check(cfg(1.5, 0.0, 0.0, MarginVariant::Differentiable));
     check(cfg(2.7, 0.0, 0.2, MarginVariant::Differentiable));
-    // The full combined margin: ψ of m1·θ + m2, then − m3.
+    // The full combined margin: ψ of m1·θ + m2, then − m3; the ArcFace paper's CM2 has m1 < 1.
     check(cfg(2.0, 0.3, 0.1, MarginVariant::Differentiable));
+    check(cfg(0.9, 0.4, 0.15, MarginVariant::StraightThrough));
     // ψ is trained through even with the straight-through default.
     check(cfg(4.0, 0.0, 0.0, MarginVariant::StraightThrough));
 }
@@ -311,11 +312,11 @@ fn interclass_filtering_matches_reference() {
 
 #[test]
 fn invalid_margins_are_rejected_with_a_message() {
-    for m1 in [0.5, 9.0, f64::NAN] {
+    for m1 in [0.0, -1.0, 9.0, f64::NAN] {
         let e = cfg(m1, 0.0, 0.0, MarginVariant::Differentiable)
             .validate()
             .unwrap_err();
-        assert!(e.to_string().contains("m1 must lie in [1, 8]"), "{e}");
+        assert!(e.to_string().contains("m1 must lie in (0, 8]"), "{e}");
     }
     let mut c = cfg(4.0, 0.0, 0.0, MarginVariant::Differentiable);
     c.sphere_lambda = Some(LambdaSchedule {

@@ -495,7 +495,7 @@ fn unusable_loss_settings_are_rejected_at_plan_time() {
         ),
         (
             json!({"loss": "custom", "m1": 9.5}),
-            "m1 must lie in [1, 8]",
+            "m1 must lie in (0, 8]",
         ),
         (
             json!({"loss": "sphereface", "sphere_lambda_min": -1.0}),

@@ -6,7 +6,7 @@
 //! [`MarginVariant::StraightThrough`] (current arcface_torch: the margin is added under
 //! no-grad, the gradient passes as if d/dcos = 1) and [`MarginVariant::Differentiable`]
 //! (earlier arcface_torch, MagFace: `cosθ·cos m − sinθ·sin m` with the threshold or easy-margin
-//! fallback). SphereFace (m1 > 1, integer or real) uses the monotone
+//! fallback). SphereFace (m1 ≠ 1, integer or real) uses the monotone
 //! ψ(θ) = (−1)^k cos(m1·θ + m2) − 2k, k = ⌊(m1·θ + m2)/π⌋, blended with cos θ by the annealed λ
 //! of the SphereFace paper ([`LambdaSchedule`]).
 //!
@@ -50,7 +50,7 @@ pub enum MarginVariant {
 pub struct MarginConfig {
     /// Scale s (64).
     pub s: f64,
-    /// Multiplicative angular margin (SphereFace); integer ≥ 1.
+    /// Multiplicative angular margin (SphereFace); real, in (0, 8]; 1 = none.
     pub m1: f64,
     /// Additive angular margin (ArcFace).
     pub m2: f64,
@@ -60,7 +60,7 @@ pub struct MarginConfig {
     pub variant: MarginVariant,
     /// Inter-class filtering: non-target cosines above this are zeroed (0 = off).
     pub interclass_threshold: f64,
-    /// SphereFace (m1 > 1): the annealed blend of cos θ into the target logit; `None` trains
+    /// SphereFace (m1 ≠ 1): the annealed blend of cos θ into the target logit; `None` trains
     /// with ψ(θ) alone (λ = 0).
     #[serde(default)]
     pub sphere_lambda: Option<LambdaSchedule>,
@@ -123,7 +123,7 @@ impl MarginConfig {
     /// SphereFace's λ at iteration `iter` (0 when m1 = 1 or without a schedule).
     pub fn lambda_at(&self, iter: u64) -> f64 {
         match &self.sphere_lambda {
-            Some(l) if self.m1 > 1.0 => l.at(iter),
+            Some(l) if self.m1 != 1.0 => l.at(iter),
             _ => 0.0,
         }
     }
@@ -134,8 +134,9 @@ impl MarginConfig {
             ..Self::arcface()
         }
     }
-    /// Checks that the margins can be trained: s > 0, m1 in [1, 8] (real values allowed: ψ
-    /// needs only k = ⌊(m1·θ + m2)/π⌋), margins non-negative, λ schedule non-negative.
+    /// Checks that the margins can be trained: s > 0, m1 in (0, 8] (real values allowed: ψ
+    /// needs only k = ⌊(m1·θ + m2)/π⌋; the ArcFace paper's CM2 uses m1 = 0.9), margins
+    /// non-negative, λ schedule non-negative.
     pub fn validate(&self) -> std::result::Result<(), LossError> {
         if self.s.is_nan() || self.s <= 0.0 {
             return Err(LossError::Config(format!(
@@ -143,9 +144,9 @@ impl MarginConfig {
                 self.s
             )));
         }
-        if !(1.0..=8.0).contains(&self.m1) {
+        if !(self.m1 > 0.0 && self.m1 <= 8.0) {
             return Err(LossError::Config(format!(
-                "m1 must lie in [1, 8] (SphereFace's multiplicative angular margin), got {}",
+                "m1 must lie in (0, 8] (SphereFace's multiplicative angular margin), got {}",
                 self.m1
             )));
         }
@@ -238,7 +239,7 @@ fn sphere_psi(t: &Tensor, m1: f64, m2: f64) -> Result<Tensor> {
 /// Target-logit function f(t) (before scaling) for target cosines `t` `[B]`, with gradient;
 /// `lambda` blends cos θ into SphereFace's ψ (unused when m1 = 1).
 fn target_fn(t: &Tensor, cfg: &MarginConfig, lambda: f64) -> Result<Tensor> {
-    if cfg.m1 > 1.0 {
+    if cfg.m1 != 1.0 {
         let psi = sphere_psi(t, cfg.m1, cfg.m2)?;
         let f = ((t * lambda)? + psi)? / (1.0 + lambda);
         return f? - cfg.m3;

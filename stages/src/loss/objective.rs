@@ -87,7 +87,7 @@ impl ObjectiveConfig {
     /// Name of the per-step extra this objective reports, if any.
     pub fn extra_name(&self, margin: &MarginConfig) -> Option<&'static str> {
         match self {
-            ObjectiveConfig::Margin if margin.m1 > 1.0 && margin.sphere_lambda.is_some() => {
+            ObjectiveConfig::Margin if margin.m1 != 1.0 && margin.sphere_lambda.is_some() => {
                 Some("lambda")
             }
             ObjectiveConfig::Margin | ObjectiveConfig::Softmax => None,
@@ -202,7 +202,7 @@ impl Objective {
         Ok(match self {
             Objective::Margin(h) => StepLoss {
                 loss: h.loss_at(emb, labels, rng, iter)?,
-                extra: (h.cfg.m1 > 1.0 && h.cfg.sphere_lambda.is_some())
+                extra: (h.cfg.m1 != 1.0 && h.cfg.sphere_lambda.is_some())
                     .then(|| h.cfg.lambda_at(iter)),
             },
             Objective::Softmax(h) => StepLoss {

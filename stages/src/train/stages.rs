@@ -117,13 +117,13 @@ fn train_params() -> Vec<ParamSpec> {
     v.extend([
         ParamSpec::with_default("loss", ParamType::Enum(LOSSES), json!("arcface"),
             "arcface (1,0.5,0), cosface (1,0,0.4), combined (1,0.3,0.2), sphereface (4,0,0), norm-softmax (1,0,0), custom (m1/m2/m3); softmax, center, triplet (see docs/training.md)"),
-        ParamSpec::with_default("m1", ParamType::Float, json!(1.0), "custom: multiplicative angular margin (SphereFace; real, 1..8)"),
+        ParamSpec::with_default("m1", ParamType::Float, json!(1.0), "custom: multiplicative angular margin (SphereFace; real, (0, 8])"),
         ParamSpec::with_default("m2", ParamType::Float, json!(0.5), "custom: additive angular margin"),
         ParamSpec::with_default("m3", ParamType::Float, json!(0.0), "custom: additive cosine margin"),
         ParamSpec::with_default("margin_variant", ParamType::Enum(&["straight-through", "differentiable", "easy-margin"]), json!("straight-through"),
             "how the angular margin enters the gradient (see docs/training.md)"),
         ParamSpec::with_default("scale", ParamType::Float, json!(64.0), "logit scale s"),
-        ParamSpec::with_default("sphere_lambda_base", ParamType::Float, json!(1000.0), "SphereFace (m1 > 1): λ = max(min, base·(1+gamma·iter)^-power) blends cos θ into ψ(θ)"),
+        ParamSpec::with_default("sphere_lambda_base", ParamType::Float, json!(1000.0), "SphereFace (m1 ≠ 1): λ = max(min, base·(1+gamma·iter)^-power) blends cos θ into ψ(θ)"),
         ParamSpec::with_default("sphere_lambda_gamma", ParamType::Float, json!(0.12), "SphereFace: λ decay rate"),
         ParamSpec::with_default("sphere_lambda_power", ParamType::Float, json!(1.0), "SphereFace: λ decay power"),
         ParamSpec::with_default("sphere_lambda_min", ParamType::Float, json!(5.0), "SphereFace: λ floor"),
@@ -212,7 +212,7 @@ fn margin_from(p: &BTreeMap<String, Value>) -> Result<MarginConfig, String> {
         _ => (1.0, 0.0, 0.0),
     };
     let d = LambdaSchedule::default();
-    let sphere_lambda = (m1 > 1.0).then(|| LambdaSchedule {
+    let sphere_lambda = (m1 != 1.0).then(|| LambdaSchedule {
         base: f("sphere_lambda_base", d.base),
         gamma: f("sphere_lambda_gamma", d.gamma),
         power: f("sphere_lambda_power", d.power),
