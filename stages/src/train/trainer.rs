@@ -1,11 +1,11 @@
 //! The training loop shared by `train` and `distil`: seeded batches from a [`FaceSource`],
-//! backbone + objective (margin head, softmax, centre or triplet loss; see
-//! [`crate::loss::objective`]) (+ α · angular distillation against a fixed teacher), SGD-momentum or
-//! AdamW, polynomial decay with warm-up, gradient clipping, checkpoints in the scratch area and
-//! resume from the last one.
+//! backbone + objective (margin head, softmax, centre or triplet loss: see
+//! [`crate::loss::objective`]), + α · angular distillation against a fixed teacher,
+//! SGD-momentum or AdamW, polynomial decay with warm-up, gradient clipping, checkpoints in the
+//! scratch area and resume from the last one.
 //!
-//! Every random choice (batch composition, flips, PartialFC samples) is a function of the seed and the
-//! step, so a resumed run sees exactly the batches the uninterrupted run would have.
+//! Every random choice (batch composition, flips, PartialFC samples) is a function of the seed
+//! and the step, so a resumed run sees exactly the batches the uninterrupted run would have.
 
 use super::optim::{clip_grad_norm, Optimizer, OptimizerKind, ParamEntry, PolySchedule};
 use super::reactivation::{FilterEpoch, ReactivationConfig, Reactivator};
