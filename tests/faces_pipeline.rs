@@ -252,7 +252,9 @@ fn bad_training_feature_params_are_rejected_at_plan_time() {
         assert_eq!(r.code, 2, "{kind} {with}: {}", r.all());
         assert!(r.stderr.contains(msg), "{kind} {with}: {}", r.stderr);
     }
+}
 
+#[test]
 fn losses_pipeline_trains_every_loss_and_a_rerun_executes_nothing() {
     let p = Project::new();
     let text = std::fs::read_to_string(concat!(
@@ -283,11 +285,11 @@ fn losses_pipeline_trains_every_loss_and_a_rerun_executes_nothing() {
     ];
     let mut args = vec!["run", "losses.yaml"];
     args.extend_from_slice(&tiny);
-    // faces + 9 trainings (8 presets and CM2) + 9 evaluations.
-    assert_eq!(p.fpipe(&args).ok().counts(), (19, 0, 0));
+    // faces + 9 trainings (8 presets and CM2) + 9 evaluations + 9 identifications.
+    assert_eq!(p.fpipe(&args).ok().counts(), (28, 0, 0));
     assert_eq!(
         p.fpipe(&args).ok().counts(),
-        (0, 19, 0),
+        (0, 28, 0),
         "a second run executes nothing"
     );
     let show = p.fpipe(&["show", "losses.yaml", "--json"]).ok();
@@ -310,6 +312,12 @@ fn losses_pipeline_trains_every_loss_and_a_rerun_executes_nothing() {
         stages_with("accuracy").len(),
         9,
         "every loss is evaluated: {}",
+        show.stdout
+    );
+    assert_eq!(
+        stages_with("rank1").len(),
+        9,
+        "every loss is identified: {}",
         show.stdout
     );
     // Each loss with a per-step extra reports it.
