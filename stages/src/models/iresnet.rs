@@ -3,9 +3,9 @@
 //!
 //! Variable names match the PyTorch state dict, so `.pth` checkpoints of the model zoo load.
 
-use super::{bn, prelu, scaled, BatchNorm, Conv, ConvSpec, Linear};
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{PReLU, VarBuilder};
+use super::{bn, prelu, scaled, BatchNorm, Conv, ConvSpec, Linear, PRelu};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// IResNet configuration. Full size: `width` 1.0 and `input_size` 112.
@@ -58,7 +58,7 @@ struct Block {
     bn1: BatchNorm,
     conv1: Conv,
     bn2: BatchNorm,
-    prelu: PReLU,
+    prelu: PRelu,
     conv2: Conv,
     bn3: BatchNorm,
     downsample: Option<(Conv, BatchNorm)>,
@@ -115,7 +115,7 @@ impl Block {
 pub struct Model {
     conv1: Conv,
     bn1: BatchNorm,
-    prelu: PReLU,
+    prelu: PRelu,
     layers: Vec<Vec<Block>>,
     bn2: BatchNorm,
     fc: Linear,

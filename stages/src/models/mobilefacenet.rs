@@ -5,7 +5,7 @@
 //! `features.layers.{0,2,3}`).
 
 use super::{bn, prelu, scaled, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear};
-use candle_core::{ModuleT, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +45,7 @@ fn kaiming_out(cout: usize, k: usize) -> f64 {
     (2.0 / (cout * k * k) as f64).sqrt()
 }
 
-/// Conv (+BN, +PReLU when `act`) stored as `layers.{0,1,2}` like the reference's Sequential.
+/// Conv (+BN, +PRelu when `act`) stored as `layers.{0,1,2}` like the reference's Sequential.
 fn block(spec: ConvSpec, act: bool, vb: VarBuilder) -> Result<ConvBnAct> {
     let v = vb.pp("layers");
     Ok(ConvBnAct {

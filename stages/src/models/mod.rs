@@ -11,8 +11,8 @@ pub mod mobilefacenet;
 pub mod probe;
 pub mod vargfacenet;
 
-use candle_core::{DType, Device, Module, ModuleT, Result, Shape, Tensor, Var};
-use candle_nn::{BatchNormConfig, Init, PReLU, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -439,35 +439,125 @@ impl Module for Linear {
     }
 }
 
-/// candle_nn's BatchNorm with the [`probe`] hook on its input (quality features).
+/// BatchNorm over the channel axis of NCHW (or `[B, C]`) input with PyTorch semantics, built
+/// on the fused CPU ops in [`crate::ops`]. Variable names match `nn.BatchNorm1d/2d`'s state
+/// dict (`weight`, `bias`, `running_mean`, `running_var`), so `.pth` checkpoints and saved
+/// safetensors load unchanged.
+///
+/// Training mode normalises with the batch statistics and updates the running ones
+/// (`running = 0.9·running + 0.1·batch`, unbiased batch variance); it also works on detached
+/// input under no gradient (BN fine-tuning). Eval mode uses the running statistics.
 #[derive(Clone, Debug)]
-pub struct BatchNorm(candle_nn::BatchNorm);
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
 
-impl ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl BatchNorm {
+    /// Running-statistics momentum (PyTorch's default).
+    pub const MOMENTUM: f64 = 0.1;
+
+    /// Builds the layer over `c` channels: γ = 1, β = 0, running mean 0 and variance 1.
+    pub fn new(c: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if eps < 0.0 {
+            candle_core::bail!("batch norm eps {eps} is negative");
+        }
+        let running_mean = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        Ok(BatchNorm {
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            eps,
+            momentum: Self::MOMENTUM,
+        })
+    }
+
+    /// Running mean (state, not a parameter).
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+
+    /// Running variance (state, not a parameter).
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+
+    /// Normalises `x` (`[B, C, H, W]` or `[B, C]`): batch statistics and a running-statistics
+    /// update when `train`, running statistics otherwise.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // Quality features (QAA) read every BatchNorm's input, in forward order.
         probe::observe(x)?;
-        self.0.forward_t(x, train)
+        let dims = x.dims().to_vec();
+        let c = self.weight.dim(0)?;
+        let x4 = match dims.as_slice() {
+            [_, ch, _, _] if *ch == c => x.clone(),
+            [b, ch] if *ch == c => x.reshape((*b, c, 1, 1))?,
+            d => candle_core::bail!("batch norm over {c} channels: input of shape {d:?}"),
+        };
+        let y = if train {
+            let (y, mean, var) =
+                crate::ops::batch_norm_train(&x4, &self.weight, &self.bias, self.eps)?;
+            crate::ops::update_running(&self.running_mean, &mean, self.momentum)?;
+            crate::ops::update_running(&self.running_var, &var, self.momentum)?;
+            y
+        } else {
+            // y = x·scale + shift with scale = γ/sqrt(var + eps), shift = β − mean·scale.
+            let rv = self.running_var.as_detached_tensor().to_dtype(x.dtype())?;
+            let rm = self.running_mean.as_detached_tensor().to_dtype(x.dtype())?;
+            let scale = self
+                .weight
+                .to_dtype(x.dtype())?
+                .div(&(rv + self.eps)?.sqrt()?)?;
+            let shift = (self.bias.to_dtype(x.dtype())? - rm.mul(&scale)?)?;
+            x4.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+                .broadcast_add(&shift.reshape((1, c, 1, 1))?)?
+        };
+        y.reshape(dims)
     }
 }
 
 /// BatchNorm with PyTorch semantics (momentum 0.1, unbiased running variance).
 pub fn bn(c: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
-    candle_nn::batch_norm(
-        c,
-        BatchNormConfig {
-            eps,
-            remove_mean: true,
-            affine: true,
-            momentum: 0.1,
-        },
-        vb,
-    )
-    .map(BatchNorm)
+    BatchNorm::new(c, eps, vb)
+}
+
+/// Per-channel PReLU on the fused op [`crate::ops::prelu`]; slopes stored as `weight`, as
+/// PyTorch's `nn.PReLU(c)`.
+#[derive(Clone, Debug)]
+pub struct PRelu {
+    weight: Tensor,
+}
+
+impl PRelu {
+    /// `c` slopes, initially 0.25 (PyTorch and MXNet).
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(PRelu {
+            weight: vb.get_with_hints(c, "weight", Init::Const(0.25))?,
+        })
+    }
+}
+
+impl Module for PRelu {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match x.dims() {
+            [_, _, _, _] => crate::ops::prelu(x, &self.weight),
+            [b, c] => {
+                crate::ops::prelu(&x.reshape((*b, *c, 1, 1))?, &self.weight)?.reshape((*b, *c))
+            }
+            d => candle_core::bail!("prelu: input of shape {d:?}, expected [B, C(, H, W)]"),
+        }
+    }
 }
 
 /// Per-channel PReLU (initial slope 0.25, as PyTorch and MXNet).
-pub fn prelu(c: usize, vb: VarBuilder) -> Result<PReLU> {
-    candle_nn::prelu(Some(c), vb)
+pub fn prelu(c: usize, vb: VarBuilder) -> Result<PRelu> {
+    PRelu::new(c, vb)
 }
 
 /// Conv → BN → optional PReLU, the unit all three backbones are made of. Parameter names
@@ -476,7 +566,7 @@ pub fn prelu(c: usize, vb: VarBuilder) -> Result<PReLU> {
 pub struct ConvBnAct {
     pub conv: Conv,
     pub bn: BatchNorm,
-    pub act: Option<PReLU>,
+    pub act: Option<PRelu>,
 }
 
 impl ConvBnAct {
@@ -599,5 +689,80 @@ impl Backbone {
             Backbone::Mobilefacenet(m) => m.forward(x, train),
             Backbone::Vargfacenet(m) => m.forward(x, train),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our BatchNorm against candle_nn's (which follows PyTorch) over two train steps and
+    /// eval, on NCHW and `[B, C]` input: outputs and running statistics.
+    #[test]
+    fn batch_norm_matches_candle_nn_train_and_eval() {
+        let dev = Device::Cpu;
+        for shape in [vec![4usize, 3, 5, 2], vec![6, 3]] {
+            let ours = ParamStore::new(1);
+            let bn_ours = BatchNorm::new(3, 1e-5, ours.vb(&dev)).unwrap();
+            let theirs = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&theirs, DType::F32, &dev);
+            let bn_ref = candle_nn::batch_norm(3, 1e-5, vb).unwrap();
+            for step in 0..2 {
+                let x = Tensor::randn(step as f32, 2.0, shape.as_slice(), &dev).unwrap();
+                let a = bn_ours.forward_t(&x, true).unwrap();
+                let b = candle_nn::ModuleT::forward_t(&bn_ref, &x, true).unwrap();
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+            }
+            let v = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+            let close =
+                |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-4);
+            assert!(close(v(bn_ours.running_mean()), v(bn_ref.running_mean())));
+            assert!(close(v(bn_ours.running_var()), v(bn_ref.running_var())));
+            assert!(v(bn_ours.running_var())
+                .iter()
+                .any(|r| (r - 1.0).abs() > 0.1));
+            let x = Tensor::randn(1f32, 2.0, shape.as_slice(), &dev).unwrap();
+            let a = bn_ours.forward_t(&x, false).unwrap();
+            let b = candle_nn::ModuleT::forward_t(&bn_ref, &x, false).unwrap();
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        }
+    }
+
+    /// The stored names are PyTorch's, and running statistics are buffers.
+    #[test]
+    fn batch_norm_and_prelu_variable_names() {
+        let store = ParamStore::new(0);
+        let vb = store.vb(&Device::Cpu);
+        BatchNorm::new(4, 1e-5, vb.pp("bn")).unwrap();
+        PRelu::new(4, vb.pp("act")).unwrap();
+        let names: Vec<String> = store.vars().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            names,
+            [
+                "act.weight",
+                "bn.bias",
+                "bn.running_mean",
+                "bn.running_var",
+                "bn.weight"
+            ]
+        );
+        assert_eq!(store.num_params(""), 12);
+    }
+
+    /// Train-mode forward on detached input under no gradient still updates running stats.
+    #[test]
+    fn batch_norm_train_mode_without_gradient_updates_running_stats() {
+        let dev = Device::Cpu;
+        let store = ParamStore::new(0);
+        let bn = BatchNorm::new(2, 1e-5, store.vb(&dev)).unwrap();
+        let x = Tensor::randn(3f32, 1.0, (8, 2, 3, 3), &dev)
+            .unwrap()
+            .detach();
+        let y = bn.forward_t(&x, true).unwrap().detach();
+        assert_eq!(y.dims(), x.dims());
+        let rm = bn.running_mean().to_vec1::<f32>().unwrap();
+        assert!(rm.iter().all(|m| (m - 0.3).abs() < 0.1), "{rm:?}");
     }
 }

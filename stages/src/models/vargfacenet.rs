@@ -5,9 +5,9 @@
 //! The MXNet original has no PyTorch state dict; names here follow a PyTorch re-creation
 //! (`scripts/make_model_fixtures.py`) that counts parameters and FLOPs.
 
-use super::{bn, prelu, scaled, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear};
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{PReLU, VarBuilder};
+use super::{bn, prelu, scaled, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear, PRelu};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// VarGFaceNet configuration. Full size: multiplier 1.25, width 1.0, input 112, SE on.
@@ -61,8 +61,8 @@ fn cba(spec: ConvSpec, act: bool, vb: VarBuilder) -> Result<ConvBnAct> {
     })
 }
 
-/// Separable unit: 3×3 group conv cin→cin·factor (cin/8 groups) + BN + PReLU, then 1×1 →
-/// cout + BN (+ PReLU when `act`).
+/// Separable unit: 3×3 group conv cin→cin·factor (cin/8 groups) + BN + PRelu, then 1×1 →
+/// cout + BN (+ PRelu when `act`).
 struct Sep {
     dw: ConvBnAct,
     pw: ConvBnAct,
@@ -97,7 +97,7 @@ impl Sep {
 
 struct Se {
     conv1: Conv,
-    act: PReLU,
+    act: PRelu,
     conv2: Conv,
 }
 
@@ -127,13 +127,13 @@ impl Se {
     }
 }
 
-/// Normal block (`vargnet_block`): sep → sep(no act) → [SE] → + shortcut → PReLU.
+/// Normal block (`vargnet_block`): sep → sep(no act) → [SE] → + shortcut → PRelu.
 struct NormalBlock {
     shortcut: Option<Sep>,
     sep1: Sep,
     sep2: Sep,
     se: Option<Se>,
-    act: PReLU,
+    act: PRelu,
 }
 
 impl NormalBlock {
@@ -183,14 +183,14 @@ impl NormalBlock {
 }
 
 /// Down-sampling block (`vargnet_branch_merge_block`): two parallel stride-2 seps summed →
-/// PReLU → sep → + shortcut sep → PReLU. No SE.
+/// PRelu → sep → + shortcut sep → PRelu. No SE.
 struct MergeBlock {
     shortcut: Sep,
     branch1: Sep,
     branch2: Sep,
-    act1: PReLU,
+    act1: PRelu,
     sep2: Sep,
-    act: PReLU,
+    act: PRelu,
 }
 
 impl MergeBlock {
