@@ -42,7 +42,7 @@ def main():
     hdr = (f"{'layer (batch 32)':<34} {'fwd GF/s':>9} {'torch':>7} {'ratio':>6} "
            f"{'bwd GF/s':>9} {'torch':>7} {'ratio':>6} {'fwd %mm':>8} {'bwd %mm':>8}")
     print(hdr)
-    out = []
+    out, split = [], []
     for L in rust["layers"]:
         x = torch.randn(L["n"], L["c"], L["hw"], L["hw"], requires_grad=True)
         w = (0.1 * torch.randn(L["o"], L["c"] // L["groups"], L["k"], L["k"])).requires_grad_()
@@ -52,13 +52,21 @@ def main():
         y = conv()
         gy = torch.randn_like(y)
         tb = median_time(a.reps, lambda: torch.autograd.grad(y, (x, w), gy, retain_graph=True))
+        td = median_time(a.reps, lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
+        tw = median_time(a.reps, lambda: torch.autograd.grad(y, w, gy, retain_graph=True))
+        split.append((L, td, tw))
         fl = L["flops"]
         ours_f, ours_b = fl / L["fwd_s"] / 1e9, 2 * fl / L["bwd_s"] / 1e9
         th_f, th_b = fl / tf / 1e9, 2 * fl / tb / 1e9
         print(f"{L['name']:<34} {ours_f:>9.1f} {th_f:>7.1f} {ours_f / th_f:>6.2f} "
               f"{ours_b:>9.1f} {th_b:>7.1f} {ours_b / th_b:>6.2f} "
               f"{100 * ours_f / rust['matmul_gflops']:>7.0f}% {100 * ours_b / rust['matmul_gflops']:>7.0f}%")
-        out.append({**L, "torch_fwd_s": tf, "torch_bwd_s": tb})
+        out.append({**L, "torch_fwd_s": tf, "torch_bwd_s": tb, "torch_dgrad_s": td, "torch_wgrad_s": tw})
+    print(f"\n{'backward split (s)':<34} {'dgrad':>8} {'torch':>8} {'ratio':>6} {'wgrad':>8} {'torch':>8} {'ratio':>6}")
+    for L, td, tw in split:
+        if "dgrad_s" in L:
+            print(f"{L['name']:<34} {L['dgrad_s']:>8.4f} {td:>8.4f} {td / L['dgrad_s']:>6.2f} "
+                  f"{L['wgrad_s']:>8.4f} {tw:>8.4f} {tw / L['wgrad_s']:>6.2f}")
     norm = rust.get("norm")
     if norm:
         shape = norm["shape"]
