@@ -35,9 +35,7 @@ echo
     --reps "$reps" --json "$out/torch.json"
 if [ "$steps" = 1 ]; then
     echo
+    # Runs the PyTorch peer (scripts/bench_step_torch.py) itself and adds its figures to the JSON.
     cargo bench -p fpipe-stages --bench train_step -- --threads "$threads" --reps "$step_reps" \
-        --json "$out/fpipe-step.json"
-    echo
-    "$root/.venv-peers/bin/python" "$root/scripts/bench_step_torch.py" "$out/fpipe-step.json" \
-        --reps "$step_reps" --json "$out/torch-step.json"
+        --json "$out/step.json"
 fi
