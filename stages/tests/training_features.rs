@@ -1,7 +1,7 @@
 //! BatchNorm fine-tuning, BatchNorm-input quality features, the gradient-boosted regressor and
 //! the error-versus-reject / drop-lowest definitions (methods.md §5, §6).
 
-use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_core::{DType, Device, Tensor};
 use fpipe_stages::data::synth::{generate, SynthParams};
 use fpipe_stages::data::PackedDataset;
 use fpipe_stages::metrics::error_vs_reject;
