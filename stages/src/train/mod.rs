@@ -85,6 +85,18 @@ pub trait FaceSource: Sync {
     fn label(&self, i: usize) -> u32;
     /// Copies image `i` (HWC RGB u8) into `out`.
     fn read_image(&self, i: usize, out: &mut [u8]) -> Result<(), TrainError>;
+    /// Images `indices` (HWC RGB u8 each), read in parallel.
+    fn read_images(&self, indices: &[usize]) -> Result<Vec<Vec<u8>>, TrainError> {
+        use rayon::prelude::*;
+        let (h, w, c) = self.image_shape();
+        indices
+            .par_iter()
+            .map(|&i| {
+                let mut buf = vec![0u8; h * w * c];
+                self.read_image(i, &mut buf).map(|_| buf)
+            })
+            .collect()
+    }
 }
 
 impl FaceSource for PackedDataset {

@@ -621,12 +621,7 @@ pub fn embed_all(
     let mut i = 0;
     while i < n {
         let j = (i + batch).min(n);
-        let mut raw = Vec::with_capacity(j - i);
-        for k in i..j {
-            let mut buf = vec![0u8; h * w * 3];
-            data.read_image(k, &mut buf)?;
-            raw.push(buf);
-        }
+        let raw = data.read_images(&(i..j).collect::<Vec<_>>())?;
         let x = batch_tensor(&raw, (h, w), &vec![false; j - i], size, norm, dev)?;
         let mut e = model.backbone.forward(&x, false)?;
         if flip {

@@ -383,13 +383,7 @@ pub fn train(
         let flips: Vec<bool> = (0..bs as u64)
             .map(|j| cfg.flip && stream(cfg.seed, FLIP, step * bs as u64 + j).next_u64() & 1 == 1)
             .collect();
-        let raw: Vec<Vec<u8>> = idx
-            .par_iter()
-            .map(|&i| {
-                let mut buf = vec![0u8; h * w * 3];
-                data.read_image(i, &mut buf).map(|_| buf)
-            })
-            .collect::<Result<_, _>>()?;
+        let raw = data.read_images(&idx)?;
         let labels: Vec<u32> = idx.iter().map(|&i| data.label(i)).collect();
         let x = batch_tensor(&raw, (h, w), &flips, size, norm, dev)?;
         let emb = backbone.forward(&x, true)?;
