@@ -139,20 +139,29 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         .with_min_len(min_tasks(macs))
         .for_each(|(task, yg)| {
             let (n, grp) = (task / g.groups, task % g.groups);
-            T::with_scratch(cg * psize + poly.len, |scr| {
+            T::with_scratch(cg * psize + og * poly.len, |scr| {
                 let (xs, acc) = scr.split_at_mut(cg * psize);
                 let x0 = (n * g.c + grp * cg) * g.in_hw();
                 for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
                     poly.pack(g, &x[x0 + ci * g.in_hw()..][..g.in_hw()], plane);
                 }
-                for (oc, yp) in yg.chunks_exact_mut(g.out_hw()).enumerate() {
-                    acc.fill(T::ZERO);
-                    let w0 = (grp * og + oc) * cg * taps;
-                    for (ci, plane) in xs.chunks_exact(psize).enumerate() {
-                        simd::taps_fwd(acc, plane, &poly.off, &w[w0 + ci * taps..][..taps]);
-                    }
+                // All output channels of the group at once (register-blocked by
+                // `fwd_multi`), in the pitch-`wq` layout, then copied out row by row.
+                let w0 = grp * og * cg * taps;
+                simd::fwd_multi(
+                    acc,
+                    poly.len,
+                    xs,
+                    psize,
+                    &poly.off,
+                    &w[w0..w0 + og * cg * taps],
+                );
+                for (yp, a) in yg
+                    .chunks_exact_mut(g.out_hw())
+                    .zip(acc.chunks_exact(poly.len))
+                {
                     for (ho, row) in yp.chunks_exact_mut(g.wo).enumerate() {
-                        row.copy_from_slice(&acc[ho * poly.wq..][..g.wo]);
+                        row.copy_from_slice(&a[ho * poly.wq..][..g.wo]);
                     }
                 }
             })
@@ -242,7 +251,9 @@ fn transposed<T: Elem>(g: &Geom, w: &[T]) -> Option<(Geom, Vec<T>)> {
 }
 
 /// Weight gradient: `dw[o, ci] = Σ_n dy[n, o] ⋆ x[n, ci]`, one rayon task per group so that
-/// no two tasks write the same weights.
+/// no two tasks write the same weights. Per image, all of the group's output gradients are
+/// laid out first, so that [`simd::wgrad_multi`] can reuse each loaded input run across
+/// several output channels.
 pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     if full_kernel(g) {
         return full_backward_filter(g, x, dy);
@@ -255,25 +266,27 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
         .enumerate()
         .with_min_len(min_tasks(macs))
         .for_each(|(grp, dwg)| {
-            T::with_scratch(cg * psize + poly.len, |scr| {
+            T::with_scratch(cg * psize + og * poly.len, |scr| {
                 let (xs, ext) = scr.split_at_mut(cg * psize);
+                // `spread` writes only the real columns: zero the throw-away ones once.
                 ext.fill(T::ZERO);
                 for n in 0..g.n {
                     let x0 = (n * g.c + grp * cg) * g.in_hw();
                     for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
                         poly.pack(g, &x[x0 + ci * g.in_hw()..][..g.in_hw()], plane);
                     }
-                    for (oc, dwo) in dwg.chunks_exact_mut(cg * taps).enumerate() {
+                    for (oc, e) in ext.chunks_exact_mut(poly.len).enumerate() {
                         let o = grp * og + oc;
                         spread(
                             g,
                             poly.wq,
                             &dy[(n * g.o + o) * g.out_hw()..][..g.out_hw()],
-                            ext,
+                            e,
                         );
-                        for (plane, dwk) in xs.chunks_exact(psize).zip(dwo.chunks_exact_mut(taps)) {
-                            simd::taps_bwd_filter(dwk, ext, plane, &poly.off);
-                        }
+                    }
+                    let gs: Vec<&[T]> = ext.chunks_exact(poly.len).collect();
+                    for (ci, plane) in xs.chunks_exact(psize).enumerate() {
+                        simd::wgrad_multi(&mut dwg[ci * taps..], cg * taps, &gs, plane, &poly.off);
                     }
                 }
             })

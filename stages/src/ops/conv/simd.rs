@@ -201,6 +201,291 @@ fn filter_block<T: Elem, const K: usize>(dw: &mut [T], g: &[T], src: &[T], off: 
     }
 }
 
+/// Weight gradient of several output channels of one group against one input plane:
+/// `dw[o·stride + t] += Σ_f gs[o][f] · src[off[t] + f]` for every `o < gs.len()` and tap
+/// `t < off.len()`. Every `gs[o]` has the same length `n`, and `off[t] + n <= src.len()`.
+///
+/// One pass over `f` updates a block of up to [`WO`] output channels × `K` taps held in
+/// registers: each loaded input run feeds `O` multiply-adds and each loaded output-gradient
+/// run feeds `K`, where the one-channel kernel ([`taps_bwd_filter`]) does one multiply-add
+/// per load. LLVM does not vectorise this three-level register block well by itself (it
+/// splits it into 2-lane pieces), so f32 on AVX2 has an explicit intrinsics version; other
+/// element types and CPUs take the portable loop.
+pub fn wgrad_multi<T: Elem>(dw: &mut [T], stride: usize, gs: &[&[T]], src: &[T], off: &[usize]) {
+    let Some(n) = gs.first().map(|g| g.len()) else {
+        return;
+    };
+    assert!(
+        gs.iter().all(|g| g.len() == n) && off.iter().all(|&o| o + n <= src.len()),
+        "wgrad_multi: runs out of bounds"
+    );
+    assert!(dw.len() > (gs.len() - 1) * stride + off.len().saturating_sub(1) || off.is_empty());
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Base && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: `T` is `f32` (checked above), so the slices have the same layout; AVX2 and
+        // FMA were detected by `level()`; the bounds the kernel relies on were asserted.
+        unsafe {
+            let cast = |v: &[T]| std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len());
+            let gs32: Vec<&[f32]> = gs.iter().map(|g| cast(g)).collect();
+            let dw32 = std::slice::from_raw_parts_mut(dw.as_mut_ptr().cast::<f32>(), dw.len());
+            return x86::wgrad_f32(dw32, stride, &gs32, cast(src), off);
+        }
+    }
+    wgrad_portable(dw, stride, gs, src, off);
+}
+
+/// Forward convolution of a block of output channels from all input planes of their group:
+/// `out[o·len + f] = Σ_ci Σ_t w[o·cg·taps + ci·taps + t] · planes[ci·psize + off[t] + f]` for
+/// `o < out.len() / len`, `f < len`, where `taps = off.len()` and `cg = planes.len() / psize`.
+/// Overwrites `out`. Every `off[t] + len <= psize`.
+///
+/// Each output run stays in registers across every input channel and tap, and each loaded
+/// input run feeds up to four output channels; the portable version ([`taps_fwd`] per
+/// channel pair) reloads its accumulators per input channel and does one multiply-add per
+/// load. f32 on AVX2 only; elsewhere the portable loop.
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_multi<T: Elem>(
+    out: &mut [T],
+    len: usize,
+    planes: &[T],
+    psize: usize,
+    off: &[usize],
+    w: &[T],
+) {
+    let (taps, outs) = (off.len(), out.len().checked_div(len).unwrap_or(0));
+    let cg = planes.len().checked_div(psize).unwrap_or(0);
+    assert!(
+        out.len() == outs * len
+            && planes.len() == cg * psize
+            && off.iter().all(|&o| o + len <= psize)
+            && w.len() >= outs * cg * taps,
+        "fwd_multi: runs out of bounds"
+    );
+    if outs == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Base && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: `T` is `f32` (checked above), so the casts keep layout; AVX2 and FMA were
+        // detected by `level()`; the bounds the kernel relies on were asserted.
+        unsafe {
+            let c = |v: &[T]| std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len());
+            let out32 = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len());
+            return x86::fwd_f32(out32, len, c(planes), psize, off, c(w), cg);
+        }
+    }
+    for (o, acc) in out.chunks_exact_mut(len).enumerate() {
+        acc.fill(T::ZERO);
+        for (ci, plane) in planes.chunks_exact(psize).enumerate() {
+            taps_fwd(acc, plane, off, &w[(o * cg + ci) * taps..][..taps]);
+        }
+    }
+}
+
+/// Output channels per block of [`wgrad_multi`].
+const WO: usize = 3;
+
+/// Taps per block with `o` output channels, leaving `o` registers for the output-gradient
+/// runs and one for the input run out of 16 vector registers.
+fn wgrad_taps(o: usize) -> usize {
+    ((16 - o - 1) / o).clamp(1, 9)
+}
+
+fn wgrad_portable<T: Elem>(dw: &mut [T], stride: usize, gs: &[&[T]], src: &[T], off: &[usize]) {
+    for (o, g) in gs.iter().enumerate() {
+        taps_bwd_filter(&mut dw[o * stride..o * stride + off.len()], g, src, off);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{wgrad_taps, WO};
+
+    /// [`super::wgrad_multi`] for f32 on AVX2 + FMA: 8-lane accumulators, blocks of up to
+    /// `WO` channels × [`wgrad_taps`] taps.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `gs` runs share one length `n`, `off[t] + n <= src.len()`
+    /// and `dw` holds index `(gs.len() - 1)·stride + off.len() - 1`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn wgrad_f32(
+        dw: &mut [f32],
+        stride: usize,
+        gs: &[&[f32]],
+        src: &[f32],
+        off: &[usize],
+    ) {
+        let taps = off.len();
+        let mut o0 = 0;
+        while o0 < gs.len() {
+            let o = (gs.len() - o0).min(WO);
+            let kmax = wgrad_taps(o);
+            let mut t0 = 0;
+            while t0 < taps {
+                let k = (taps - t0).min(kmax);
+                let d = &mut dw[o0 * stride + t0..];
+                let (g, of) = (&gs[o0..o0 + o], &off[t0..t0 + k]);
+                macro_rules! dispatch {
+                    ($($oo:literal => [$($kk:literal)*]),*) => {
+                        match (o, k) {
+                            $($(($oo, $kk) => block::<$oo, $kk>(d, stride, g, src, of),)*)*
+                            _ => unreachable!("block {o}x{k}"),
+                        }
+                    };
+                }
+                dispatch!(1 => [1 2 3 4 5 6 7 8 9], 2 => [1 2 3 4 5 6], 3 => [1 2 3 4]);
+                t0 += k;
+            }
+            o0 += o;
+        }
+    }
+
+    /// [`super::fwd_multi`] for f32 on AVX2 + FMA: blocks of up to 4 output channels × 16 to
+    /// 64 outputs (8-9 accumulators), then 8 outputs, then scalars.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the bounds asserted by `fwd_multi` hold.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fwd_f32(
+        out: &mut [f32],
+        len: usize,
+        planes: &[f32],
+        psize: usize,
+        off: &[usize],
+        w: &[f32],
+        cg: usize,
+    ) {
+        let outs = out.len() / len;
+        let mut o0 = 0;
+        while o0 < outs {
+            let o = (outs - o0).min(4);
+            let (dst, wb) = (
+                &mut out[o0 * len..(o0 + o) * len],
+                &w[o0 * cg * off.len()..],
+            );
+            // Accumulators per block: O·P, at least 8 so that the FMA latency (4-5 cycles,
+            // two per cycle) is covered, at most 12 of the 16 registers.
+            let mut f = 0;
+            macro_rules! run {
+                ($o:literal, $p:literal) => {{
+                    while f + 8 * $p <= len {
+                        fwd_block::<$o, $p>(dst, len, f, planes, psize, off, wb, cg);
+                        f += 8 * $p;
+                    }
+                    while f + 8 <= len {
+                        fwd_block::<$o, 1>(dst, len, f, planes, psize, off, wb, cg);
+                        f += 8;
+                    }
+                }};
+            }
+            match o {
+                4 => run!(4, 2),
+                3 => run!(3, 3),
+                2 => run!(2, 4),
+                _ => run!(1, 8),
+            }
+            let taps = off.len();
+            for oo in 0..o {
+                for ff in f..len {
+                    let mut sum = 0f32;
+                    for ci in 0..cg {
+                        for (t, &ot) in off.iter().enumerate() {
+                            sum += wb[(oo * cg + ci) * taps + t] * planes[ci * psize + ot + ff];
+                        }
+                    }
+                    dst[oo * len + ff] = sum;
+                }
+            }
+            o0 += o;
+        }
+    }
+
+    /// Outputs `f..f + 8·P` of `O` channels.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fwd_block<const O: usize, const P: usize>(
+        dst: &mut [f32],
+        len: usize,
+        f: usize,
+        planes: &[f32],
+        psize: usize,
+        off: &[usize],
+        w: &[f32],
+        cg: usize,
+    ) {
+        let taps = off.len();
+        let mut acc = [[_mm256_setzero_ps(); P]; O];
+        for ci in 0..cg {
+            let plane = planes[ci * psize..].as_ptr();
+            let wc: [*const f32; O] = std::array::from_fn(|o| w[(o * cg + ci) * taps..].as_ptr());
+            for (t, &ot) in off.iter().enumerate() {
+                // SAFETY: ot + f + 8·P <= ot + len <= psize (asserted by the caller).
+                let x: [__m256; P] =
+                    std::array::from_fn(|p| unsafe { _mm256_loadu_ps(plane.add(ot + f + 8 * p)) });
+                for o in 0..O {
+                    // SAFETY: w holds O·cg·taps weights from `w`.
+                    let wv = _mm256_set1_ps(unsafe { *wc[o].add(t) });
+                    for p in 0..P {
+                        acc[o][p] = _mm256_fmadd_ps(wv, x[p], acc[o][p]);
+                    }
+                }
+            }
+        }
+        for o in 0..O {
+            for p in 0..P {
+                let d = &mut dst[o * len + f + 8 * p..][..8];
+                // SAFETY: `d` holds 8 f32.
+                unsafe { _mm256_storeu_ps(d.as_mut_ptr(), acc[o][p]) };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block<const O: usize, const K: usize>(
+        dw: &mut [f32],
+        stride: usize,
+        gs: &[&[f32]],
+        src: &[f32],
+        off: &[usize],
+    ) {
+        let n = gs[0].len();
+        let gp: [*const f32; O] = std::array::from_fn(|o| gs[o].as_ptr());
+        let sp: [*const f32; K] = std::array::from_fn(|t| src[off[t]..].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); K]; O];
+        let mut f = 0;
+        while f + 8 <= n {
+            // SAFETY: f + 8 <= n and every run holds n elements from its pointer.
+            let gv: [__m256; O] = std::array::from_fn(|o| unsafe { _mm256_loadu_ps(gp[o].add(f)) });
+            for t in 0..K {
+                // SAFETY: as above.
+                let sv = unsafe { _mm256_loadu_ps(sp[t].add(f)) };
+                for o in 0..O {
+                    acc[o][t] = _mm256_fmadd_ps(gv[o], sv, acc[o][t]);
+                }
+            }
+            f += 8;
+        }
+        for o in 0..O {
+            for t in 0..K {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds 8 f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[o][t]) };
+                let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                    + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                for i in f..n {
+                    // SAFETY: i < n.
+                    sum += unsafe { *gp[o].add(i) * *sp[t].add(i) };
+                }
+                dw[o * stride + t] += sum;
+            }
+        }
+    }
+}
+
 /// Pairwise sum of a block of partial sums.
 #[inline(always)]
 fn hsum<T: Elem, const N: usize>(a: &[T; N]) -> T {
