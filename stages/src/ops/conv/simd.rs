@@ -219,7 +219,10 @@ pub fn wgrad_multi<T: Elem>(dw: &mut [T], stride: usize, gs: &[&[T]], src: &[T],
         gs.iter().all(|g| g.len() == n) && off.iter().all(|&o| o + n <= src.len()),
         "wgrad_multi: runs out of bounds"
     );
-    assert!(dw.len() > (gs.len() - 1) * stride + off.len().saturating_sub(1) || off.is_empty());
+    assert!(
+        off.is_empty() || dw.len() >= (gs.len() - 1) * stride + off.len(),
+        "wgrad_multi: weight gradient block too short"
+    );
     #[cfg(target_arch = "x86_64")]
     if level() != Level::Base && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
         // SAFETY: `T` is `f32` (checked above), so the slices have the same layout; AVX2 and
@@ -243,7 +246,6 @@ pub fn wgrad_multi<T: Elem>(dw: &mut [T], stride: usize, gs: &[&[T]], src: &[T],
 /// input run feeds up to four output channels; the portable version ([`taps_fwd`] per
 /// channel pair) reloads its accumulators per input channel and does one multiply-add per
 /// load. f32 on AVX2 only; elsewhere the portable loop.
-#[allow(clippy::too_many_arguments)]
 pub fn fwd_multi<T: Elem>(
     out: &mut [T],
     len: usize,
@@ -385,6 +387,19 @@ mod x86 {
                 3 => run!(3, 3),
                 2 => run!(2, 4),
                 _ => run!(1, 8),
+            }
+            // The last partial vector: recompute the final 8 outputs as one overlapping
+            // block (outputs are overwritten, not accumulated, so the overlap is harmless);
+            // only runs shorter than one vector fall to the scalar loop.
+            if f < len && len >= 8 {
+                f = len - 8;
+                match o {
+                    4 => fwd_block::<4, 1>(dst, len, f, planes, psize, off, wb, cg),
+                    3 => fwd_block::<3, 1>(dst, len, f, planes, psize, off, wb, cg),
+                    2 => fwd_block::<2, 1>(dst, len, f, planes, psize, off, wb, cg),
+                    _ => fwd_block::<1, 1>(dst, len, f, planes, psize, off, wb, cg),
+                }
+                f = len;
             }
             let taps = off.len();
             for oo in 0..o {
