@@ -284,9 +284,9 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                             e,
                         );
                     }
-                    let gs: Vec<&[T]> = ext.chunks_exact(poly.len).collect();
                     for (ci, plane) in xs.chunks_exact(psize).enumerate() {
-                        simd::wgrad_multi(&mut dwg[ci * taps..], cg * taps, &gs, plane, &poly.off);
+                        let d = &mut dwg[ci * taps..];
+                        simd::wgrad_multi(d, cg * taps, ext, poly.len, plane, &poly.off);
                     }
                 }
             })

@@ -202,8 +202,9 @@ fn filter_block<T: Elem, const K: usize>(dw: &mut [T], g: &[T], src: &[T], off: 
 }
 
 /// Weight gradient of several output channels of one group against one input plane:
-/// `dw[o·stride + t] += Σ_f gs[o][f] · src[off[t] + f]` for every `o < gs.len()` and tap
-/// `t < off.len()`. Every `gs[o]` has the same length `n`, and `off[t] + n <= src.len()`.
+/// `dw[o·stride + t] += Σ_f g[o·n + f] · src[off[t] + f]` for every output channel
+/// `o < g.len() / n` (its run of output gradients is `g[o·n..(o + 1)·n]`), every tap
+/// `t < off.len()` and `f < n`. Every `off[t] + n <= src.len()`.
 ///
 /// One pass over `f` updates a block of up to [`WO`] output channels × `K` taps held in
 /// registers: each loaded input run feeds `O` multiply-adds and each loaded output-gradient
@@ -211,30 +212,49 @@ fn filter_block<T: Elem, const K: usize>(dw: &mut [T], g: &[T], src: &[T], off: 
 /// per load. LLVM does not vectorise this three-level register block well by itself (it
 /// splits it into 2-lane pieces), so f32 on AVX2 has an explicit intrinsics version; other
 /// element types and CPUs take the portable loop.
-pub fn wgrad_multi<T: Elem>(dw: &mut [T], stride: usize, gs: &[&[T]], src: &[T], off: &[usize]) {
-    let Some(n) = gs.first().map(|g| g.len()) else {
+pub fn wgrad_multi<T: Elem>(
+    dw: &mut [T],
+    stride: usize,
+    g: &[T],
+    n: usize,
+    src: &[T],
+    off: &[usize],
+) {
+    let outs = g.len().checked_div(n).unwrap_or(0);
+    if outs == 0 || off.is_empty() {
         return;
-    };
+    }
     assert!(
-        gs.iter().all(|g| g.len() == n) && off.iter().all(|&o| o + n <= src.len()),
+        g.len() == outs * n
+            && off.iter().all(|&o| o + n <= src.len())
+            && dw.len() >= (outs - 1) * stride + off.len(),
         "wgrad_multi: runs out of bounds"
     );
-    assert!(
-        off.is_empty() || dw.len() >= (gs.len() - 1) * stride + off.len(),
-        "wgrad_multi: weight gradient block too short"
-    );
     #[cfg(target_arch = "x86_64")]
-    if level() != Level::Base && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: `T` is `f32` (checked above), so the slices have the same layout; AVX2 and
-        // FMA were detected by `level()`; the bounds the kernel relies on were asserted.
-        unsafe {
-            let cast = |v: &[T]| std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len());
-            let gs32: Vec<&[f32]> = gs.iter().map(|g| cast(g)).collect();
-            let dw32 = std::slice::from_raw_parts_mut(dw.as_mut_ptr().cast::<f32>(), dw.len());
-            return x86::wgrad_f32(dw32, stride, &gs32, cast(src), off);
+    if level() != Level::Base {
+        if let (Some(g), Some(src), Some(dw)) = (as_f32(g), as_f32(src), as_f32_mut(dw)) {
+            // SAFETY: AVX2 and FMA were detected by `level()`; the bounds the kernel relies
+            // on were asserted above.
+            return unsafe { x86::wgrad_f32(dw, stride, g, n, src, off) };
         }
     }
-    wgrad_portable(dw, stride, gs, src, off);
+    for (o, run) in g.chunks_exact(n).enumerate() {
+        taps_bwd_filter(&mut dw[o * stride..o * stride + off.len()], run, src, off);
+    }
+}
+
+/// `v` as f32 when `T` is f32 (the intrinsics kernels are f32-only), else `None`.
+fn as_f32<T: Elem>(v: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: `T` is `f32`, so the slice is reinterpreted as its own type.
+        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) })
+}
+
+/// [`as_f32`] for a mutable slice.
+fn as_f32_mut<T: Elem>(v: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: as in `as_f32`.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) })
 }
 
 /// Forward convolution of a block of output channels from all input planes of their group:
@@ -267,13 +287,11 @@ pub fn fwd_multi<T: Elem>(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if level() != Level::Base && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: `T` is `f32` (checked above), so the casts keep layout; AVX2 and FMA were
-        // detected by `level()`; the bounds the kernel relies on were asserted.
-        unsafe {
-            let c = |v: &[T]| std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len());
-            let out32 = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len());
-            return x86::fwd_f32(out32, len, c(planes), psize, off, c(w), cg);
+    if level() != Level::Base {
+        if let (Some(planes), Some(w), Some(out)) = (as_f32(planes), as_f32(w), as_f32_mut(out)) {
+            // SAFETY: AVX2 and FMA were detected by `level()`; the bounds the kernel relies
+            // on were asserted above.
+            return unsafe { x86::fwd_f32(out, len, planes, psize, off, w, cg) };
         }
     }
     for (o, acc) in out.chunks_exact_mut(len).enumerate() {
@@ -293,12 +311,6 @@ fn wgrad_taps(o: usize) -> usize {
     ((16 - o - 1) / o).clamp(1, 9)
 }
 
-fn wgrad_portable<T: Elem>(dw: &mut [T], stride: usize, gs: &[&[T]], src: &[T], off: &[usize]) {
-    for (o, g) in gs.iter().enumerate() {
-        taps_bwd_filter(&mut dw[o * stride..o * stride + off.len()], g, src, off);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -309,30 +321,30 @@ mod x86 {
     /// `WO` channels × [`wgrad_taps`] taps.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `gs` runs share one length `n`, `off[t] + n <= src.len()`
-    /// and `dw` holds index `(gs.len() - 1)·stride + off.len() - 1`.
+    /// The CPU has AVX2 and FMA; the bounds asserted by `wgrad_multi` hold.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn wgrad_f32(
         dw: &mut [f32],
         stride: usize,
-        gs: &[&[f32]],
+        g: &[f32],
+        n: usize,
         src: &[f32],
         off: &[usize],
     ) {
-        let taps = off.len();
+        let (taps, outs) = (off.len(), g.len() / n);
         let mut o0 = 0;
-        while o0 < gs.len() {
-            let o = (gs.len() - o0).min(WO);
+        while o0 < outs {
+            let o = (outs - o0).min(WO);
             let kmax = wgrad_taps(o);
             let mut t0 = 0;
             while t0 < taps {
                 let k = (taps - t0).min(kmax);
                 let d = &mut dw[o0 * stride + t0..];
-                let (g, of) = (&gs[o0..o0 + o], &off[t0..t0 + k]);
+                let (gb, of) = (&g[o0 * n..(o0 + o) * n], &off[t0..t0 + k]);
                 macro_rules! dispatch {
                     ($($oo:literal => [$($kk:literal)*]),*) => {
                         match (o, k) {
-                            $($(($oo, $kk) => block::<$oo, $kk>(d, stride, g, src, of),)*)*
+                            $($(($oo, $kk) => block::<$oo, $kk>(d, stride, gb, n, src, of),)*)*
                             _ => unreachable!("block {o}x{k}"),
                         }
                     };
@@ -380,6 +392,14 @@ mod x86 {
                         fwd_block::<$o, 1>(dst, len, f, planes, psize, off, wb, cg);
                         f += 8;
                     }
+                    // The last partial vector: recompute the final 8 outputs as one
+                    // overlapping block (outputs are overwritten, not accumulated, so the
+                    // overlap is harmless); only runs shorter than one vector fall to the
+                    // scalar loop below.
+                    if f < len && len >= 8 {
+                        fwd_block::<$o, 1>(dst, len, len - 8, planes, psize, off, wb, cg);
+                        f = len;
+                    }
                 }};
             }
             match o {
@@ -387,19 +407,6 @@ mod x86 {
                 3 => run!(3, 3),
                 2 => run!(2, 4),
                 _ => run!(1, 8),
-            }
-            // The last partial vector: recompute the final 8 outputs as one overlapping
-            // block (outputs are overwritten, not accumulated, so the overlap is harmless);
-            // only runs shorter than one vector fall to the scalar loop.
-            if f < len && len >= 8 {
-                f = len - 8;
-                match o {
-                    4 => fwd_block::<4, 1>(dst, len, f, planes, psize, off, wb, cg),
-                    3 => fwd_block::<3, 1>(dst, len, f, planes, psize, off, wb, cg),
-                    2 => fwd_block::<2, 1>(dst, len, f, planes, psize, off, wb, cg),
-                    _ => fwd_block::<1, 1>(dst, len, f, planes, psize, off, wb, cg),
-                }
-                f = len;
             }
             let taps = off.len();
             for oo in 0..o {
@@ -463,12 +470,12 @@ mod x86 {
     unsafe fn block<const O: usize, const K: usize>(
         dw: &mut [f32],
         stride: usize,
-        gs: &[&[f32]],
+        g: &[f32],
+        n: usize,
         src: &[f32],
         off: &[usize],
     ) {
-        let n = gs[0].len();
-        let gp: [*const f32; O] = std::array::from_fn(|o| gs[o].as_ptr());
+        let gp: [*const f32; O] = std::array::from_fn(|o| g[o * n..].as_ptr());
         let sp: [*const f32; K] = std::array::from_fn(|t| src[off[t]..].as_ptr());
         let mut acc = [[_mm256_setzero_ps(); K]; O];
         let mut f = 0;
