@@ -204,6 +204,27 @@ fn bad_param_override() {
     let r = p.fpipe(&["run", "ok.yaml", "-p", "novalue"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("expected key=value"), "{}", r.stderr);
+    // A misspelt parameter is an error naming it and the declared ones, not a silent no-op.
+    p.write(
+        "p.yaml",
+        "params: {epochs: 2}\nstages:\n  a:\n    uses: shell\n    with: {run: 'echo {{ params.epochs }} {{ params.opt | default(1) }} > out', outputs: [out]}\n",
+    );
+    let r = p.fpipe(&["run", "p.yaml", "-p", "epochz=3"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("p.yaml") && r.stderr.contains("no parameter `epochz`"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("did you mean `epochs`"), "{}", r.stderr);
+    // Declared, or read by the template with a default: accepted.
+    let args = ["run", "p.yaml", "-p", "epochs=3", "-p", "opt=4"];
+    assert_eq!(p.fpipe(&args).ok().counts(), (1, 0, 0));
+    let dir = p
+        .fpipe(&["out", "a", "-f", "p.yaml", "-p", "epochs=3", "-p", "opt=4"])
+        .ok();
+    let out = std::fs::read_to_string(format!("{}/out", dir.stdout.trim())).unwrap();
+    assert_eq!(out.trim(), "3 4");
     let r = p.fpipe(&["run", "missing.yaml"]);
     assert_eq!(r.code, 2);
     assert!(

@@ -146,11 +146,35 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
         }
         merge(&mut params, v);
     }
+    // A `-p` key must name a parameter the pipeline declares (or at least reads as
+    // `params.NAME`, for a template that takes an optional one with `default`): a misspelt key would otherwise be
+    // ignored while the run looks as if the change took effect.
+    let declared: Vec<String> = params
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
     for pair in &overrides.pairs {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
             PipelineError::new(file, format!("-p {pair}: expected key=value"))
                 .hint("for example -p epochs=3 or -p train.lr=0.05")
         })?;
+        let top = k.trim().split('.').next().unwrap_or_default();
+        if !declared.iter().any(|d| d == top)
+            && !raws
+                .iter()
+                .any(|r| mentions(&r.text, &format!("params.{top}")))
+        {
+            let names: Vec<&str> = declared.iter().map(String::as_str).collect();
+            return Err(PipelineError::new(
+                file,
+                format!("-p {pair}: the pipeline has no parameter `{top}`"),
+            )
+            .hint(if names.is_empty() {
+                "this pipeline declares no `params:`".to_string()
+            } else {
+                suggest_hint(top, &names)
+            }));
+        }
         let v: serde_yaml::Value =
             serde_yaml::from_str(v).unwrap_or_else(|_| serde_yaml::Value::String(v.to_string()));
         let v = to_json(file, v)?;
@@ -456,6 +480,17 @@ fn merge(base: &mut Value, over: Value) {
         }
         (b, o) => *b = o,
     }
+}
+
+/// Whether `name` occurs in `text` as a whole (not inside a longer identifier).
+fn mentions(text: &str, name: &str) -> bool {
+    let ident = |c: char| c.is_alphanumeric() || c == '_';
+    !name.is_empty()
+        && text.match_indices(name).any(|(i, _)| {
+            let before = text[..i].chars().next_back();
+            let after = text[i + name.len()..].chars().next();
+            !before.is_some_and(ident) && !after.is_some_and(ident)
+        })
 }
 
 fn set_dotted(root: &mut Value, key: &str, v: Value) {
