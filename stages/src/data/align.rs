@@ -111,6 +111,35 @@ const AB_BITS: i32 = 10;
 const AB_SCALE: f64 = (1 << AB_BITS) as f64;
 const COEF_BITS: i32 = 15;
 
+/// Bilinear resize of HWC RGB `u8` `src` (`sh`x`sw`) into `out` (`oh`x`ow`), half-pixel
+/// centres and edge pixels repeated, like `cv2.resize(..., INTER_LINEAR)` (in floating point,
+/// so values may differ from OpenCV's fixed point by one).
+pub fn resize_bilinear(src: &[u8], sh: usize, sw: usize, out: &mut [u8], oh: usize, ow: usize) {
+    // Source coordinate and weight of the upper neighbour, per output row or column.
+    let taps = |o: usize, s: usize| -> Vec<(usize, usize, f32)> {
+        let scale = s as f64 / o as f64;
+        (0..o)
+            .map(|d| {
+                let x = ((d as f64 + 0.5) * scale - 0.5).clamp(0.0, (s - 1) as f64);
+                let x0 = x.floor() as usize;
+                (x0, (x0 + 1).min(s - 1), (x - x0 as f64) as f32)
+            })
+            .collect()
+    };
+    let (rows, cols) = (taps(oh, sh), taps(ow, sw));
+    for (y, &(y0, y1, fy)) in rows.iter().enumerate() {
+        for (x, &(x0, x1, fx)) in cols.iter().enumerate() {
+            for c in 0..3 {
+                let p = |yy: usize, xx: usize| src[(yy * sw + xx) * 3 + c] as f32;
+                let top = p(y0, x0) + (p(y0, x1) - p(y0, x0)) * fx;
+                let bottom = p(y1, x0) + (p(y1, x1) - p(y1, x0)) * fx;
+                out[(y * ow + x) * 3 + c] =
+                    (top + (bottom - top) * fy).round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+}
+
 /// `cv2.warpAffine(src, m, (ow, oh), flags=INTER_LINEAR, borderValue=0)` for HWC RGB `u8`.
 /// `out` must hold `oh*ow*3` bytes.
 pub fn warp_affine(
@@ -351,6 +380,28 @@ pub fn align_dataset(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resize_bilinear_matches_opencv_on_a_ramp() {
+        // One row 0, 100 (grey) up to four columns: cv2.resize gives 0, 25, 75, 100.
+        let src: Vec<u8> = [0u8, 100].iter().flat_map(|&v| [v; 3]).collect();
+        let mut out = vec![0u8; 4 * 3];
+        resize_bilinear(&src, 1, 2, &mut out, 1, 4);
+        let grey: Vec<u8> = out.chunks(3).map(|p| p[0]).collect();
+        assert_eq!(grey, [0, 25, 75, 100]);
+        // Down to one column: the mean of the two; rows the same way.
+        let mut one = vec![0u8; 3];
+        resize_bilinear(&src, 1, 2, &mut one, 1, 1);
+        assert_eq!(one, [50, 50, 50]);
+        let mut tall = vec![0u8; 3 * 2 * 3];
+        resize_bilinear(&src, 1, 2, &mut tall, 3, 2);
+        assert_eq!(&tall[..6], &src[..]);
+        assert_eq!(&tall[12..], &src[..]);
+        // Same size: a copy.
+        let mut same = vec![0u8; 6];
+        resize_bilinear(&src, 1, 2, &mut same, 1, 2);
+        assert_eq!(same, src);
+    }
 
     #[test]
     fn template_rules() {

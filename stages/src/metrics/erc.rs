@@ -5,7 +5,9 @@
 //! discarded; on the remaining pairs the threshold is recomputed for each target FMR as the
 //! `floor(FMR·n_impostor)`-th highest impostor score (a pair is accepted iff its score is
 //! strictly above it, so the realised FMR is at most the target) and FNMR is the fraction of
-//! genuine pairs not accepted. The area under each curve is the trapezoid over `r`.
+//! genuine pairs not accepted. The area under each curve is the trapezoid over `r`. On a
+//! small set a large `r` can leave no genuine or no impostor pair: the curve then ends at the
+//! last fraction that leaves both (the first fraction must).
 
 use super::MetricError;
 
@@ -58,6 +60,7 @@ pub fn error_vs_reject(
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| quality[a].total_cmp(&quality[b]).then(a.cmp(&b)));
     let mut fnmr = vec![Vec::with_capacity(reject.len()); fmrs.len()];
+    let mut done = 0;
     for &r in reject {
         let kept = &order[(r * n as f64).floor() as usize..];
         let mut imp: Vec<f32> = kept
@@ -71,8 +74,12 @@ pub fn error_vs_reject(
             .map(|&i| scores[i])
             .collect();
         if imp.is_empty() || gen.is_empty() {
-            return Err(MetricError::OneClass("error_vs_reject"));
+            if done == 0 {
+                return Err(MetricError::OneClass("error_vs_reject"));
+            }
+            break;
         }
+        done += 1;
         for (j, &f) in fmrs.iter().enumerate() {
             // The k-th highest impostor score by selection (linear time), not a full sort.
             let k = ((f * imp.len() as f64).floor() as usize).min(imp.len() - 1);
@@ -81,6 +88,7 @@ pub fn error_vs_reject(
             fnmr[j].push(rejected as f64 / gen.len() as f64);
         }
     }
+    let reject = &reject[..done];
     let auc = fnmr
         .iter()
         .map(|c| {
@@ -117,5 +125,12 @@ mod tests {
         assert_eq!(e.fnmr[0], vec![0.4, 0.0]);
         assert!((e.auc[0] - 0.04).abs() < 1e-12);
         assert!(error_vs_reject(&scores, &same, &quality, &[1.0], &[0.1]).is_err());
+        // r = 0.9 keeps only the best pair (genuine): the curve ends at 0.2.
+        let e = error_vs_reject(&scores, &same, &quality, &[0.0, 0.2, 0.9], &[0.0]).unwrap();
+        assert_eq!((e.reject.len(), e.fnmr[0].len()), (2, 2));
+        assert!((e.auc[0] - 0.04).abs() < 1e-12);
+        // No impostor pair at all: an error, not an empty curve.
+        let e = error_vs_reject(&scores[..5], &same[..5], &quality[..5], &[0.0], &[0.1]);
+        assert!(e.is_err());
     }
 }

@@ -192,6 +192,24 @@ fn evaluate_snapshot(
     })
 }
 
+/// Reads image `i` of `src` into `out` at `h`x`w`: non-face images come from anywhere, so
+/// other sizes are resized (bilinear, half-pixel centres) rather than refused.
+fn read_resized(
+    src: &dyn FaceSource,
+    i: usize,
+    (h, w): (usize, usize),
+    out: &mut [u8],
+) -> Result<(), TrainError> {
+    let (sh, sw, _) = src.image_shape();
+    if (sh, sw) == (h, w) {
+        return src.read_image(i, out);
+    }
+    let mut img = vec![0u8; sh * sw * 3];
+    src.read_image(i, &mut img)?;
+    crate::data::align::resize_bilinear(&img, sh, sw, out, h, w);
+    Ok(())
+}
+
 /// Runs BatchNorm fine-tuning of `model` on `data` (with `ood` images for
 /// [`Mix::OutOfDomain`]), evaluating snapshots on `pairs` of `pairs_data`. On return the
 /// model holds the best snapshot's running statistics; no other variable has changed.
@@ -225,16 +243,7 @@ pub fn bn_finetune(
         (Mix::OutOfDomain { .. }, Some(o)) if o.is_empty() => {
             return Err(TrainError::Invalid("the `ood` input is empty".into()))
         }
-        (Mix::OutOfDomain { .. }, Some(o)) => {
-            if o.image_shape() != data.image_shape() {
-                return Err(TrainError::Invalid(format!(
-                    "`ood` images are {:?}, the data set's {:?}: use the same image size",
-                    o.image_shape(),
-                    data.image_shape()
-                )));
-            }
-            Some(o)
-        }
+        (Mix::OutOfDomain { .. }, Some(o)) => Some(o),
         _ => None,
     };
     let (h, w, _) = data.image_shape();
@@ -265,7 +274,7 @@ pub fn bn_finetune(
             let mut rng = stream(cfg.seed, MIX, g);
             match (&cfg.mix, ood) {
                 (Mix::OutOfDomain { fraction }, Some(o)) if rng.uniform() < *fraction => {
-                    o.read_image(rng.below(o.len()), &mut buf)?;
+                    read_resized(o, rng.below(o.len()), (h, w), &mut buf)?;
                 }
                 (Mix::Blur { fraction, sigma }, _) => {
                     data.read_image(order.1[(g % n as u64) as usize], &mut buf)?;
