@@ -123,15 +123,18 @@ fn main() -> candle_core::Result<()> {
         .build_global()
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let dev = Device::Cpu;
-    let mm = matmul_gflops(args.reps)?;
+    // `--only` is for looking at a few layers: a short matmul reference, no norm bench.
+    let mm = matmul_gflops(if args.only.is_some() { 2 } else { args.reps })?;
     println!("threads {}  matmul 2048^3: {mm:.1} GFLOP/s", args.threads);
     println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9}{}",
+        "{:<34} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}{}",
         "layer (batch 32)",
         "fwd s",
         "fwd GF/s",
         "bwd s",
         "bwd GF/s",
+        "dgrad s",
+        "wgrad s",
         if args.stock {
             "   stock fwd s   stock bwd s"
         } else {
@@ -163,7 +166,7 @@ fn main() -> candle_core::Result<()> {
         let bwd = dgrad + wgrad;
         let flops = 2.0 * g.macs() as f64;
         let mut line = format!(
-            "{name:<34} {fwd:>9.4} {:>9.1} {bwd:>9.4} {:>9.1}",
+            "{name:<34} {fwd:>9.4} {:>9.1} {bwd:>9.4} {:>9.1} {dgrad:>9.4} {wgrad:>9.4}",
             flops / fwd / 1e9,
             2.0 * flops / bwd / 1e9
         );
@@ -187,7 +190,11 @@ fn main() -> candle_core::Result<()> {
             "stock": stock,
         }));
     }
-    let norm = norm_bench(args.reps)?;
+    let norm = if args.only.is_some() {
+        serde_json::Value::Null
+    } else {
+        norm_bench(args.reps)?
+    };
     if let Some(path) = args.json {
         let out = serde_json::json!({
             "threads": args.threads, "matmul_gflops": mm, "layers": rows, "norm": norm,

@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::{simd, Elem, Geom};
+use super::{blocked, simd, Elem, Geom};
 
 /// Multiply-adds below which a rayon task is not worth its scheduling (GDC 7x7 on a 7x7
 /// input has 49 per plane).
@@ -130,6 +130,9 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     if full_kernel(g) {
         return full_forward(g, x, w);
     }
+    if blocked::applies(g) {
+        return blocked::forward(g, x, w);
+    }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
     let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
@@ -176,6 +179,9 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     }
     if let Some((gt, wt)) = transposed(g, w) {
         return forward(&gt, dy, &wt);
+    }
+    if blocked::applies(g) {
+        return blocked::backward_data(g, dy, w);
     }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
@@ -258,18 +264,24 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     if full_kernel(g) {
         return full_backward_filter(g, x, dy);
     }
+    if blocked::applies(g) {
+        return blocked::backward_filter(g, x, dy);
+    }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
     let mut dw = vec![T::ZERO; g.o * cg * taps];
     let macs = g.n * og * cg * taps * g.out_hw();
+    let wv = og * cg * taps * simd::WLANES;
     dw.par_chunks_mut(og * cg * taps)
         .enumerate()
         .with_min_len(min_tasks(macs))
         .for_each(|(grp, dwg)| {
-            T::with_scratch(cg * psize + og * poly.len, |scr| {
-                let (xs, ext) = scr.split_at_mut(cg * psize);
+            T::with_scratch(cg * psize + og * poly.len + wv, |scr| {
+                let (xs, rest) = scr.split_at_mut(cg * psize);
+                let (ext, dwv) = rest.split_at_mut(og * poly.len);
                 // `spread` writes only the real columns: zero the throw-away ones once.
                 ext.fill(T::ZERO);
+                dwv.fill(T::ZERO);
                 for n in 0..g.n {
                     let x0 = (n * g.c + grp * cg) * g.in_hw();
                     for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
@@ -285,10 +297,11 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                         );
                     }
                     for (ci, plane) in xs.chunks_exact(psize).enumerate() {
-                        let d = &mut dwg[ci * taps..];
+                        let d = &mut dwv[ci * taps * simd::WLANES..];
                         simd::wgrad_multi(d, cg * taps, ext, poly.len, plane, &poly.off);
                     }
                 }
+                simd::fold_lanes(dwv, dwg);
             })
         });
     dw

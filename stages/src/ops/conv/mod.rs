@@ -22,6 +22,7 @@
 //!
 //! On devices other than the CPU, [`conv2d`] calls candle's own convolution.
 
+mod blocked;
 mod dense;
 mod direct;
 mod scratch;

@@ -25,6 +25,10 @@ pub trait Elem:
     /// same thread (rayon may run another task while one waits) gets a fresh buffer instead
     /// of aliasing this one.
     fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+
+    /// `self · a + b` with one rounding: a single instruction where the caller is compiled
+    /// with FMA (the kernels' AVX2 and AVX-512 versions), a libm call elsewhere.
+    fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
 thread_local! {
@@ -37,6 +41,11 @@ macro_rules! impl_elem {
         impl Elem for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
+
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
+            }
 
             fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
                 let mut buf = $slot.with(Cell::take);

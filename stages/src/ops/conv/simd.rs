@@ -16,7 +16,7 @@ use super::Elem;
 const B: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Level {
+pub(super) enum Level {
     Base,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -24,7 +24,7 @@ enum Level {
     Avx512,
 }
 
-fn level() -> Level {
+pub(super) fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -68,6 +68,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(super) use multiversion;
 
 multiversion! {
     /// `acc[f] += Σ_t w[t] · src[off[t] + f]` for every `f < acc.len()`: one output run of a
@@ -201,19 +202,25 @@ fn filter_block<T: Elem, const K: usize>(dw: &mut [T], g: &[T], src: &[T], off: 
     }
 }
 
-/// Weight gradient of several output channels of one group against one input plane:
-/// `dw[o·stride + t] += Σ_f g[o·n + f] · src[off[t] + f]` for every output channel
-/// `o < g.len() / n` (its run of output gradients is `g[o·n..(o + 1)·n]`), every tap
-/// `t < off.len()` and `f < n`. Every `off[t] + n <= src.len()`.
+/// Lanes of the partial sums [`wgrad_multi`] accumulates into (one AVX2 f32 register).
+pub const WLANES: usize = 8;
+
+/// Weight gradient of several output channels of one group against one input plane, as
+/// lane-partial sums: `Σ_l dwv[(o·stride + t)·WLANES + l] += Σ_f g[o·n + f] · src[off[t] + f]`
+/// for every output channel `o < g.len() / n` (its run of output gradients is
+/// `g[o·n..(o + 1)·n]`), every tap `t < off.len()` and `f < n`. Every `off[t] + n <=
+/// src.len()`. The caller sums each weight's `WLANES` lanes once at the end
+/// ([`fold_lanes`]): on small planes (7x7 runs of 61) a horizontal sum per call cost as much
+/// as the multiply-adds.
 ///
 /// One pass over `f` updates a block of up to [`WO`] output channels × `K` taps held in
 /// registers: each loaded input run feeds `O` multiply-adds and each loaded output-gradient
 /// run feeds `K`, where the one-channel kernel ([`taps_bwd_filter`]) does one multiply-add
 /// per load. LLVM does not vectorise this three-level register block well by itself (it
 /// splits it into 2-lane pieces), so f32 on AVX2 has an explicit intrinsics version; other
-/// element types and CPUs take the portable loop.
+/// element types and CPUs take the portable loop (which adds into lane 0).
 pub fn wgrad_multi<T: Elem>(
-    dw: &mut [T],
+    dwv: &mut [T],
     stride: usize,
     g: &[T],
     n: usize,
@@ -227,31 +234,48 @@ pub fn wgrad_multi<T: Elem>(
     assert!(
         g.len() == outs * n
             && off.iter().all(|&o| o + n <= src.len())
-            && dw.len() >= (outs - 1) * stride + off.len(),
+            && dwv.len() >= ((outs - 1) * stride + off.len()) * WLANES,
         "wgrad_multi: runs out of bounds"
     );
     #[cfg(target_arch = "x86_64")]
     if level() != Level::Base {
-        if let (Some(g), Some(src), Some(dw)) = (as_f32(g), as_f32(src), as_f32_mut(dw)) {
+        if let (Some(g), Some(src), Some(dwv)) = (as_f32(g), as_f32(src), as_f32_mut(dwv)) {
             // SAFETY: AVX2 and FMA were detected by `level()`; the bounds the kernel relies
             // on were asserted above.
-            return unsafe { x86::wgrad_f32(dw, stride, g, n, src, off) };
+            return unsafe { x86::wgrad_f32(dwv, stride, g, n, src, off) };
         }
     }
+    let mut sums = [T::ZERO; TB];
     for (o, run) in g.chunks_exact(n).enumerate() {
-        taps_bwd_filter(&mut dw[o * stride..o * stride + off.len()], run, src, off);
+        for (c, offs) in off.chunks(TB).enumerate() {
+            let s = &mut sums[..offs.len()];
+            s.fill(T::ZERO);
+            taps_bwd_filter(s, run, src, offs);
+            for (k, &v) in s.iter().enumerate() {
+                dwv[(o * stride + c * TB + k) * WLANES] += v;
+            }
+        }
+    }
+}
+
+/// `dw[i] = Σ_l dwv[i·WLANES + l]`: the weights from [`wgrad_multi`]'s partial sums.
+pub fn fold_lanes<T: Elem>(dwv: &[T], dw: &mut [T]) {
+    for (d, v) in dw.iter_mut().zip(dwv.chunks_exact(WLANES)) {
+        let mut a = [T::ZERO; WLANES];
+        a.copy_from_slice(v);
+        *d = hsum(&a);
     }
 }
 
 /// `v` as f32 when `T` is f32 (the intrinsics kernels are f32-only), else `None`.
-fn as_f32<T: Elem>(v: &[T]) -> Option<&[f32]> {
+pub(super) fn as_f32<T: Elem>(v: &[T]) -> Option<&[f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
         // SAFETY: `T` is `f32`, so the slice is reinterpreted as its own type.
         .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) })
 }
 
 /// [`as_f32`] for a mutable slice.
-fn as_f32_mut<T: Elem>(v: &mut [T]) -> Option<&mut [f32]> {
+pub(super) fn as_f32_mut<T: Elem>(v: &mut [T]) -> Option<&mut [f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
         // SAFETY: as in `as_f32`.
         .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) })
@@ -324,7 +348,7 @@ mod x86 {
     /// The CPU has AVX2 and FMA; the bounds asserted by `wgrad_multi` hold.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn wgrad_f32(
-        dw: &mut [f32],
+        dwv: &mut [f32],
         stride: usize,
         g: &[f32],
         n: usize,
@@ -339,7 +363,7 @@ mod x86 {
             let mut t0 = 0;
             while t0 < taps {
                 let k = (taps - t0).min(kmax);
-                let d = &mut dw[o0 * stride + t0..];
+                let d = &mut dwv[(o0 * stride + t0) * 8..];
                 let (gb, of) = (&g[o0 * n..(o0 + o) * n], &off[t0..t0 + k]);
                 macro_rules! dispatch {
                     ($($oo:literal => [$($kk:literal)*]),*) => {
@@ -468,7 +492,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn block<const O: usize, const K: usize>(
-        dw: &mut [f32],
+        dwv: &mut [f32],
         stride: usize,
         g: &[f32],
         n: usize,
@@ -491,18 +515,33 @@ mod x86 {
             }
             f += 8;
         }
-        for o in 0..O {
+        if f < n {
+            // The last partial vector with masked loads (lanes past `n` read as zero and
+            // touch no memory), instead of a scalar tail per (channel, tap).
+            let rest = (n - f) as i32;
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(rest),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            // SAFETY: masked lanes are not read; the others lie below `n`.
+            let gv: [__m256; O] =
+                std::array::from_fn(|o| unsafe { _mm256_maskload_ps(gp[o].add(f), mask) });
             for t in 0..K {
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` holds 8 f32.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[o][t]) };
-                let mut sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                    + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-                for i in f..n {
-                    // SAFETY: i < n.
-                    sum += unsafe { *gp[o].add(i) * *sp[t].add(i) };
+                // SAFETY: as above.
+                let sv = unsafe { _mm256_maskload_ps(sp[t].add(f), mask) };
+                for o in 0..O {
+                    acc[o][t] = _mm256_fmadd_ps(gv[o], sv, acc[o][t]);
                 }
-                dw[o * stride + t] += sum;
+            }
+        }
+        for (o, acc_o) in acc.iter().enumerate() {
+            for (t, &a) in acc_o.iter().enumerate() {
+                let d = &mut dwv[(o * stride + t) * 8..][..8];
+                // SAFETY: `d` holds 8 f32.
+                unsafe {
+                    let v = _mm256_add_ps(_mm256_loadu_ps(d.as_ptr()), a);
+                    _mm256_storeu_ps(d.as_mut_ptr(), v);
+                }
             }
         }
     }

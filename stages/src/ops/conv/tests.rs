@@ -18,7 +18,7 @@ type Case = (
     usize,
 );
 
-/// Every path of `dense.rs` and `direct.rs`.
+/// Every path of `dense.rs`, `direct.rs` and `blocked.rs`.
 const CASES: &[Case] = &[
     (2, 3, 7, 6, 4, 3, 1, 1, 1), // dense 3x3, odd sizes, several images per chunk
     (2, 3, 17, 17, 4, 3, 1, 1, 1), // dense, one image per chunk (289 outputs)
@@ -39,6 +39,9 @@ const CASES: &[Case] = &[
     (2, 4, 7, 7, 4, 7, 1, 0, 4), // GDC: 7x7 depthwise, no padding, 1x1 output
     (1, 16, 7, 7, 16, 7, 1, 0, 2), // 7x7 group conv, 8 channels per group (VarGFaceNet)
     (1, 3, 70, 9, 3, 3, 1, 1, 3), // depthwise with rows longer than a register block
+    (3, 12, 9, 7, 12, 3, 2, 1, 12), // depthwise, a full and a partial channel block, stride 2
+    (2, 10, 8, 9, 10, 5, 1, 2, 10), // depthwise 5x5: 25 taps, several weight-gradient passes
+    (2, 9, 6, 5, 9, 3, 2, 0, 9), // depthwise stride 2 without padding
 ];
 
 /// Deterministic pseudo-random values in [-1, 1).

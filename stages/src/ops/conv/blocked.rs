@@ -1,0 +1,466 @@
+//! Depthwise convolution (one input and one output channel per group) in a channel-blocked
+//! layout, vectorised over channels rather than pixels.
+//!
+//! The polyphase kernels of `direct.rs` vectorise along a plane's rows, which wastes most of
+//! each vector on the small planes of a face network's later layers (7x7, 14x14) and, at
+//! stride 2, needs four sub-planes per channel. Here `L` channels are interleaved instead
+//! (`xb[(row·wp + col)·L + lane]`, zero-padded, the layout oneDNN calls nChw8c), so every
+//! multiply-add is a full `L`-lane vector whatever the plane size or stride, and the kernel's
+//! taps are plain index arithmetic. The cost is the transposition into and out of that layout,
+//! which is linear in the data and small against the taps' work.
+//!
+//! The input gradient at stride 1 is not here: `direct::backward_data` turns it into a forward
+//! convolution with the rotated kernel, which lands in [`forward`].
+
+use rayon::prelude::*;
+
+use super::simd::{self, level, multiversion, Level};
+use super::{Elem, Geom};
+
+/// Channels per block: one AVX2 register of f32.
+const L: usize = 8;
+/// Output pixels per register block of the forward kernel.
+const PB: usize = 8;
+
+/// Whether `g` is a depthwise convolution these kernels handle.
+pub fn applies(g: &Geom) -> bool {
+    g.groups == g.c && g.o == g.c && g.c > 1 && g.stride > 1
+}
+
+/// Padded plane geometry of one channel block.
+struct Plane {
+    hp: usize,
+    wp: usize,
+}
+
+impl Plane {
+    fn new(g: &Geom) -> Self {
+        Plane {
+            hp: g.h + 2 * g.pad,
+            wp: g.w + 2 * g.pad,
+        }
+    }
+    fn size(&self) -> usize {
+        self.hp * self.wp * L
+    }
+}
+
+/// The (image, channel block, planes) pieces of an NCHW buffer, in parallel.
+fn per_block<T: Send>(
+    buf: &mut [T],
+    image: usize,
+    block: usize,
+) -> impl ParallelIterator<Item = (usize, usize, &mut [T])> {
+    buf.par_chunks_mut(image)
+        .enumerate()
+        .flat_map(move |(n, img)| {
+            img.par_chunks_mut(block)
+                .enumerate()
+                .map(move |(b, blk)| (n, b, blk))
+        })
+}
+
+/// Channel blocks of `g`.
+fn blocks(g: &Geom) -> usize {
+    g.c.div_ceil(L)
+}
+
+/// Copies the (up to `L`) planes of `planes` (`h·w` each) into the blocked, zero-padded
+/// `dst` (pitch `wp`).
+fn pack<T: Elem>(planes: &[T], hw: (usize, usize), pad: usize, wp: usize, dst: &mut [T]) {
+    let (h, w) = hw;
+    if planes.len() == L * h * w && fast_transpose() {
+        // Only the border needs zeros: the interior is overwritten.
+        let hp = h + 2 * pad;
+        dst[..pad * wp * L].fill(T::ZERO);
+        dst[(h + pad) * wp * L..hp * wp * L].fill(T::ZERO);
+        for r in pad..h + pad {
+            dst[r * wp * L..(r * wp + pad) * L].fill(T::ZERO);
+            dst[(r * wp + pad + w) * L..(r + 1) * wp * L].fill(T::ZERO);
+        }
+        if let (Some(src), Some(d)) = (simd::as_f32(planes), simd::as_f32_mut(dst)) {
+            // SAFETY: `fast_transpose` checked AVX2; the slices are sized as asserted inside.
+            unsafe { x86::pack8(src, h, w, pad, wp, d) };
+            return;
+        }
+    }
+    dst.fill(T::ZERO);
+    for (l, plane) in planes.chunks_exact(h * w).enumerate() {
+        for (hi, row) in plane.chunks_exact(w).enumerate() {
+            let base = ((hi + pad) * wp + pad) * L + l;
+            for (k, &v) in row.iter().enumerate() {
+                dst[base + k * L] = v;
+            }
+        }
+    }
+}
+
+/// The inverse of [`pack`] for the (up to `L`) planes of `planes`, reading from `src` rows
+/// `pad..pad + h`, columns `pad..pad + w` of pitch `wp`.
+fn unpack<T: Elem>(src: &[T], hw: (usize, usize), pad: usize, wp: usize, planes: &mut [T]) {
+    let (h, w) = hw;
+    if planes.len() == L * h * w && fast_transpose() {
+        if let (Some(s), Some(d)) = (simd::as_f32(src), simd::as_f32_mut(planes)) {
+            // SAFETY: as in `pack`.
+            unsafe { x86::unpack8(s, h, w, pad, wp, d) };
+            return;
+        }
+    }
+    for (l, plane) in planes.chunks_exact_mut(h * w).enumerate() {
+        for (hi, row) in plane.chunks_exact_mut(w).enumerate() {
+            let base = ((hi + pad) * wp + pad) * L + l;
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = src[base + k * L];
+            }
+        }
+    }
+}
+
+/// Whether [`x86::pack8`] / [`x86::unpack8`] can run (f32 callers only).
+fn fast_transpose() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(level(), Level::Avx2 | Level::Avx512)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub unsafe fn pack8(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
+        unreachable!("fast_transpose() is false off x86_64")
+    }
+    pub unsafe fn unpack8(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
+        unreachable!("fast_transpose() is false off x86_64")
+    }
+}
+
+/// 8x8 f32 transposes with AVX2 for the layout change, 8 columns of 8 planes at a time.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Transposes the 8x8 block `r` (row `i` = `r[i]`) in registers.
+    #[inline(always)]
+    unsafe fn transpose(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// `dst[((hi + pad)·wp + pad + k)·8 + l] = src[l·h·w + hi·w + k]` for 8 planes.
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn pack8(src: &[f32], h: usize, w: usize, pad: usize, wp: usize, dst: &mut [f32]) {
+        let hw = h * w;
+        assert!(src.len() >= 8 * hw && dst.len() >= (h + 2 * pad) * wp * 8 && w + 2 * pad <= wp);
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        for hi in 0..h {
+            let out = ((hi + pad) * wp + pad) * 8;
+            let mut k = 0;
+            while k + 8 <= w {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|l| _mm256_loadu_ps(s.add(l * hw + hi * w + k)));
+                for (j, v) in transpose(r).into_iter().enumerate() {
+                    _mm256_storeu_ps(d.add(out + (k + j) * 8), v);
+                }
+                k += 8;
+            }
+            for k in k..w {
+                for l in 0..8 {
+                    *d.add(out + k * 8 + l) = *s.add(l * hw + hi * w + k);
+                }
+            }
+        }
+    }
+
+    /// The inverse of [`pack8`].
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn unpack8(src: &[f32], h: usize, w: usize, pad: usize, wp: usize, dst: &mut [f32]) {
+        let hw = h * w;
+        assert!(dst.len() >= 8 * hw && src.len() >= (h + 2 * pad) * wp * 8 && w + 2 * pad <= wp);
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        for hi in 0..h {
+            let inp = ((hi + pad) * wp + pad) * 8;
+            let mut k = 0;
+            while k + 8 <= w {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|j| _mm256_loadu_ps(s.add(inp + (k + j) * 8)));
+                for (l, v) in transpose(r).into_iter().enumerate() {
+                    _mm256_storeu_ps(d.add(l * hw + hi * w + k), v);
+                }
+                k += 8;
+            }
+            for k in k..w {
+                for l in 0..8 {
+                    *d.add(l * hw + hi * w + k) = *s.add(inp + k * 8 + l);
+                }
+            }
+        }
+    }
+}
+
+/// The block's weights, tap-major: `wb[t·L + lane]` (lanes past the last channel are zero).
+fn pack_weights<T: Elem>(w: &[T], taps: usize, lanes: usize) -> Vec<T> {
+    let mut wb = vec![T::ZERO; taps * L];
+    for l in 0..lanes {
+        for t in 0..taps {
+            wb[t * L + l] = w[l * taps + t];
+        }
+    }
+    wb
+}
+
+/// Geometry of one kernel call, copied into the vector bodies.
+#[derive(Clone, Copy)]
+pub(super) struct Shape {
+    ho: usize,
+    wo: usize,
+    wp: usize,
+    s: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl Shape {
+    fn new(g: &Geom, p: &Plane) -> Self {
+        Shape {
+            ho: g.ho,
+            wo: g.wo,
+            wp: p.wp,
+            s: g.stride,
+            kh: g.kh,
+            kw: g.kw,
+        }
+    }
+}
+
+multiversion! {
+    /// `yb[o] = Σ_t wb[t] ⊙ xb[o·s + tap t]` over one channel block.
+    fn fwd_block(sh: Shape, xb: &[T], wb: &[T], yb: &mut [T]) => fwd_body
+}
+
+multiversion! {
+    /// `dxb[o·s + tap t] += wb[t] ⊙ gb[o]` over one channel block (the scatter form of the
+    /// input gradient, for stride > 1).
+    fn bwd_data_block(sh: Shape, gb: &[T], wb: &[T], dxb: &mut [T]) => bwd_data_body
+}
+
+multiversion! {
+    /// `acc[t] += Σ_o gb[o] ⊙ xb[o·s + tap t]` over one channel block.
+    fn bwd_filter_block(sh: Shape, xb: &[T], gb: &[T], acc: &mut [T]) => bwd_filter_body
+}
+
+#[inline(always)]
+fn lanes<T: Elem>(v: &[T], at: usize) -> [T; L] {
+    let mut r = [T::ZERO; L];
+    r.copy_from_slice(&v[at..at + L]);
+    r
+}
+
+#[inline(always)]
+fn fwd_body<T: Elem>(sh: Shape, xb: &[T], wb: &[T], yb: &mut [T]) {
+    for oy in 0..sh.ho {
+        let mut ox = 0;
+        // PB outputs at a time, so that each weight vector loaded feeds PB multiply-adds.
+        while ox < sh.wo {
+            let pb = (sh.wo - ox).min(PB);
+            let mut acc = [[T::ZERO; L]; PB];
+            for i in 0..sh.kh {
+                let row = (oy * sh.s + i) * sh.wp;
+                for j in 0..sh.kw {
+                    let wv = lanes(wb, (i * sh.kw + j) * L);
+                    for (q, a) in acc.iter_mut().enumerate().take(pb) {
+                        let xv = lanes(xb, (row + (ox + q) * sh.s + j) * L);
+                        for l in 0..L {
+                            a[l] = wv[l].mul_add(xv[l], a[l]);
+                        }
+                    }
+                }
+            }
+            for (q, a) in acc.iter().enumerate().take(pb) {
+                yb[(oy * sh.wo + ox + q) * L..][..L].copy_from_slice(a);
+            }
+            ox += pb;
+        }
+    }
+}
+
+#[inline(always)]
+fn bwd_data_body<T: Elem>(sh: Shape, gb: &[T], wb: &[T], dxb: &mut [T]) {
+    for oy in 0..sh.ho {
+        for ox in 0..sh.wo {
+            let gv = lanes(gb, (oy * sh.wo + ox) * L);
+            for i in 0..sh.kh {
+                let row = (oy * sh.s + i) * sh.wp + ox * sh.s;
+                for j in 0..sh.kw {
+                    let wv = lanes(wb, (i * sh.kw + j) * L);
+                    let d = &mut dxb[(row + j) * L..][..L];
+                    for l in 0..L {
+                        d[l] = wv[l].mul_add(gv[l], d[l]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn bwd_filter_body<T: Elem>(sh: Shape, xb: &[T], gb: &[T], acc: &mut [T]) {
+    // Up to 16 taps' accumulators stay in registers across the whole plane.
+    const TB: usize = 9;
+    let taps = sh.kh * sh.kw;
+    let mut t0 = 0;
+    while t0 < taps {
+        let k = (taps - t0).min(TB);
+        let mut a = [[T::ZERO; L]; TB];
+        let off: [usize; TB] = std::array::from_fn(|t| {
+            ((t0 + t.min(k - 1)) / sh.kw) * sh.wp + (t0 + t.min(k - 1)) % sh.kw
+        });
+        for oy in 0..sh.ho {
+            for ox in 0..sh.wo {
+                let gv = lanes(gb, (oy * sh.wo + ox) * L);
+                let base = oy * sh.s * sh.wp + ox * sh.s;
+                for (t, at) in a.iter_mut().enumerate().take(k) {
+                    let xv = lanes(xb, (base + off[t]) * L);
+                    for l in 0..L {
+                        at[l] = gv[l].mul_add(xv[l], at[l]);
+                    }
+                }
+            }
+        }
+        for (t, at) in a.iter().enumerate().take(k) {
+            for l in 0..L {
+                acc[(t0 + t) * L + l] += at[l];
+            }
+        }
+        t0 += k;
+    }
+}
+
+/// Forward pass of a depthwise convolution.
+pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (p, taps, nb) = (Plane::new(g), g.kh * g.kw, blocks(g));
+    let sh = Shape::new(g, &p);
+    let (ihw, ohw) = (g.in_hw(), g.out_hw());
+    let wbs: Vec<Vec<T>> = (0..nb)
+        .map(|b| {
+            let lanes = (g.c - b * L).min(L);
+            pack_weights(&w[b * L * taps..], taps, lanes)
+        })
+        .collect();
+    let mut y = vec![T::ZERO; g.n * g.c * ohw];
+    // One task per (image, channel block): the block's output planes are contiguous.
+    per_block(&mut y, g.c * ohw, L * ohw).for_each(|(n, b, yblk)| {
+        let lanes = yblk.len() / ohw;
+        let c0 = b * L;
+        T::with_scratch(p.size() + ohw * L, |scr| {
+            let (xb, yb) = scr.split_at_mut(p.size());
+            let xs = &x[(n * g.c + c0) * ihw..][..lanes * ihw];
+            pack(xs, (g.h, g.w), g.pad, p.wp, xb);
+            fwd_block(sh, xb, &wbs[b], &mut yb[..ohw * L]);
+            unpack(yb, (g.ho, g.wo), 0, g.wo, yblk);
+        })
+    });
+    y
+}
+
+/// Input gradient of a depthwise convolution at any stride (scatter into the blocked plane).
+pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    let (p, taps, nb) = (Plane::new(g), g.kh * g.kw, blocks(g));
+    let sh = Shape::new(g, &p);
+    let (ihw, ohw) = (g.in_hw(), g.out_hw());
+    let wbs: Vec<Vec<T>> = (0..nb)
+        .map(|b| pack_weights(&w[b * L * taps..], taps, (g.c - b * L).min(L)))
+        .collect();
+    let mut dx = vec![T::ZERO; g.n * g.c * ihw];
+    per_block(&mut dx, g.c * ihw, L * ihw).for_each(|(n, b, dblk)| {
+        let lanes = dblk.len() / ihw;
+        let c0 = b * L;
+        T::with_scratch(p.size() + ohw * L, |scr| {
+            let (dxb, gb) = scr.split_at_mut(p.size());
+            let gs = &dy[(n * g.c + c0) * ohw..][..lanes * ohw];
+            pack(gs, (g.ho, g.wo), 0, g.wo, &mut gb[..ohw * L]);
+            dxb.fill(T::ZERO);
+            bwd_data_block(sh, &gb[..ohw * L], &wbs[b], dxb);
+            unpack(dxb, (g.h, g.w), g.pad, p.wp, dblk);
+        })
+    });
+    dx
+}
+
+/// Weight gradient of a depthwise convolution: one task per channel block, summing images.
+pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    let (p, taps, nb) = (Plane::new(g), g.kh * g.kw, blocks(g));
+    let sh = Shape::new(g, &p);
+    let (ihw, ohw) = (g.in_hw(), g.out_hw());
+    let mut dw = vec![T::ZERO; g.c * taps];
+    dw.par_chunks_mut(L * taps)
+        .enumerate()
+        .with_max_len(1)
+        .for_each(|(b, dwb)| {
+            let lanes = dwb.len() / taps;
+            let c0 = b * L;
+            debug_assert!(b < nb);
+            T::with_scratch(p.size() + ohw * L + taps * L, |scr| {
+                let (xb, rest) = scr.split_at_mut(p.size());
+                let (gb, acc) = rest.split_at_mut(ohw * L);
+                let acc = &mut acc[..taps * L];
+                acc.fill(T::ZERO);
+                for n in 0..g.n {
+                    pack(
+                        &x[(n * g.c + c0) * ihw..][..lanes * ihw],
+                        (g.h, g.w),
+                        g.pad,
+                        p.wp,
+                        xb,
+                    );
+                    pack(
+                        &dy[(n * g.c + c0) * ohw..][..lanes * ohw],
+                        (g.ho, g.wo),
+                        0,
+                        g.wo,
+                        gb,
+                    );
+                    bwd_filter_block(sh, xb, gb, acc);
+                }
+                for l in 0..lanes {
+                    for t in 0..taps {
+                        dwb[l * taps + t] = acc[t * L + l];
+                    }
+                }
+            })
+        });
+    dw
+}
