@@ -8,7 +8,6 @@ use fpipe_engine::{Stage, StageContext};
 use fpipe_stages::data::synth::{generate, Monitor, SynthParams};
 use fpipe_stages::loss::{MarginConfig, MarginVariant};
 use fpipe_stages::models::{mobilefacenet, BackboneConfig, SplitMix};
-use fpipe_stages::train::optim::OptimizerKind;
 use fpipe_stages::train::stages::{DistilStage, EmbedStage, EvaluateStage, TrainStage};
 use fpipe_stages::train::trainer::{train, RunEnv, TrainConfig};
 use fpipe_stages::train::{FaceSource, TrainError};
@@ -47,32 +46,23 @@ impl FaceSource for Blobs {
 }
 
 fn tiny_config(steps: u64) -> TrainConfig {
+    let backbone = BackboneConfig::Mobilefacenet(mobilefacenet::Config {
+        width: 0.0625,
+        input_size: 32,
+        num_features: 16,
+        ..Default::default()
+    });
     TrainConfig {
-        backbone: BackboneConfig::Mobilefacenet(mobilefacenet::Config {
-            width: 0.0625,
-            input_size: 32,
-            num_features: 16,
-            ..Default::default()
-        }),
         margin: MarginConfig {
             s: 16.0,
             ..MarginConfig::arcface()
         },
-        objective: Default::default(),
         sample_rate: 0.5,
-        optimizer: OptimizerKind::Sgd,
         lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        no_decay_bn: false,
-        steps,
         warmup_steps: 2,
         batch_size: 8,
-        grad_clip: 5.0,
-        flip: true,
         seed: 3,
-        distil_alpha: 0.0,
-        reactivation: Default::default(),
+        ..TrainConfig::arcface_torch(backbone, steps)
     }
 }
 

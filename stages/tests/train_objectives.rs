@@ -8,9 +8,7 @@ use fpipe_engine::Stage;
 use fpipe_stages::loss::objective::ObjectiveConfig;
 use fpipe_stages::loss::softmax::{center_term, center_update, SoftmaxHead};
 use fpipe_stages::loss::triplet::{mine, triplet_loss, Mining, Triplet};
-use fpipe_stages::loss::MarginConfig;
 use fpipe_stages::models::{mobilefacenet, BackboneConfig, SplitMix};
-use fpipe_stages::train::optim::OptimizerKind;
 use fpipe_stages::train::sampler::BatchSampler;
 use fpipe_stages::train::stages::TrainStage;
 use fpipe_stages::train::trainer::{train, RunEnv, TrainConfig};
@@ -342,29 +340,19 @@ fn identity_sampler_builds_p_by_k_batches_deterministically() {
 }
 
 fn tiny_config(steps: u64, objective: ObjectiveConfig) -> TrainConfig {
+    let backbone = BackboneConfig::Mobilefacenet(mobilefacenet::Config {
+        width: 0.0625,
+        input_size: 32,
+        num_features: 16,
+        ..Default::default()
+    });
     TrainConfig {
-        backbone: BackboneConfig::Mobilefacenet(mobilefacenet::Config {
-            width: 0.0625,
-            input_size: 32,
-            num_features: 16,
-            ..Default::default()
-        }),
-        margin: MarginConfig::arcface(),
         objective,
-        sample_rate: 1.0,
-        optimizer: OptimizerKind::Sgd,
         lr: 0.05,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        no_decay_bn: false,
-        steps,
         warmup_steps: 2,
         batch_size: 8,
-        grad_clip: 5.0,
-        flip: true,
         seed: 3,
-        distil_alpha: 0.0,
-        reactivation: Default::default(),
+        ..TrainConfig::arcface_torch(backbone, steps)
     }
 }
 

@@ -63,23 +63,11 @@ fn bn_finetune_moves_only_running_stats_and_keeps_the_best_snapshot() {
     let dev = Device::Cpu;
     // A model artifact as `train` writes it (untrained weights are enough here).
     let cfg = fpipe_stages::train::trainer::TrainConfig {
-        backbone: tiny_backbone(),
-        margin: fpipe_stages::loss::MarginConfig::arcface(),
-        objective: Default::default(),
-        sample_rate: 1.0,
-        optimizer: fpipe_stages::train::optim::OptimizerKind::Sgd,
-        lr: 0.1,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        no_decay_bn: false,
-        steps: 1,
-        warmup_steps: 0,
         batch_size: 8,
         grad_clip: 0.0,
         flip: false,
         seed: 3,
-        distil_alpha: 0.0,
-        reactivation: Default::default(),
+        ..fpipe_stages::train::trainer::TrainConfig::arcface_torch(tiny_backbone(), 1)
     };
     let (store, _, _) = build_student(&cfg, 6, &dev, None).unwrap();
     let model_dir = dir.path().join("model");

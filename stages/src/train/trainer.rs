@@ -62,6 +62,34 @@ pub struct TrainConfig {
     pub reactivation: ReactivationConfig,
 }
 
+impl TrainConfig {
+    /// `steps` of arcface_torch's recipe for `backbone`: ArcFace (s 64, m 0.5) over every
+    /// class, SGD lr 0.1 momentum 0.9 weight decay 5e-4 on every parameter, gradient clip 5,
+    /// random flips, batch 128, no warm-up, seed 0, no distillation or reactivation. Callers
+    /// change what they need with struct-update syntax.
+    pub fn arcface_torch(backbone: BackboneConfig, steps: u64) -> Self {
+        TrainConfig {
+            backbone,
+            margin: MarginConfig::arcface(),
+            objective: ObjectiveConfig::default(),
+            sample_rate: 1.0,
+            optimizer: OptimizerKind::Sgd,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            no_decay_bn: false,
+            steps,
+            warmup_steps: 0,
+            batch_size: 128,
+            grad_clip: 5.0,
+            flip: true,
+            seed: 0,
+            distil_alpha: 0.0,
+            reactivation: ReactivationConfig::default(),
+        }
+    }
+}
+
 /// A fixed teacher for distillation.
 pub struct Teacher {
     /// Its backbone (eval mode).
