@@ -33,7 +33,11 @@ fn every_example_validates() {
     // The README's pipeline is the kd example: generations=4 adds one student and its eval.
     let dag = p.fpipe(&["dag", "kd.yaml", "-p", "generations=4"]).ok();
     assert!(dag.stdout.contains("student@4 (distil)"), "{}", dag.stdout);
-    assert!(dag.stdout.contains("init <- student@3.model"), "{}", dag.stdout);
+    assert!(
+        dag.stdout.contains("init <- student@3.model"),
+        "{}",
+        dag.stdout
+    );
 }
 
 #[test]
