@@ -231,15 +231,21 @@ mod x86 {
     }
 }
 
-/// The block's weights, tap-major: `wb[t·L + lane]` (lanes past the last channel are zero).
-fn pack_weights<T: Elem>(w: &[T], taps: usize, lanes: usize) -> Vec<T> {
-    let mut wb = vec![T::ZERO; taps * L];
-    for l in 0..lanes {
-        for t in 0..taps {
-            wb[t * L + l] = w[l * taps + t];
-        }
-    }
-    wb
+/// Each channel block's weights, tap-major: `wbs[b][t·L + lane]` (lanes past the last
+/// channel are zero).
+fn block_weights<T: Elem>(g: &Geom, w: &[T]) -> Vec<Vec<T>> {
+    let taps = g.kh * g.kw;
+    (0..blocks(g))
+        .map(|b| {
+            let mut wb = vec![T::ZERO; taps * L];
+            for l in 0..(g.c - b * L).min(L) {
+                for t in 0..taps {
+                    wb[t * L + l] = w[(b * L + l) * taps + t];
+                }
+            }
+            wb
+        })
+        .collect()
 }
 
 /// Geometry of one kernel call, copied into the vector bodies.
@@ -338,15 +344,17 @@ fn bwd_data_body<T: Elem>(sh: Shape, gb: &[T], wb: &[T], dxb: &mut [T]) {
 
 #[inline(always)]
 fn bwd_filter_body<T: Elem>(sh: Shape, xb: &[T], gb: &[T], acc: &mut [T]) {
-    // Up to 16 taps' accumulators stay in registers across the whole plane.
+    // Up to TB taps' accumulators (a 3x3 kernel's nine) stay in registers across the plane.
     const TB: usize = 9;
     let taps = sh.kh * sh.kw;
     let mut t0 = 0;
     while t0 < taps {
         let k = (taps - t0).min(TB);
         let mut a = [[T::ZERO; L]; TB];
+        // Offset of each tap of this pass from the output's top-left input (unused past `k`).
         let off: [usize; TB] = std::array::from_fn(|t| {
-            ((t0 + t.min(k - 1)) / sh.kw) * sh.wp + (t0 + t.min(k - 1)) % sh.kw
+            let tap = (t0 + t).min(taps - 1);
+            (tap / sh.kw) * sh.wp + tap % sh.kw
         });
         for oy in 0..sh.ho {
             for ox in 0..sh.wo {
@@ -371,15 +379,10 @@ fn bwd_filter_body<T: Elem>(sh: Shape, xb: &[T], gb: &[T], acc: &mut [T]) {
 
 /// Forward pass of a depthwise convolution.
 pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
-    let (p, taps, nb) = (Plane::new(g), g.kh * g.kw, blocks(g));
+    let p = Plane::new(g);
     let sh = Shape::new(g, &p);
     let (ihw, ohw) = (g.in_hw(), g.out_hw());
-    let wbs: Vec<Vec<T>> = (0..nb)
-        .map(|b| {
-            let lanes = (g.c - b * L).min(L);
-            pack_weights(&w[b * L * taps..], taps, lanes)
-        })
-        .collect();
+    let wbs = block_weights(g, w);
     let mut y = vec![T::ZERO; g.n * g.c * ohw];
     // One task per (image, channel block): the block's output planes are contiguous.
     per_block(&mut y, g.c * ohw, L * ohw).for_each(|(n, b, yblk)| {
@@ -398,12 +401,10 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// Input gradient of a depthwise convolution at any stride (scatter into the blocked plane).
 pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
-    let (p, taps, nb) = (Plane::new(g), g.kh * g.kw, blocks(g));
+    let p = Plane::new(g);
     let sh = Shape::new(g, &p);
     let (ihw, ohw) = (g.in_hw(), g.out_hw());
-    let wbs: Vec<Vec<T>> = (0..nb)
-        .map(|b| pack_weights(&w[b * L * taps..], taps, (g.c - b * L).min(L)))
-        .collect();
+    let wbs = block_weights(g, w);
     let mut dx = vec![T::ZERO; g.n * g.c * ihw];
     per_block(&mut dx, g.c * ihw, L * ihw).for_each(|(n, b, dblk)| {
         let lanes = dblk.len() / ihw;
@@ -422,7 +423,7 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
 
 /// Weight gradient of a depthwise convolution: one task per channel block, summing images.
 pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-    let (p, taps, nb) = (Plane::new(g), g.kh * g.kw, blocks(g));
+    let (p, taps) = (Plane::new(g), g.kh * g.kw);
     let sh = Shape::new(g, &p);
     let (ihw, ohw) = (g.in_hw(), g.out_hw());
     let mut dw = vec![T::ZERO; g.c * taps];
@@ -432,7 +433,6 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
         .for_each(|(b, dwb)| {
             let lanes = dwb.len() / taps;
             let c0 = b * L;
-            debug_assert!(b < nb);
             T::with_scratch(p.size() + ohw * L + taps * L, |scr| {
                 let (xb, rest) = scr.split_at_mut(p.size());
                 let (gb, acc) = rest.split_at_mut(ohw * L);
