@@ -146,9 +146,9 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
         }
         merge(&mut params, v);
     }
-    // A `-p` key must name a parameter the pipeline declares (or at least reads as
-    // `params.NAME`, for a template that takes an optional one with `default`): a misspelt key would otherwise be
-    // ignored while the run looks as if the change took effect.
+    // A `-p` key must name a parameter the pipeline declares, or at least reads as
+    // `params.NAME` (a template that takes an optional one with `default`): a misspelt key
+    // would otherwise be ignored while the run looks as if the change took effect.
     let declared: Vec<String> = params
         .as_object()
         .map(|m| m.keys().cloned().collect())
