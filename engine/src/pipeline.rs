@@ -159,11 +159,8 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
                 .hint("for example -p epochs=3 or -p train.lr=0.05")
         })?;
         let top = k.trim().split('.').next().unwrap_or_default();
-        if !declared.iter().any(|d| d == top)
-            && !raws
-                .iter()
-                .any(|r| mentions(&r.text, &format!("params.{top}")))
-        {
+        let read_as = format!("params.{top}");
+        if !declared.iter().any(|d| d == top) && !raws.iter().any(|r| mentions(&r.text, &read_as)) {
             let names: Vec<&str> = declared.iter().map(String::as_str).collect();
             return Err(PipelineError::new(
                 file,
