@@ -20,13 +20,17 @@
 //! memory from a per-thread scratch buffer that is reused across calls, so a call allocates
 //! its output and nothing else of size.
 //!
-//! On devices other than the CPU, [`conv2d`] calls candle's own convolution.
+//! On devices other than the CPU (and for dtypes other than f32/f64), [`conv2d`] calls
+//! candle's own convolution for `groups == 1` (cuDNN or im2col + cuBLAS on CUDA) and runs
+//! grouped convolutions as one batched GEMM over the groups (`taps.rs`), instead of candle's
+//! loop of one convolution per group.
 
 mod blocked;
 mod dense;
 mod direct;
 mod scratch;
 mod simd;
+pub mod taps;
 #[cfg(test)]
 mod tests;
 
@@ -175,7 +179,8 @@ impl Geom {
 
 /// 2-D convolution of NCHW `x` with weight `[o, c/groups, kh, kw]`, square `stride` and
 /// `padding`. On the CPU with f32/f64 this runs fpipe's kernels (forward and backward);
-/// elsewhere (CUDA, other dtypes) it is candle's own `conv2d`.
+/// elsewhere (CUDA, other dtypes) it is candle's own `conv2d` for `groups == 1` and
+/// [`taps::conv2d`] (one batched GEMM over the groups) for grouped convolutions.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -185,6 +190,9 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let supported = matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype();
     if !x.device().is_cpu() || !supported {
+        if groups > 1 {
+            return taps::conv2d(x, w, stride, padding, groups);
+        }
         return x.conv2d(w, padding, stride, 1, groups);
     }
     let geom = Geom::new(x.dims(), w.dims(), stride, padding, groups)?;

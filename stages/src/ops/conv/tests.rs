@@ -3,7 +3,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::{conv2d, Geom};
+use super::{conv2d, taps, Geom};
+
+/// A convolution entry point: `(x, w, stride, pad, groups) -> y`.
+type ConvFn = fn(&Tensor, &Tensor, usize, usize, usize) -> candle_core::Result<Tensor>;
 
 /// (n, c, h, w, o, k, stride, pad, groups).
 type Case = (
@@ -145,6 +148,18 @@ fn inputs(g: &Geom, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
 
 /// Runs our op with autograd on `Σ y·r`; returns (y, dx, dw).
 fn ours(g: &Geom, x: &[f64], w: &[f64], r: &[f64], dtype: DType) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    run_with(conv2d, g, x, w, r, dtype)
+}
+
+/// [`ours`] for any convolution entry point.
+fn run_with(
+    conv: ConvFn,
+    g: &Geom,
+    x: &[f64],
+    w: &[f64],
+    r: &[f64],
+    dtype: DType,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let dev = Device::Cpu;
     let xt = Var::from_tensor(
         &Tensor::from_slice(x, (g.n, g.c, g.h, g.w), &dev)
@@ -164,7 +179,7 @@ fn ours(g: &Geom, x: &[f64], w: &[f64], r: &[f64], dtype: DType) -> (Vec<f64>, V
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let y = conv2d(xt.as_tensor(), wt.as_tensor(), g.stride, g.pad, g.groups).unwrap();
+    let y = conv(xt.as_tensor(), wt.as_tensor(), g.stride, g.pad, g.groups).unwrap();
     assert_eq!(y.dims(), &[g.n, g.o, g.ho, g.wo]);
     let loss = (&y * &rt).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
@@ -215,6 +230,40 @@ fn matches_naive_reference_f32() {
         assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case:?}");
         assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case:?}");
     }
+}
+
+/// The device-generic path (what CUDA runs for grouped convolutions), forward and both
+/// gradients through candle's autograd, on every case.
+#[test]
+fn tensor_op_path_matches_naive_reference() {
+    for (idx, case) in CASES.iter().enumerate() {
+        let g = geom(case);
+        let (x, w, r) = inputs(&g, 2000 + idx as u64);
+        let (y, dx, dw) = run_with(taps::conv2d, &g, &x, &w, &r, DType::F64);
+        let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
+        let tol = 1e-12 * g.k().max(g.n * g.out_hw()) as f64;
+        assert!(
+            max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < tol,
+            "forward {case:?}"
+        );
+        assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case:?}");
+        assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case:?}");
+    }
+}
+
+/// Off the fast path (here f16 on the CPU; on CUDA every dtype) a grouped convolution runs
+/// the tensor-op path: forward and both gradients in f16 agree with the f64 reference.
+#[test]
+fn grouped_conv_in_f16_matches_reference() {
+    let g = geom(&(2, 16, 8, 7, 32, 3, 2, 1, 2));
+    let (x, w, r) = inputs(&g, 77);
+    let (y, dx, dw) = ours(&g, &x, &w, &r, DType::F16);
+    let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
+    // f16 keeps 11 significant bits; sums of up to 72 (forward) or 98 (weight gradient)
+    // products of values in [-1, 1).
+    assert!(max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < 0.1, "forward");
+    assert!(max_abs_diff(&dx, &rdx) < 0.1, "input gradient");
+    assert!(max_abs_diff(&dw, &rdw) < 0.3, "weight gradient");
 }
 
 /// Central differences of `Σ conv(x, w)·r` in f64, for every element of x and w.
