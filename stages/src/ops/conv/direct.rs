@@ -60,6 +60,20 @@ impl Poly {
     fn pack<T: Elem>(&self, g: &Geom, x: &[T], dst: &mut [T]) {
         dst.fill(T::ZERO);
         for (hi, row) in x.chunks_exact(g.w).enumerate() {
+            if self.s == 2 && g.w >= 2 {
+                // Both column phases at once: even input columns to one sub-plane row, odd
+                // ones to the other.
+                let mut runs = self
+                    .row_runs(g, hi)
+                    .map(|(base, first, q0)| (first, base + q0));
+                let (Some(a), Some(b)) = (runs.next(), runs.next()) else {
+                    unreachable!("two column phases for a row of {} >= 2", g.w)
+                };
+                let (ev, od) = if a.0 == 0 { (a.1, b.1) } else { (b.1, a.1) };
+                let (e, o) = two_mut(dst, ev, g.w.div_ceil(2), od, g.w / 2);
+                simd::deinterleave2(row, e, o);
+                continue;
+            }
             for (base, first, q0) in self.row_runs(g, hi) {
                 if self.s == 1 {
                     copy_row(&mut dst[base + q0..base + q0 + g.w], row);
@@ -102,6 +116,17 @@ impl Poly {
             let first = (pc + s - pad % s) % s;
             (first < w).then(|| (row_base + pc * self.sub, first, (first + pad) / s))
         })
+    }
+}
+
+/// Two disjoint runs `v[a..a + la]` and `v[b..b + lb]` of one buffer, mutably.
+fn two_mut<T>(v: &mut [T], a: usize, la: usize, b: usize, lb: usize) -> (&mut [T], &mut [T]) {
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a..a + la], &mut hi[..lb])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[..la], &mut lo[b..b + lb])
     }
 }
 
@@ -165,6 +190,9 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     if blocked::applies(g) {
         return blocked::forward(g, x, w);
     }
+    if simd::pixels_fast::<T>(g.og(), g.out_hw()) {
+        return forward_pixels(g, x, w);
+    }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
     let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
@@ -204,6 +232,43 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     y
 }
 
+/// [`forward`] on [`simd::fwd_pixels`] (whole blocks of 8 output channels per group, f32
+/// on AVX2): input planes zero-padded, with no polyphase split, output written in place.
+fn forward_pixels<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
+    let (wp, hp) = (g.w + 2 * g.pad, g.h + 2 * g.pad);
+    let psize = hp * wp;
+    let pix: Vec<usize> = (0..g.ho)
+        .flat_map(|ho| (0..g.wo).map(move |wo| (ho * wp + wo) * g.stride))
+        .collect();
+    let off: Vec<usize> = (0..g.kh)
+        .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
+        .collect();
+    let (cg, og, taps) = (g.cg(), g.og(), g.kh * g.kw);
+    let wt = simd::pixel_weights(w, g.groups, og, cg, taps);
+    let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
+    let macs = og * cg * taps * g.out_hw();
+    y.par_chunks_mut(og * g.out_hw())
+        .enumerate()
+        .with_min_len(min_tasks(macs))
+        .for_each(|(task, yg)| {
+            let (n, grp) = (task / g.groups, task % g.groups);
+            T::with_scratch(cg * psize, |xs| {
+                xs.fill(T::ZERO);
+                let x0 = (n * g.c + grp * cg) * g.in_hw();
+                for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
+                    let src = &x[x0 + ci * g.in_hw()..][..g.in_hw()];
+                    for (hi, row) in src.chunks_exact(g.w).enumerate() {
+                        let at = (hi + g.pad) * wp + g.pad;
+                        copy_row(&mut plane[at..at + g.w], row);
+                    }
+                }
+                let w0 = grp * og * cg * taps;
+                simd::fwd_pixels(yg, &pix, xs, psize, &off, &wt[w0..w0 + og * cg * taps]);
+            })
+        });
+    y
+}
+
 /// Input gradient: `dx[n, ci] = Σ_{o in group(ci)} dy[n, o] ⋆ᵀ w[o, ci]`.
 pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     if full_kernel(g) {
@@ -214,6 +279,9 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     }
     if blocked::applies(g) {
         return blocked::backward_data(g, dy, w);
+    }
+    if g.stride > 1 {
+        return backward_data_phases(g, dy, w);
     }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
@@ -243,6 +311,122 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                 }
                 for (plane, dxp) in xs.chunks_exact(psize).zip(dxg.chunks_exact_mut(g.in_hw())) {
                     poly.unpack(g, plane, dxp);
+                }
+            })
+        });
+    dx
+}
+
+/// Input gradient for stride `s > 1` as a gather on the forward kernel, phase by phase.
+///
+/// With `xp` the padded input, `y[ho, wo] = Σ_{i,j} w[i, j]·xp[ho·s + i, wo·s + j]`, so the
+/// padded input gradient at `(r·s + pr, q·s + pc)` is
+/// `Σ_{ii,jj} w[pr + s·ii, pc + s·jj]·dy[r − ii, q − jj]`: for each of the `s·s` phases a
+/// stride-1 correlation of `dy` with that phase's taps of the kernel (a sub-kernel of up to
+/// `ceil(k / s)` taps a side). Each phase runs on [`simd::fwd_multi`], which keeps its
+/// output block in registers across all taps and output-gradient channels, instead of the
+/// scatter kernel's read-modify-write of the input gradient per tap (2.5x slower than the
+/// forward pass on VarGFaceNet's stride-2 80→160 g10 layer).
+///
+/// The output-gradient planes are zero-padded by `kq − 1` above and left, with a row pitch
+/// of at least `wq` (the polyphase sub-plane width) and `wo + kq − 1`, so that every tap is a
+/// constant offset from the output position `r·pitch + q` and reads past a row's end land
+/// in the next row's left padding.
+fn backward_data_phases<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
+    let s = g.stride;
+    let (hq, wq) = ((g.h + 2 * g.pad).div_ceil(s), (g.w + 2 * g.pad).div_ceil(s));
+    let kq = g.kh.max(g.kw).div_ceil(s);
+    let pitch = wq.max(g.wo + kq - 1);
+    let psize = (hq + kq + 1) * pitch;
+    let len = (hq - 1) * pitch + wq;
+    let (cg, og, taps) = (g.cg(), g.og(), g.kh * g.kw);
+    // Where the channel-vectorised kernel runs, it computes just the `hq·wq` sub-plane
+    // pixels, written compactly (row pitch `wq`); else `fwd_multi` fills `len` positions of
+    // row pitch `pitch`.
+    let fast = simd::pixels_fast::<T>(cg, hq * wq);
+    // Per phase (pr, pc): tap offsets, and weights as `fwd_multi` takes them, per group
+    // `[cg][og][phase taps]` (input channels are this gather's outputs), or as
+    // `fwd_pixels` does.
+    let phases: Vec<(Vec<usize>, Vec<T>)> = (0..s * s)
+        .map(|ph| {
+            let (pr, pc) = (ph / s, ph % s);
+            let ij: Vec<(usize, usize)> = (pr..g.kh)
+                .step_by(s)
+                .flat_map(|i| (pc..g.kw).step_by(s).map(move |j| (i, j)))
+                .collect();
+            let off = ij
+                .iter()
+                .map(|&(i, j)| (kq - 1 - i / s) * pitch + (kq - 1 - j / s))
+                .collect();
+            let mut wp = Vec::with_capacity(g.groups * cg * og * ij.len());
+            for grp in 0..g.groups {
+                for ci in 0..cg {
+                    for oc in 0..og {
+                        let wk = &w[((grp * og + oc) * cg + ci) * taps..][..taps];
+                        wp.extend(ij.iter().map(|&(i, j)| wk[i * g.kw + j]));
+                    }
+                }
+            }
+            if fast {
+                wp = simd::pixel_weights(&wp, g.groups, cg, og, ij.len());
+            }
+            (off, wp)
+        })
+        .collect();
+    let pix: Vec<usize> = (0..hq)
+        .flat_map(|r| (0..wq).map(move |q| r * pitch + q))
+        .collect();
+    let (len, opitch) = if fast { (hq * wq, wq) } else { (len, pitch) };
+    let mut dx = vec![T::ZERO; g.n * g.c * g.in_hw()];
+    let macs = og * cg * taps * g.out_hw();
+    dx.par_chunks_mut(cg * g.in_hw())
+        .enumerate()
+        .with_min_len(min_tasks(macs))
+        .for_each(|(task, dxg)| {
+            let (n, grp) = (task / g.groups, task % g.groups);
+            T::with_scratch(og * psize + s * s * cg * len, |scr| {
+                let (planes, outs) = scr.split_at_mut(og * psize);
+                planes.fill(T::ZERO);
+                for (oc, plane) in planes.chunks_exact_mut(psize).enumerate() {
+                    let src = &dy[(n * g.o + grp * og + oc) * g.out_hw()..][..g.out_hw()];
+                    for (ho, row) in src.chunks_exact(g.wo).enumerate() {
+                        let at = (ho + kq - 1) * pitch + kq - 1;
+                        copy_row(&mut plane[at..at + g.wo], row);
+                    }
+                }
+                for ((off, wp), out) in phases.iter().zip(outs.chunks_exact_mut(cg * len)) {
+                    if off.is_empty() {
+                        // A kernel smaller than the stride: no tap reaches this phase.
+                        out.fill(T::ZERO);
+                        continue;
+                    }
+                    let wpg = &wp[grp * cg * og * off.len()..][..cg * og * off.len()];
+                    if fast {
+                        simd::fwd_pixels(out, &pix, planes, psize, off, wpg);
+                    } else {
+                        simd::fwd_multi(out, len, planes, psize, off, wpg);
+                    }
+                }
+                // Padded position (hi + pad, wi + pad) lies in phase ((hi + pad) % s,
+                // (wi + pad) % s) at ((hi + pad) / s, (wi + pad) / s).
+                for (ci, dxp) in dxg.chunks_exact_mut(g.in_hw()).enumerate() {
+                    for (hi, row) in dxp.chunks_exact_mut(g.w).enumerate() {
+                        let (pr, r) = ((hi + g.pad) % s, (hi + g.pad) / s);
+                        let run = |wi: usize| {
+                            let (pc, q) = ((wi + g.pad) % s, (wi + g.pad) / s);
+                            let ph = &outs[(pr * s + pc) * cg * len + ci * len..][..len];
+                            &ph[r * opitch + q..]
+                        };
+                        if s == 2 && g.w >= 2 {
+                            simd::interleave2(run(0), run(1), row);
+                            continue;
+                        }
+                        for first in 0..s.min(g.w) {
+                            for (d, &v) in row[first..].iter_mut().step_by(s).zip(run(first)) {
+                                *d = v;
+                            }
+                        }
+                    }
                 }
             })
         });

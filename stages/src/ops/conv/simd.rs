@@ -326,6 +326,155 @@ pub fn fwd_multi<T: Elem>(
     }
 }
 
+/// `even[k] = src[2k]`, `odd[k] = src[2k + 1]` over the lengths of `even` and `odd`
+/// (`ceil(n / 2)` and `floor(n / 2)` for a source run of `n`): the column split of one input
+/// row into the two column phases of a stride-2 polyphase plane. A strided scalar copy of
+/// these rows cost about as much as the stride-2 grouped forward's multiply-adds (perf), so
+/// f32 on AVX2 splits 16 elements per step with shuffles.
+pub fn deinterleave2<T: Elem>(src: &[T], even: &mut [T], odd: &mut [T]) {
+    assert!(
+        even.len() >= odd.len() && 2 * odd.len() <= src.len() && 2 * even.len() <= src.len() + 1,
+        "deinterleave2: runs out of bounds"
+    );
+    let mut k = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Base {
+        if let (Some(s), Some(e), Some(o)) = (as_f32(src), as_f32_mut(even), as_f32_mut(odd)) {
+            // SAFETY: AVX2 was detected by `level()`; the kernel stays within `2·odd.len()`
+            // elements of `src`, asserted above to be in bounds.
+            k = unsafe { x86::deinterleave2_f32(s, e, o) };
+        }
+    }
+    for (i, e) in even.iter_mut().enumerate().skip(k) {
+        *e = src[2 * i];
+    }
+    for (i, o) in odd.iter_mut().enumerate().skip(k) {
+        *o = src[2 * i + 1];
+    }
+}
+
+/// The inverse of [`deinterleave2`]: `dst[2k] = even[k]`, `dst[2k + 1] = odd[k]` for
+/// `2k (+ 1) < dst.len()`.
+pub fn interleave2<T: Elem>(even: &[T], odd: &[T], dst: &mut [T]) {
+    assert!(
+        even.len() >= dst.len().div_ceil(2) && odd.len() >= dst.len() / 2,
+        "interleave2: runs out of bounds"
+    );
+    let mut k = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Base {
+        if let (Some(e), Some(o), Some(d)) = (as_f32(even), as_f32(odd), as_f32_mut(dst)) {
+            // SAFETY: AVX2 was detected by `level()`; the kernel writes whole pairs within
+            // `dst` and reads the matching `even`/`odd` elements, in bounds as asserted.
+            k = unsafe { x86::interleave2_f32(e, o, d) };
+        }
+    }
+    for (i, d) in dst.iter_mut().enumerate().skip(2 * k) {
+        *d = if i % 2 == 0 { even[i / 2] } else { odd[i / 2] };
+    }
+}
+
+/// Whether [`fwd_pixels`] runs its vector kernel for `outs` output channels and `npix`
+/// output pixels: f32 on AVX2, a multiple of 16 channels, at least 8 pixels. Elsewhere
+/// callers keep [`fwd_multi`], which vectorises over pixels. With 8 channels (one vector)
+/// each multiply-add needs its own broadcast load, and the kernel measured slower than
+/// `fwd_multi` (VarGFaceNet's input gradients, `outs` = 8).
+pub fn pixels_fast<T: Elem>(outs: usize, npix: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        level() != Level::Base
+            && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && outs > 0
+            && outs.is_multiple_of(16)
+            && npix >= 8
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (outs, npix);
+        false
+    }
+}
+
+/// Forward convolution of a block of output channels at a list of output pixels:
+/// `out[o·np + p] = Σ_ci Σ_t wt[(ci·taps + t)·outs + o] · planes[ci·psize + pix[p] + off[t]]`
+/// for `o < outs = out.len() / np`, `p < np = pix.len()`, where `taps = off.len()` and
+/// `cg = planes.len() / psize`: the weights come input-channel- and tap-major (see
+/// [`pixel_weights`]), transposed once per convolution, not per call. Overwrites `out`.
+/// Every `pix[p] + off[t] < psize`.
+///
+/// Where [`pixels_fast`], this vectorises over output channels instead of pixels: blocks of
+/// 16 channels × 4 pixels stay in registers across all input channels and taps,
+/// each tap loading the block's weights as vectors and broadcasting one input value per
+/// pixel. Only real output pixels are computed, where [`fwd_multi`] also computes the
+/// padding columns of its pitch layout (a quarter of the work on 7x7 planes), and the input
+/// needs only zero padding, not the polyphase split, at any stride.
+pub fn fwd_pixels<T: Elem>(
+    out: &mut [T],
+    pix: &[usize],
+    planes: &[T],
+    psize: usize,
+    off: &[usize],
+    wt: &[T],
+) {
+    let (np, taps) = (pix.len(), off.len());
+    let outs = out.len().checked_div(np).unwrap_or(0);
+    let cg = planes.len().checked_div(psize).unwrap_or(0);
+    let (pmax, omax) = (
+        pix.iter().copied().max().unwrap_or(0),
+        off.iter().copied().max().unwrap_or(0),
+    );
+    assert!(
+        out.len() == outs * np
+            && planes.len() == cg * psize
+            && (np == 0 || taps == 0 || pmax + omax < psize)
+            && wt.len() >= outs * cg * taps,
+        "fwd_pixels: runs out of bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if pixels_fast::<T>(outs, np) {
+        if let (Some(planes), Some(wt), Some(out)) = (as_f32(planes), as_f32(wt), as_f32_mut(out)) {
+            // SAFETY: `pixels_fast` checked AVX2 + FMA, f32, whole 16-channel blocks and at
+            // least 8 pixels; the bounds the kernel relies on were asserted above.
+            return unsafe { x86::fwd_pixels_f32(out, pix, planes, psize, off, wt) };
+        }
+    }
+    for (o, row) in out.chunks_exact_mut(np.max(1)).enumerate() {
+        for (v, &p) in row.iter_mut().zip(pix) {
+            let mut sum = T::ZERO;
+            for ci in 0..cg {
+                for (t, &ot) in off.iter().enumerate() {
+                    sum += wt[(ci * taps + t) * outs + o] * planes[ci * psize + p + ot];
+                }
+            }
+            *v = sum;
+        }
+    }
+}
+
+/// Weights `w[o][ci][t]` of `groups` groups (`outs` output channels, `cg` input channels,
+/// `taps` taps each) in [`fwd_pixels`]'s layout, group after group: `[group][ci][t][o]`.
+pub fn pixel_weights<T: Elem>(
+    w: &[T],
+    groups: usize,
+    outs: usize,
+    cg: usize,
+    taps: usize,
+) -> Vec<T> {
+    let per = outs * cg * taps;
+    let mut wt = vec![T::ZERO; groups * per];
+    if per == 0 {
+        return wt;
+    }
+    for (wg, dst) in w.chunks_exact(per).zip(wt.chunks_exact_mut(per)) {
+        for (o, wo) in wg.chunks_exact(cg * taps).enumerate() {
+            for (k, &v) in wo.iter().enumerate() {
+                dst[k * outs + o] = v;
+            }
+        }
+    }
+    wt
+}
+
 /// Output channels per block of [`wgrad_multi`].
 const WO: usize = 3;
 
@@ -377,6 +526,153 @@ mod x86 {
                 t0 += k;
             }
             o0 += o;
+        }
+    }
+
+    /// [`super::deinterleave2`] on whole blocks of 8 pairs; returns the pairs done.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `2·odd.len() <= src.len()`, `even.len() >= odd.len()`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn deinterleave2_f32(src: &[f32], even: &mut [f32], odd: &mut [f32]) -> usize {
+        let mut k = 0;
+        while k + 8 <= odd.len() {
+            // SAFETY: src[2k..2k + 16] and even/odd[k..k + 8] are in bounds (k + 8 <= odd.len()).
+            unsafe {
+                let lo = _mm256_loadu_ps(src.as_ptr().add(2 * k));
+                let hi = _mm256_loadu_ps(src.as_ptr().add(2 * k + 8));
+                // [0 2 8 10 | 4 6 12 14] and [1 3 9 11 | 5 7 13 15], then 64-bit lanes 0 2 1 3.
+                let e = _mm256_shuffle_ps::<0x88>(lo, hi);
+                let o = _mm256_shuffle_ps::<0xDD>(lo, hi);
+                let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e)));
+                let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(o)));
+                _mm256_storeu_ps(even.as_mut_ptr().add(k), e);
+                _mm256_storeu_ps(odd.as_mut_ptr().add(k), o);
+            }
+            k += 8;
+        }
+        k
+    }
+
+    /// [`super::interleave2`] on whole blocks of 8 pairs; returns the pairs done.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `even` and `odd` hold at least `dst.len() / 2` elements.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn interleave2_f32(even: &[f32], odd: &[f32], dst: &mut [f32]) -> usize {
+        let mut k = 0;
+        while 2 * (k + 8) <= dst.len() {
+            // SAFETY: dst[2k..2k + 16] and even/odd[k..k + 8] are in bounds.
+            unsafe {
+                let e = _mm256_loadu_ps(even.as_ptr().add(k));
+                let o = _mm256_loadu_ps(odd.as_ptr().add(k));
+                // [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
+                let lo = _mm256_unpacklo_ps(e, o);
+                let hi = _mm256_unpackhi_ps(e, o);
+                _mm256_storeu_ps(
+                    dst.as_mut_ptr().add(2 * k),
+                    _mm256_permute2f128_ps::<0x20>(lo, hi),
+                );
+                _mm256_storeu_ps(
+                    dst.as_mut_ptr().add(2 * k + 8),
+                    _mm256_permute2f128_ps::<0x31>(lo, hi),
+                );
+            }
+            k += 8;
+        }
+        k
+    }
+
+    /// [`super::fwd_pixels`] for f32 on AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `out.len() / pix.len()` is a positive multiple of 16,
+    /// `pix.len() >= 8`, and the bounds asserted by `fwd_pixels` hold.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fwd_pixels_f32(
+        out: &mut [f32],
+        pix: &[usize],
+        planes: &[f32],
+        psize: usize,
+        off: &[usize],
+        wt: &[f32],
+    ) {
+        let np = pix.len();
+        let outs = out.len() / np;
+        for o0 in (0..outs).step_by(16) {
+            let mut p0 = 0;
+            while p0 + 4 <= np {
+                pixel_block::<2, 4>(out, np, o0, p0, pix, planes, psize, off, wt, outs);
+                p0 += 4;
+            }
+            // The last partial block recomputed as an overlapping one (outputs are
+            // overwritten, so the overlap is harmless).
+            if p0 < np {
+                pixel_block::<2, 4>(out, np, o0, np - 4, pix, planes, psize, off, wt, outs);
+            }
+        }
+    }
+
+    /// Channels `o0..o0 + 8·V` at pixels `p0..p0 + P` (`P` a multiple of 4).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pixel_block<const V: usize, const P: usize>(
+        out: &mut [f32],
+        np: usize,
+        o0: usize,
+        p0: usize,
+        pix: &[usize],
+        planes: &[f32],
+        psize: usize,
+        off: &[usize],
+        wt: &[f32],
+        outs: usize,
+    ) {
+        let cg = planes.len() / psize;
+        let base: [*const f32; P] = std::array::from_fn(|p| planes[pix[p0 + p]..].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); P]; V];
+        let mut wk = wt[o0..].as_ptr();
+        for ci in 0..cg {
+            for &ot in off {
+                let at = ci * psize + ot;
+                // SAFETY: wt holds cg·taps·outs weights and o0 + 8·V <= outs.
+                let wv: [__m256; V] =
+                    std::array::from_fn(|v| unsafe { _mm256_loadu_ps(wk.add(8 * v)) });
+                for p in 0..P {
+                    // SAFETY: pix[p] + ot < psize and ci < cg (asserted by the caller).
+                    let x = unsafe { _mm256_broadcast_ss(&*base[p].add(at)) };
+                    for v in 0..V {
+                        acc[v][p] = _mm256_fmadd_ps(wv[v], x, acc[v][p]);
+                    }
+                }
+                // SAFETY: stays within wt (one past the last row at most).
+                wk = unsafe { wk.add(outs) };
+            }
+        }
+        // acc[v][p] holds channels o0 + 8v .. + 8 of pixel p0 + p: transpose 4 pixels at a
+        // time into 8 channel rows of 4 pixels.
+        for v in 0..V {
+            for q in (0..P).step_by(4) {
+                let t0 = _mm256_unpacklo_ps(acc[v][q], acc[v][q + 1]);
+                let t1 = _mm256_unpackhi_ps(acc[v][q], acc[v][q + 1]);
+                let t2 = _mm256_unpacklo_ps(acc[v][q + 2], acc[v][q + 3]);
+                let t3 = _mm256_unpackhi_ps(acc[v][q + 2], acc[v][q + 3]);
+                // Channel c in the low lane of r[c % 4] for c < 4, the high lane for c >= 4.
+                let r = [
+                    _mm256_shuffle_ps::<0x44>(t0, t2),
+                    _mm256_shuffle_ps::<0xEE>(t0, t2),
+                    _mm256_shuffle_ps::<0x44>(t1, t3),
+                    _mm256_shuffle_ps::<0xEE>(t1, t3),
+                ];
+                for (c, &rc) in r.iter().enumerate() {
+                    let lo = &mut out[(o0 + 8 * v + c) * np + p0 + q..][..4];
+                    // SAFETY: `lo` and `hi` hold 4 f32 each.
+                    unsafe { _mm_storeu_ps(lo.as_mut_ptr(), _mm256_castps256_ps128(rc)) };
+                    let hi = &mut out[(o0 + 8 * v + c + 4) * np + p0 + q..][..4];
+                    unsafe { _mm_storeu_ps(hi.as_mut_ptr(), _mm256_extractf128_ps::<1>(rc)) };
+                }
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::{conv2d, taps, Geom};
+use super::{conv2d, simd, taps, Geom};
 
 /// A convolution entry point: `(x, w, stride, pad, groups) -> y`.
 type ConvFn = fn(&Tensor, &Tensor, usize, usize, usize) -> candle_core::Result<Tensor>;
@@ -45,6 +45,15 @@ const CASES: &[Case] = &[
     (3, 12, 9, 7, 12, 3, 2, 1, 12), // depthwise, a full and a partial channel block, stride 2
     (2, 10, 8, 9, 10, 5, 1, 2, 10), // depthwise 5x5: 25 taps, several weight-gradient passes
     (2, 9, 6, 5, 9, 3, 2, 0, 9), // depthwise stride 2 without padding
+    (2, 16, 7, 7, 16, 3, 2, 0, 2), // groups = C/8, stride 2 without padding, odd size
+    (1, 16, 11, 10, 16, 5, 2, 2, 2), // groups = C/8, 5x5 stride 2: sub-kernels 3x3 to 2x2
+    (2, 16, 9, 9, 16, 1, 2, 0, 2), // grouped 1x1 stride 2: phases no tap reaches
+    (2, 8, 10, 9, 8, 3, 3, 1, 4), // stride 3, 2 channels per group
+    (2, 4, 9, 8, 8, 3, 2, 1, 4), // depthwise multiplier 2, stride 2 (not channel-blocked)
+    (1, 16, 6, 37, 16, 3, 2, 1, 2), // stride 2, rows long enough for the vector (de)interleave
+    (2, 32, 9, 10, 32, 3, 2, 1, 2), // 16 channels per group, stride 2: channel-vectorised
+    (2, 32, 7, 7, 32, 3, 1, 1, 2), // the same at stride 1 on a 7x7 plane (49 pixels)
+    (1, 16, 7, 9, 64, 3, 1, 1, 2), // 32 outputs per group: two 16-channel blocks
 ];
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -229,6 +238,34 @@ fn matches_naive_reference_f32() {
         );
         assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case:?}");
         assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case:?}");
+    }
+}
+
+/// The stride-2 row split and merge, vector blocks and scalar tails, on every length from 0
+/// to 40 and both element types' paths (f32 takes the AVX2 one where the CPU has it).
+#[test]
+fn interleave_round_trips() {
+    for n in 0..40usize {
+        let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let (mut e, mut o) = (vec![-1f32; n.div_ceil(2)], vec![-1f32; n / 2]);
+        simd::deinterleave2(&src, &mut e, &mut o);
+        assert!(
+            e.iter().enumerate().all(|(k, &v)| v == (2 * k) as f32),
+            "even {n}"
+        );
+        assert!(
+            o.iter().enumerate().all(|(k, &v)| v == (2 * k + 1) as f32),
+            "odd {n}"
+        );
+        let mut back = vec![-1f32; n];
+        simd::interleave2(&e, &o, &mut back);
+        assert_eq!(back, src, "merge {n}");
+        let src64: Vec<f64> = src.iter().map(|&v| v as f64).collect();
+        let (mut e64, mut o64) = (vec![0f64; e.len()], vec![0f64; o.len()]);
+        simd::deinterleave2(&src64, &mut e64, &mut o64);
+        let mut back64 = vec![0f64; n];
+        simd::interleave2(&e64, &o64, &mut back64);
+        assert_eq!(back64, src64, "f64 {n}");
     }
 }
 
