@@ -232,17 +232,52 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     y
 }
 
-/// [`forward`] on [`simd::fwd_pixels`] (whole blocks of 8 output channels per group, f32
-/// on AVX2): input planes zero-padded, with no polyphase split, output written in place.
+/// Zero-padded input planes (no polyphase split) with the output pixels and kernel taps as
+/// offsets into a plane: the layout of [`simd::fwd_pixels`] and [`simd::wgrad_pixels`].
+struct Padded {
+    wp: usize,
+    /// Elements of one padded plane.
+    psize: usize,
+    /// Offset of each output pixel's top-left tap, in output order.
+    pix: Vec<usize>,
+    /// Offset of each tap `(i, j)` from it, in row-major tap order.
+    off: Vec<usize>,
+}
+
+impl Padded {
+    fn new(g: &Geom) -> Self {
+        let wp = g.w + 2 * g.pad;
+        Self {
+            wp,
+            psize: (g.h + 2 * g.pad) * wp,
+            pix: (0..g.ho)
+                .flat_map(|ho| (0..g.wo).map(move |wo| (ho * wp + wo) * g.stride))
+                .collect(),
+            off: (0..g.kh)
+                .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
+                .collect(),
+        }
+    }
+
+    /// Writes the `planes.len() / psize` input planes starting at `x` into `planes`.
+    fn pack<T: Elem>(&self, g: &Geom, x: &[T], planes: &mut [T]) {
+        planes.fill(T::ZERO);
+        for (plane, src) in planes
+            .chunks_exact_mut(self.psize)
+            .zip(x.chunks_exact(g.in_hw()))
+        {
+            for (hi, row) in src.chunks_exact(g.w).enumerate() {
+                let at = (hi + g.pad) * self.wp + g.pad;
+                copy_row(&mut plane[at..at + g.w], row);
+            }
+        }
+    }
+}
+
+/// [`forward`] on [`simd::fwd_pixels`] (f32 on AVX2, 16-channel blocks of outputs per
+/// group), output written in place.
 fn forward_pixels<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
-    let (wp, hp) = (g.w + 2 * g.pad, g.h + 2 * g.pad);
-    let psize = hp * wp;
-    let pix: Vec<usize> = (0..g.ho)
-        .flat_map(|ho| (0..g.wo).map(move |wo| (ho * wp + wo) * g.stride))
-        .collect();
-    let off: Vec<usize> = (0..g.kh)
-        .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
-        .collect();
+    let pd = Padded::new(g);
     let (cg, og, taps) = (g.cg(), g.og(), g.kh * g.kw);
     let wt = simd::pixel_weights(w, g.groups, og, cg, taps);
     let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
@@ -252,21 +287,49 @@ fn forward_pixels<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         .with_min_len(min_tasks(macs))
         .for_each(|(task, yg)| {
             let (n, grp) = (task / g.groups, task % g.groups);
-            T::with_scratch(cg * psize, |xs| {
-                xs.fill(T::ZERO);
+            T::with_scratch(cg * pd.psize, |xs| {
                 let x0 = (n * g.c + grp * cg) * g.in_hw();
-                for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
-                    let src = &x[x0 + ci * g.in_hw()..][..g.in_hw()];
-                    for (hi, row) in src.chunks_exact(g.w).enumerate() {
-                        let at = (hi + g.pad) * wp + g.pad;
-                        copy_row(&mut plane[at..at + g.w], row);
-                    }
-                }
+                pd.pack(g, &x[x0..x0 + cg * g.in_hw()], xs);
                 let w0 = grp * og * cg * taps;
-                simd::fwd_pixels(yg, &pix, xs, psize, &off, &wt[w0..w0 + og * cg * taps]);
+                let wg = &wt[w0..w0 + og * cg * taps];
+                simd::fwd_pixels(yg, &pd.pix, xs, pd.psize, &pd.off, wg);
             })
         });
     y
+}
+
+/// [`backward_filter`] on [`simd::wgrad_pixels`] (f32 on AVX2, 16-channel blocks of outputs
+/// per group): per group and image, the input planes zero-padded and the output gradients
+/// transposed to pixel-major, then summed into `[ci][t][o]` weights transposed back at the
+/// end.
+fn backward_filter_pixels<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
+    let pd = Padded::new(g);
+    let (cg, og, taps, hw) = (g.cg(), g.og(), g.kh * g.kw, g.out_hw());
+    let mut dw = vec![T::ZERO; g.o * cg * taps];
+    let macs = g.n * og * cg * taps * hw;
+    dw.par_chunks_mut(og * cg * taps)
+        .enumerate()
+        .with_min_len(min_tasks(macs))
+        .for_each(|(grp, dwg)| {
+            T::with_scratch(cg * pd.psize + hw * og + cg * taps * og, |scr| {
+                let (xs, rest) = scr.split_at_mut(cg * pd.psize);
+                let (gt, dwt) = rest.split_at_mut(hw * og);
+                dwt.fill(T::ZERO);
+                for n in 0..g.n {
+                    let x0 = (n * g.c + grp * cg) * g.in_hw();
+                    pd.pack(g, &x[x0..x0 + cg * g.in_hw()], xs);
+                    let d0 = (n * g.o + grp * og) * hw;
+                    simd::transpose(&dy[d0..d0 + og * hw], og, hw, gt);
+                    simd::wgrad_pixels(dwt, gt, &pd.pix, xs, pd.psize, &pd.off);
+                }
+                for (k, row) in dwt.chunks_exact(og).enumerate() {
+                    for (o, &v) in row.iter().enumerate() {
+                        dwg[o * cg * taps + k] = v;
+                    }
+                }
+            })
+        });
+    dw
 }
 
 /// Input gradient: `dx[n, ci] = Σ_{o in group(ci)} dy[n, o] ⋆ᵀ w[o, ci]`.
@@ -482,6 +545,9 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     }
     if blocked::applies(g) {
         return blocked::backward_filter(g, x, dy);
+    }
+    if simd::pixels_fast::<T>(g.og(), g.out_hw()) {
+        return backward_filter_pixels(g, x, dy);
     }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());

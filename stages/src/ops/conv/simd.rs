@@ -451,6 +451,76 @@ pub fn fwd_pixels<T: Elem>(
     }
 }
 
+/// Weight gradient of a block of output channels at a list of output pixels, in
+/// [`fwd_pixels`]'s layouts: `dwt[(ci·taps + t)·outs + o] += Σ_p gt[p·outs + o] ·
+/// planes[ci·psize + pix[p] + off[t]]` for `o < outs = gt.len() / np`, `np = pix.len()`,
+/// `taps = off.len()`, `cg = planes.len() / psize`: the output gradients come pixel-major
+/// (transposed, [`transpose`]). Every `pix[p] + off[t] < psize`.
+///
+/// Where [`pixels_fast`], blocks of 16 channels × 6 (input channel, tap) pairs stay in
+/// registers across all pixels: each pixel loads the block's output gradients as two
+/// vectors and broadcasts one input value per pair. Like [`fwd_pixels`], only real output
+/// pixels are visited.
+pub fn wgrad_pixels<T: Elem>(
+    dwt: &mut [T],
+    gt: &[T],
+    pix: &[usize],
+    planes: &[T],
+    psize: usize,
+    off: &[usize],
+) {
+    let (np, taps) = (pix.len(), off.len());
+    let outs = gt.len().checked_div(np).unwrap_or(0);
+    let cg = planes.len().checked_div(psize).unwrap_or(0);
+    let (pmax, omax) = (
+        pix.iter().copied().max().unwrap_or(0),
+        off.iter().copied().max().unwrap_or(0),
+    );
+    assert!(
+        gt.len() == outs * np
+            && planes.len() == cg * psize
+            && (np == 0 || taps == 0 || pmax + omax < psize)
+            && dwt.len() == cg * taps * outs,
+        "wgrad_pixels: runs out of bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if pixels_fast::<T>(outs, np) {
+        if let (Some(gt), Some(planes), Some(dwt)) = (as_f32(gt), as_f32(planes), as_f32_mut(dwt)) {
+            // SAFETY: `pixels_fast` checked AVX2 + FMA, f32, whole 16-channel blocks; the
+            // bounds the kernel relies on were asserted above.
+            return unsafe { x86::wgrad_pixels_f32(dwt, gt, pix, planes, psize, off) };
+        }
+    }
+    for ci in 0..cg {
+        for (t, &ot) in off.iter().enumerate() {
+            let d = &mut dwt[(ci * taps + t) * outs..][..outs];
+            for (&p, g) in pix.iter().zip(gt.chunks_exact(outs.max(1))) {
+                let xv = planes[ci * psize + p + ot];
+                for (dv, &gv) in d.iter_mut().zip(g) {
+                    *dv += gv * xv;
+                }
+            }
+        }
+    }
+}
+
+/// `dst[c·rows + r] = src[r·cols + c]`: the `rows × cols` matrix `src` transposed.
+pub fn transpose<T: Elem>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    assert!(
+        src.len() == rows * cols && dst.len() == rows * cols,
+        "transpose: sizes"
+    );
+    // Tiles of 8 rows keep the writes of one source row within a few cache lines.
+    for r0 in (0..rows).step_by(8) {
+        let r1 = (r0 + 8).min(rows);
+        for c in 0..cols {
+            for r in r0..r1 {
+                dst[c * rows + r] = src[r * cols + c];
+            }
+        }
+    }
+}
+
 /// Weights `w[o][ci][t]` of `groups` groups (`outs` output channels, `cg` input channels,
 /// `taps` taps each) in [`fwd_pixels`]'s layout, group after group: `[group][ci][t][o]`.
 pub fn pixel_weights<T: Elem>(
@@ -581,6 +651,89 @@ mod x86 {
             k += 8;
         }
         k
+    }
+
+    /// [`super::wgrad_pixels`] for f32 on AVX2 + FMA.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `gt.len() / pix.len()` is a positive multiple of 16, and
+    /// the bounds asserted by `wgrad_pixels` hold.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn wgrad_pixels_f32(
+        dwt: &mut [f32],
+        gt: &[f32],
+        pix: &[usize],
+        planes: &[f32],
+        psize: usize,
+        off: &[usize],
+    ) {
+        let (np, taps) = (pix.len(), off.len());
+        let outs = gt.len() / np;
+        let pairs = dwt.len() / outs;
+        for o0 in (0..outs).step_by(16) {
+            let mut k0 = 0;
+            while k0 < pairs {
+                let k = (pairs - k0).min(6);
+                // Start of each pair's input run: plane ci, tap t.
+                let at = |j: usize| ((k0 + j) / taps) * psize + off[(k0 + j) % taps];
+                macro_rules! go {
+                    ($($kk:literal)*) => {
+                        match k {
+                            $($kk => wgrad_pixel_block::<$kk>(dwt, gt, pix, planes, outs, o0, k0, at),)*
+                            _ => unreachable!("block of {k} pairs"),
+                        }
+                    };
+                }
+                go!(1 2 3 4 5 6);
+                k0 += k;
+            }
+        }
+    }
+
+    /// Pairs `k0..k0 + K` × channels `o0..o0 + 16`, over all pixels.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn wgrad_pixel_block<const K: usize>(
+        dwt: &mut [f32],
+        gt: &[f32],
+        pix: &[usize],
+        planes: &[f32],
+        outs: usize,
+        o0: usize,
+        k0: usize,
+        at: impl Fn(usize) -> usize,
+    ) {
+        let base: [*const f32; K] = std::array::from_fn(|j| planes[at(j)..].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); K]; 2];
+        let g = gt[o0..].as_ptr();
+        for (p, &pp) in pix.iter().enumerate() {
+            // SAFETY: p < np and o0 + 16 <= outs, so both vectors lie in gt.
+            let (g0, g1) = unsafe {
+                (
+                    _mm256_loadu_ps(g.add(p * outs)),
+                    _mm256_loadu_ps(g.add(p * outs + 8)),
+                )
+            };
+            for j in 0..K {
+                // SAFETY: at(j) + pix[p] = ci·psize + off[t] + pix[p] < (ci + 1)·psize.
+                let xv = unsafe { _mm256_broadcast_ss(&*base[j].add(pp)) };
+                acc[0][j] = _mm256_fmadd_ps(g0, xv, acc[0][j]);
+                acc[1][j] = _mm256_fmadd_ps(g1, xv, acc[1][j]);
+            }
+        }
+        for j in 0..K {
+            for (v, a) in acc.iter().enumerate() {
+                let d = &mut dwt[(k0 + j) * outs + o0 + 8 * v..][..8];
+                // SAFETY: `d` holds 8 f32.
+                unsafe {
+                    _mm256_storeu_ps(
+                        d.as_mut_ptr(),
+                        _mm256_add_ps(_mm256_loadu_ps(d.as_ptr()), a[j]),
+                    )
+                };
+            }
+        }
     }
 
     /// [`super::fwd_pixels`] for f32 on AVX2 + FMA.

@@ -54,6 +54,8 @@ const CASES: &[Case] = &[
     (2, 32, 9, 10, 32, 3, 2, 1, 2), // 16 channels per group, stride 2: channel-vectorised
     (2, 32, 7, 7, 32, 3, 1, 1, 2), // the same at stride 1 on a 7x7 plane (49 pixels)
     (1, 16, 7, 9, 64, 3, 1, 1, 2), // 32 outputs per group: two 16-channel blocks
+    (1, 16, 9, 8, 32, 5, 1, 2, 2), // 16 outputs per group, 5x5: 200 (channel, tap) pairs
+    (1, 16, 9, 9, 32, 1, 2, 0, 2), // 16 outputs per group, 1x1 stride 2: 8 pairs
 ];
 
 /// Deterministic pseudo-random values in [-1, 1).
