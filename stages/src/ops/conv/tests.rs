@@ -45,6 +45,7 @@ const CASES: &[Case] = &[
     (3, 12, 9, 7, 12, 3, 2, 1, 12), // depthwise, a full and a partial channel block, stride 2
     (2, 10, 8, 9, 10, 5, 1, 2, 10), // depthwise 5x5: 25 taps, several weight-gradient passes
     (2, 9, 6, 5, 9, 3, 2, 0, 9), // depthwise stride 2 without padding
+    (2, 16, 20, 19, 16, 3, 2, 1, 16), // depthwise stride 2, rows of 19 and 10: overlapping blocks
     (2, 16, 7, 7, 16, 3, 2, 0, 2), // groups = C/8, stride 2 without padding, odd size
     (1, 16, 11, 10, 16, 5, 2, 2, 2), // groups = C/8, 5x5 stride 2: sub-kernels 3x3 to 2x2
     (2, 16, 9, 9, 16, 1, 2, 0, 2), // grouped 1x1 stride 2: phases no tap reaches
