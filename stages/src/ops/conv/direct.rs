@@ -10,6 +10,14 @@
 //! so, counting outputs in the same pitch (`f = ho·wq + wo`), every tap is a constant offset
 //! from `f`. Outputs are computed over `f` in `0..(ho-1)·wq + wo`, including `wq - wo`
 //! throw-away columns per row, and the real columns copied out afterwards.
+//!
+//! Groups with a multiple of 16 outputs (VarGFaceNet's expanding layers), f32 on AVX2, take
+//! channel-vectorised kernels instead ([`simd::fwd_pixels`], [`simd::wgrad_pixels`]): plain
+//! zero-padded planes ([`Padded`]) and a list of the real output pixels, so neither the
+//! throw-away columns nor the polyphase split are needed. The input gradient runs on a
+//! forward kernel at every stride: at stride 1 as the forward convolution with the rotated,
+//! transposed kernel ([`transposed`]), at stride `s > 1` as `s·s` such correlations, one per
+//! output phase ([`backward_data_phases`]).
 
 use rayon::prelude::*;
 
