@@ -183,6 +183,27 @@ fn min_tasks(macs_per_task: usize) -> usize {
     (MIN_TASK_MACS / macs_per_task.max(1)).max(1)
 }
 
+/// Runs `body(n, group, out_block, scratch)` in parallel over `out` split into one block per
+/// (image, group) (`out.len() / (n·groups)` elements each), with `scratch` elements of
+/// per-thread scratch: the task split of the forward and input-gradient kernels.
+fn per_image_group<T: Elem>(
+    g: &Geom,
+    out: &mut [T],
+    scratch: usize,
+    body: impl Fn(usize, usize, &mut [T], &mut [T]) + Send + Sync,
+) {
+    let macs = g.og() * g.cg() * g.kh * g.kw * g.out_hw();
+    let block = out.len() / (g.n * g.groups);
+    out.par_chunks_mut(block)
+        .enumerate()
+        .with_min_len(min_tasks(macs))
+        .for_each(|(task, ob)| {
+            T::with_scratch(scratch, |scr| {
+                body(task / g.groups, task % g.groups, ob, scr)
+            })
+        });
+}
+
 /// The kernel covers the whole unpadded input, so the output is 1x1 (MobileFaceNet's GDC,
 /// VarGFaceNet's 7x7 embedding conv). A group's input block `x[n, group]` then has the same
 /// layout as a weight row `w[o]`, and each output is one dot product of the two.
@@ -204,39 +225,32 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
     let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
-    let macs = og * cg * taps * g.out_hw();
-    y.par_chunks_mut(og * g.out_hw())
-        .enumerate()
-        .with_min_len(min_tasks(macs))
-        .for_each(|(task, yg)| {
-            let (n, grp) = (task / g.groups, task % g.groups);
-            T::with_scratch(cg * psize + og * poly.len, |scr| {
-                let (xs, acc) = scr.split_at_mut(cg * psize);
-                let x0 = (n * g.c + grp * cg) * g.in_hw();
-                for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
-                    poly.pack(g, &x[x0 + ci * g.in_hw()..][..g.in_hw()], plane);
-                }
-                // All output channels of the group at once (register-blocked by
-                // `fwd_multi`), in the pitch-`wq` layout, then copied out row by row.
-                let w0 = grp * og * cg * taps;
-                simd::fwd_multi(
-                    acc,
-                    poly.len,
-                    xs,
-                    psize,
-                    &poly.off,
-                    &w[w0..w0 + og * cg * taps],
-                );
-                for (yp, a) in yg
-                    .chunks_exact_mut(g.out_hw())
-                    .zip(acc.chunks_exact(poly.len))
-                {
-                    for (ho, row) in yp.chunks_exact_mut(g.wo).enumerate() {
-                        copy_row(row, &a[ho * poly.wq..][..g.wo]);
-                    }
-                }
-            })
-        });
+    per_image_group(g, &mut y, cg * psize + og * poly.len, |n, grp, yg, scr| {
+        let (xs, acc) = scr.split_at_mut(cg * psize);
+        let x0 = (n * g.c + grp * cg) * g.in_hw();
+        for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
+            poly.pack(g, &x[x0 + ci * g.in_hw()..][..g.in_hw()], plane);
+        }
+        // All output channels of the group at once (register-blocked by
+        // `fwd_multi`), in the pitch-`wq` layout, then copied out row by row.
+        let w0 = grp * og * cg * taps;
+        simd::fwd_multi(
+            acc,
+            poly.len,
+            xs,
+            psize,
+            &poly.off,
+            &w[w0..w0 + og * cg * taps],
+        );
+        for (yp, a) in yg
+            .chunks_exact_mut(g.out_hw())
+            .zip(acc.chunks_exact(poly.len))
+        {
+            for (ho, row) in yp.chunks_exact_mut(g.wo).enumerate() {
+                copy_row(row, &a[ho * poly.wq..][..g.wo]);
+            }
+        }
+    });
     y
 }
 
@@ -289,20 +303,13 @@ fn forward_pixels<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (cg, og, taps) = (g.cg(), g.og(), g.kh * g.kw);
     let wt = simd::pixel_weights(w, g.groups, og, cg, taps);
     let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
-    let macs = og * cg * taps * g.out_hw();
-    y.par_chunks_mut(og * g.out_hw())
-        .enumerate()
-        .with_min_len(min_tasks(macs))
-        .for_each(|(task, yg)| {
-            let (n, grp) = (task / g.groups, task % g.groups);
-            T::with_scratch(cg * pd.psize, |xs| {
-                let x0 = (n * g.c + grp * cg) * g.in_hw();
-                pd.pack(g, &x[x0..x0 + cg * g.in_hw()], xs);
-                let w0 = grp * og * cg * taps;
-                let wg = &wt[w0..w0 + og * cg * taps];
-                simd::fwd_pixels(yg, &pd.pix, xs, pd.psize, &pd.off, wg);
-            })
-        });
+    per_image_group(g, &mut y, cg * pd.psize, |n, grp, yg, xs| {
+        let x0 = (n * g.c + grp * cg) * g.in_hw();
+        pd.pack(g, &x[x0..x0 + cg * g.in_hw()], xs);
+        let w0 = grp * og * cg * taps;
+        let wg = &wt[w0..w0 + og * cg * taps];
+        simd::fwd_pixels(yg, &pd.pix, xs, pd.psize, &pd.off, wg);
+    });
     y
 }
 
@@ -357,34 +364,27 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
     let mut dx = vec![T::ZERO; g.n * g.c * g.in_hw()];
-    let macs = og * cg * taps * g.out_hw();
-    dx.par_chunks_mut(cg * g.in_hw())
-        .enumerate()
-        .with_min_len(min_tasks(macs))
-        .for_each(|(task, dxg)| {
-            let (n, grp) = (task / g.groups, task % g.groups);
-            T::with_scratch(cg * psize + poly.len, |scr| {
-                let (xs, ext) = scr.split_at_mut(cg * psize);
-                xs.fill(T::ZERO);
-                ext.fill(T::ZERO);
-                for oc in 0..og {
-                    let o = grp * og + oc;
-                    spread(
-                        g,
-                        poly.wq,
-                        &dy[(n * g.o + o) * g.out_hw()..][..g.out_hw()],
-                        ext,
-                    );
-                    for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
-                        let wk = &w[(o * cg + ci) * taps..][..taps];
-                        simd::taps_bwd_data(plane, ext, &poly.off, wk);
-                    }
-                }
-                for (plane, dxp) in xs.chunks_exact(psize).zip(dxg.chunks_exact_mut(g.in_hw())) {
-                    poly.unpack(g, plane, dxp);
-                }
-            })
-        });
+    per_image_group(g, &mut dx, cg * psize + poly.len, |n, grp, dxg, scr| {
+        let (xs, ext) = scr.split_at_mut(cg * psize);
+        xs.fill(T::ZERO);
+        ext.fill(T::ZERO);
+        for oc in 0..og {
+            let o = grp * og + oc;
+            spread(
+                g,
+                poly.wq,
+                &dy[(n * g.o + o) * g.out_hw()..][..g.out_hw()],
+                ext,
+            );
+            for (ci, plane) in xs.chunks_exact_mut(psize).enumerate() {
+                let wk = &w[(o * cg + ci) * taps..][..taps];
+                simd::taps_bwd_data(plane, ext, &poly.off, wk);
+            }
+        }
+        for (plane, dxp) in xs.chunks_exact(psize).zip(dxg.chunks_exact_mut(g.in_hw())) {
+            poly.unpack(g, plane, dxp);
+        }
+    });
     dx
 }
 
@@ -449,58 +449,56 @@ fn backward_data_phases<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
         .collect();
     let (len, opitch) = if fast { (hq * wq, wq) } else { (len, pitch) };
     let mut dx = vec![T::ZERO; g.n * g.c * g.in_hw()];
-    let macs = og * cg * taps * g.out_hw();
-    dx.par_chunks_mut(cg * g.in_hw())
-        .enumerate()
-        .with_min_len(min_tasks(macs))
-        .for_each(|(task, dxg)| {
-            let (n, grp) = (task / g.groups, task % g.groups);
-            T::with_scratch(og * psize + s * s * cg * len, |scr| {
-                let (planes, outs) = scr.split_at_mut(og * psize);
-                planes.fill(T::ZERO);
-                for (oc, plane) in planes.chunks_exact_mut(psize).enumerate() {
-                    let src = &dy[(n * g.o + grp * og + oc) * g.out_hw()..][..g.out_hw()];
-                    for (ho, row) in src.chunks_exact(g.wo).enumerate() {
-                        let at = (ho + kq - 1) * pitch + kq - 1;
-                        copy_row(&mut plane[at..at + g.wo], row);
-                    }
+    per_image_group(
+        g,
+        &mut dx,
+        og * psize + s * s * cg * len,
+        |n, grp, dxg, scr| {
+            let (planes, outs) = scr.split_at_mut(og * psize);
+            planes.fill(T::ZERO);
+            for (oc, plane) in planes.chunks_exact_mut(psize).enumerate() {
+                let src = &dy[(n * g.o + grp * og + oc) * g.out_hw()..][..g.out_hw()];
+                for (ho, row) in src.chunks_exact(g.wo).enumerate() {
+                    let at = (ho + kq - 1) * pitch + kq - 1;
+                    copy_row(&mut plane[at..at + g.wo], row);
                 }
-                for ((off, wp), out) in phases.iter().zip(outs.chunks_exact_mut(cg * len)) {
-                    if off.is_empty() {
-                        // A kernel smaller than the stride: no tap reaches this phase.
-                        out.fill(T::ZERO);
+            }
+            for ((off, wp), out) in phases.iter().zip(outs.chunks_exact_mut(cg * len)) {
+                if off.is_empty() {
+                    // A kernel smaller than the stride: no tap reaches this phase.
+                    out.fill(T::ZERO);
+                    continue;
+                }
+                let wpg = &wp[grp * cg * og * off.len()..][..cg * og * off.len()];
+                if fast {
+                    simd::fwd_pixels(out, &pix, planes, psize, off, wpg);
+                } else {
+                    simd::fwd_multi(out, len, planes, psize, off, wpg);
+                }
+            }
+            // Padded position (hi + pad, wi + pad) lies in phase ((hi + pad) % s,
+            // (wi + pad) % s) at ((hi + pad) / s, (wi + pad) / s).
+            for (ci, dxp) in dxg.chunks_exact_mut(g.in_hw()).enumerate() {
+                for (hi, row) in dxp.chunks_exact_mut(g.w).enumerate() {
+                    let (pr, r) = ((hi + g.pad) % s, (hi + g.pad) / s);
+                    let run = |wi: usize| {
+                        let (pc, q) = ((wi + g.pad) % s, (wi + g.pad) / s);
+                        let ph = &outs[(pr * s + pc) * cg * len + ci * len..][..len];
+                        &ph[r * opitch + q..]
+                    };
+                    if s == 2 && g.w >= 2 {
+                        simd::interleave2(run(0), run(1), row);
                         continue;
                     }
-                    let wpg = &wp[grp * cg * og * off.len()..][..cg * og * off.len()];
-                    if fast {
-                        simd::fwd_pixels(out, &pix, planes, psize, off, wpg);
-                    } else {
-                        simd::fwd_multi(out, len, planes, psize, off, wpg);
-                    }
-                }
-                // Padded position (hi + pad, wi + pad) lies in phase ((hi + pad) % s,
-                // (wi + pad) % s) at ((hi + pad) / s, (wi + pad) / s).
-                for (ci, dxp) in dxg.chunks_exact_mut(g.in_hw()).enumerate() {
-                    for (hi, row) in dxp.chunks_exact_mut(g.w).enumerate() {
-                        let (pr, r) = ((hi + g.pad) % s, (hi + g.pad) / s);
-                        let run = |wi: usize| {
-                            let (pc, q) = ((wi + g.pad) % s, (wi + g.pad) / s);
-                            let ph = &outs[(pr * s + pc) * cg * len + ci * len..][..len];
-                            &ph[r * opitch + q..]
-                        };
-                        if s == 2 && g.w >= 2 {
-                            simd::interleave2(run(0), run(1), row);
-                            continue;
-                        }
-                        for first in 0..s.min(g.w) {
-                            for (d, &v) in row[first..].iter_mut().step_by(s).zip(run(first)) {
-                                *d = v;
-                            }
+                    for first in 0..s.min(g.w) {
+                        for (d, &v) in row[first..].iter_mut().step_by(s).zip(run(first)) {
+                            *d = v;
                         }
                     }
                 }
-            })
-        });
+            }
+        },
+    );
     dx
 }
 

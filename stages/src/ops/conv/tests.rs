@@ -210,14 +210,15 @@ fn run_with(
     )
 }
 
-#[test]
-fn matches_naive_reference_f64() {
+/// Every case through `conv` in `dtype`, forward and both gradients against the naive f64
+/// reference, to `rel_tol` times the longest sum's length.
+fn assert_matches_reference(conv: ConvFn, seed0: u64, dtype: DType, rel_tol: f64) {
     for (idx, case) in CASES.iter().enumerate() {
         let g = geom(case);
-        let (x, w, r) = inputs(&g, idx as u64 * 7);
-        let (y, dx, dw) = ours(&g, &x, &w, &r, DType::F64);
+        let (x, w, r) = inputs(&g, seed0 + idx as u64 * 7);
+        let (y, dx, dw) = run_with(conv, &g, &x, &w, &r, dtype);
         let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
-        let tol = 1e-12 * g.k().max(g.n * g.out_hw()) as f64;
+        let tol = rel_tol * g.k().max(g.n * g.out_hw()) as f64;
         assert!(
             max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < tol,
             "forward {case:?}"
@@ -228,20 +229,13 @@ fn matches_naive_reference_f64() {
 }
 
 #[test]
+fn matches_naive_reference_f64() {
+    assert_matches_reference(conv2d, 0, DType::F64, 1e-12);
+}
+
+#[test]
 fn matches_naive_reference_f32() {
-    for (idx, case) in CASES.iter().enumerate() {
-        let g = geom(case);
-        let (x, w, r) = inputs(&g, 1000 + idx as u64);
-        let (y, dx, dw) = ours(&g, &x, &w, &r, DType::F32);
-        let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
-        let tol = 1e-5 * g.k().max(g.n * g.out_hw()) as f64;
-        assert!(
-            max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < tol,
-            "forward {case:?}"
-        );
-        assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case:?}");
-        assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case:?}");
-    }
+    assert_matches_reference(conv2d, 1000, DType::F32, 1e-5);
 }
 
 /// The stride-2 row split and merge, vector blocks and scalar tails, on every length from 0
@@ -276,19 +270,7 @@ fn interleave_round_trips() {
 /// gradients through candle's autograd, on every case.
 #[test]
 fn tensor_op_path_matches_naive_reference() {
-    for (idx, case) in CASES.iter().enumerate() {
-        let g = geom(case);
-        let (x, w, r) = inputs(&g, 2000 + idx as u64);
-        let (y, dx, dw) = run_with(taps::conv2d, &g, &x, &w, &r, DType::F64);
-        let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
-        let tol = 1e-12 * g.k().max(g.n * g.out_hw()) as f64;
-        assert!(
-            max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < tol,
-            "forward {case:?}"
-        );
-        assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case:?}");
-        assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case:?}");
-    }
+    assert_matches_reference(taps::conv2d, 2000, DType::F64, 1e-12);
 }
 
 /// Off the fast path (here f16 on the CPU; on CUDA every dtype) a grouped convolution runs
