@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use super::{blocked, simd, Elem, Geom};
+use super::{blocked, dw3, simd, Elem, Geom};
 
 /// Multiply-adds below which a rayon task is not worth its scheduling (GDC 7x7 on a 7x7
 /// input has 49 per plane).
@@ -215,6 +215,9 @@ fn full_kernel(g: &Geom) -> bool {
 pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     if full_kernel(g) {
         return full_forward(g, x, w);
+    }
+    if dw3::applies::<T>(g) {
+        return dw3::forward(g, x, w);
     }
     if blocked::applies(g) {
         return blocked::forward(g, x, w);

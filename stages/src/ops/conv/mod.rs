@@ -28,6 +28,7 @@
 mod blocked;
 mod dense;
 mod direct;
+mod dw3;
 mod scratch;
 mod simd;
 pub mod taps;

@@ -21,7 +21,7 @@ type Case = (
     usize,
 );
 
-/// Every path of `dense.rs`, `direct.rs` and `blocked.rs`.
+/// Every path of `dense.rs`, `direct.rs`, `dw3.rs` and `blocked.rs`.
 const CASES: &[Case] = &[
     (2, 3, 7, 6, 4, 3, 1, 1, 1), // dense 3x3, odd sizes, several images per chunk
     (2, 3, 17, 17, 4, 3, 1, 1, 1), // dense, one image per chunk (289 outputs)
@@ -57,6 +57,10 @@ const CASES: &[Case] = &[
     (1, 16, 7, 9, 64, 3, 1, 1, 2), // 32 outputs per group: two 16-channel blocks
     (1, 16, 9, 8, 32, 5, 1, 2, 2), // 16 outputs per group, 5x5: 200 (channel, tap) pairs
     (1, 16, 9, 9, 32, 1, 2, 0, 2), // 16 outputs per group, 1x1 stride 2: 8 pairs
+    (2, 5, 13, 14, 5, 3, 1, 1, 5), // depthwise 3x3 s1 in place: odd rows, overlapping vectors
+    (1, 4, 8, 8, 4, 3, 1, 1, 4), // the same, rows of exactly one vector (both ends masked)
+    (1, 3, 1, 17, 3, 3, 1, 1, 3), // the same, one row: both padding rows skipped
+    (1, 2, 6, 16, 2, 3, 1, 1, 2), // the same, rows of exactly two vectors
 ];
 
 /// Deterministic pseudo-random values in [-1, 1).
