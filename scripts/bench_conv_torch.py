@@ -77,7 +77,8 @@ def main():
         with torch.no_grad():
             tf = median_time(a.reps, f)
         gy = torch.randn(*shape)
-        tb = median_time(a.reps, lambda: f().backward(gy))
+        # The same graph as the Rust side's `(f() * dy).sum_all().backward()`.
+        tb = median_time(a.reps, lambda: (f() * gy).sum().backward())
         print(f"\nBatchNorm(train)+PReLU {'x'.join(map(str, shape))}:   fwd s  fwd+bwd s  torch/this fwd+bwd")
         for name, r in norm["results"].items():
             print(f"  {name:<10} {r['fwd_s']:>24.4f} {r['fwd_bwd_s']:>10.4f} {tb / r['fwd_bwd_s']:>8.2f}")
