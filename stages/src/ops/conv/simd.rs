@@ -433,6 +433,10 @@ pub fn fwd_pixels<T: Elem>(
     #[cfg(target_arch = "x86_64")]
     if pixels_fast::<T>(outs, np) {
         if let (Some(planes), Some(wt), Some(out)) = (as_f32(planes), as_f32(wt), as_f32_mut(out)) {
+            if level() == Level::Avx512 {
+                // SAFETY: AVX-512F detected; otherwise as below.
+                return unsafe { super::avx512::fwd_pixels_f32(out, pix, planes, psize, off, wt) };
+            }
             // SAFETY: `pixels_fast` checked AVX2 + FMA, f32, whole 16-channel blocks and at
             // least 8 pixels; the bounds the kernel relies on were asserted above.
             return unsafe { x86::fwd_pixels_f32(out, pix, planes, psize, off, wt) };
@@ -486,6 +490,12 @@ pub fn wgrad_pixels<T: Elem>(
     #[cfg(target_arch = "x86_64")]
     if pixels_fast::<T>(outs, np) {
         if let (Some(gt), Some(planes), Some(dwt)) = (as_f32(gt), as_f32(planes), as_f32_mut(dwt)) {
+            if level() == Level::Avx512 {
+                // SAFETY: AVX-512F detected; otherwise as below.
+                return unsafe {
+                    super::avx512::wgrad_pixels_f32(dwt, gt, pix, planes, psize, off)
+                };
+            }
             // SAFETY: `pixels_fast` checked AVX2 + FMA, f32, whole 16-channel blocks; the
             // bounds the kernel relies on were asserted above.
             return unsafe { x86::wgrad_pixels_f32(dwt, gt, pix, planes, psize, off) };
