@@ -2,7 +2,7 @@
 
 Reads the JSON the Rust benchmark wrote (same layer shapes, batch, thread count), times
 PyTorch's conv2d forward and backward (both gradients, torch.autograd.grad) the same way
-(median of `reps` after one warm-up), and prints a side-by-side table with ratios.
+(the ops of a layer in turn, median of `reps` rounds after one warm-up round), and prints a side-by-side table with ratios.
 Usage: python bench_conv_torch.py RUST_JSON [--reps R] [--json OUT]
 """
 import argparse
@@ -22,6 +22,20 @@ def median_time(reps, f):
         ts.append(time.perf_counter() - t0)
     ts.sort()
     return ts[len(ts) // 2]
+
+
+def median_times(reps, fs):
+    """Median seconds of each of `fs`, run in turn (one warm-up round, then `reps` rounds),
+    as the Rust side's `time_each` does."""
+    for f in fs:
+        f()
+    ts = [[] for _ in fs]
+    for _ in range(max(1, reps)):
+        for f, t in zip(fs, ts):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in ts]
 
 
 def main():
@@ -47,13 +61,17 @@ def main():
         x = torch.randn(L["n"], L["c"], L["hw"], L["hw"], requires_grad=True)
         w = (0.1 * torch.randn(L["o"], L["c"] // L["groups"], L["k"], L["k"])).requires_grad_()
         conv = lambda: F.conv2d(x, w, stride=L["stride"], padding=L["pad"], groups=L["groups"])
-        with torch.no_grad():
-            tf = median_time(a.reps, conv)
+        def forward():
+            with torch.no_grad():
+                conv()
         y = conv()
         gy = torch.randn_like(y)
-        tb = median_time(a.reps, lambda: torch.autograd.grad(y, (x, w), gy, retain_graph=True))
-        td = median_time(a.reps, lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
-        tw = median_time(a.reps, lambda: torch.autograd.grad(y, w, gy, retain_graph=True))
+        tf, tb, td, tw = median_times(a.reps, [
+            forward,
+            lambda: torch.autograd.grad(y, (x, w), gy, retain_graph=True),
+            lambda: torch.autograd.grad(y, x, gy, retain_graph=True),
+            lambda: torch.autograd.grad(y, w, gy, retain_graph=True),
+        ])
         split.append((L, td, tw))
         fl = L["flops"]
         ours_f, ours_b = fl / L["fwd_s"] / 1e9, 2 * fl / L["bwd_s"] / 1e9

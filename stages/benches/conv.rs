@@ -105,6 +105,31 @@ fn time(reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_c
     Ok(t[t.len() / 2])
 }
 
+/// Median seconds of each of `fs`, run in turn (one round as warm-up, then `reps` rounds).
+/// Timing each op's repetitions back to back made the first op of a layer 1.5x slower than
+/// the same kernel timed later on the small layers, in some runs and not others; taking
+/// turns exposes every op to the same state of the machine and the allocator.
+fn time_each<const K: usize>(
+    reps: usize,
+    mut fs: [&mut dyn FnMut() -> candle_core::Result<()>; K],
+) -> candle_core::Result<[f64; K]> {
+    for f in fs.iter_mut() {
+        f()?;
+    }
+    let mut t = [(); K].map(|()| Vec::with_capacity(reps.max(1)));
+    for _ in 0..reps.max(1) {
+        for (f, tk) in fs.iter_mut().zip(t.iter_mut()) {
+            let start = Instant::now();
+            f()?;
+            tk.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(t.map(|mut tk| {
+        tk.sort_by(f64::total_cmp);
+        tk[tk.len() / 2]
+    }))
+}
+
 fn matmul_gflops(reps: usize) -> candle_core::Result<f64> {
     let dev = Device::Cpu;
     let n = 2048;
@@ -154,15 +179,16 @@ fn main() -> candle_core::Result<()> {
         let x = Tensor::randn(0f32, 1.0, (BATCH, c, hw, hw), &dev)?;
         let w = Tensor::randn(0f32, 0.1, (o, c / groups, k, k), &dev)?;
         let dy = Tensor::randn(0f32, 1.0, (BATCH, o, g.ho, g.wo), &dev)?;
-        let fwd = time(args.reps, || conv::conv2d(&x, &w, s, p, groups).map(|_| ()))?;
         // The two gradients are timed apart (input = "dgrad", weight = "wgrad"); the
         // backward pass is their sum.
-        let dgrad = time(args.reps, || {
-            conv::conv2d_backward_data(&dy, &w, g).map(|_| ())
-        })?;
-        let wgrad = time(args.reps, || {
-            conv::conv2d_backward_filter(&x, &dy, g).map(|_| ())
-        })?;
+        let [fwd, dgrad, wgrad] = time_each(
+            args.reps,
+            [
+                &mut || conv::conv2d(&x, &w, s, p, groups).map(|_| ()),
+                &mut || conv::conv2d_backward_data(&dy, &w, g).map(|_| ()),
+                &mut || conv::conv2d_backward_filter(&x, &dy, g).map(|_| ()),
+            ],
+        )?;
         let bwd = dgrad + wgrad;
         let flops = 2.0 * g.macs() as f64;
         let mut line = format!(
