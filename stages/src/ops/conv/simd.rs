@@ -313,6 +313,13 @@ pub fn fwd_multi<T: Elem>(
     #[cfg(target_arch = "x86_64")]
     if level() != Level::Base {
         if let (Some(planes), Some(w), Some(out)) = (as_f32(planes), as_f32(w), as_f32_mut(out)) {
+            if level() == Level::Avx512 && len >= 16 {
+                // SAFETY: AVX-512F detected, runs of at least one 16-lane vector; the bounds
+                // were asserted above.
+                return unsafe {
+                    super::avx512::fwd_multi_f32(out, len, planes, psize, off, w, cg)
+                };
+            }
             // SAFETY: AVX2 and FMA were detected by `level()`; the bounds the kernel relies
             // on were asserted above.
             return unsafe { x86::fwd_f32(out, len, planes, psize, off, w, cg) };
