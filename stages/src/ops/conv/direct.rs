@@ -18,6 +18,12 @@
 //! forward kernel at every stride: at stride 1 as the forward convolution with the rotated,
 //! transposed kernel ([`transposed`]), at stride `s > 1` as `s·s` such correlations, one per
 //! output phase ([`backward_data_phases`]).
+//!
+//! Two shapes bypass the polyphase layout: 3x3 stride-1 depthwise convolutions (and so their
+//! input gradients) run on `dw3.rs` straight from the unpadded planes, and stride-2 depthwise
+//! ones on the channel-blocked kernels of `blocked.rs`. On CPUs with AVX-512F the f32
+//! kernels of `simd.rs` that vectorise over pixels or over 16-channel blocks hand over to
+//! their 16-lane versions in `avx512.rs`.
 
 use rayon::prelude::*;
 
