@@ -24,13 +24,23 @@ pub(super) enum Level {
     Avx512,
 }
 
+/// Environment variable that caps the instruction set fpipe's convolution kernels use
+/// (gemm picks its own): `base` (portable loops) or `avx2`; anything else, or unset, means
+/// the best the CPU has. Read once per process. It lets one machine test every kernel
+/// version (`ops::conv::tests`) and rule a vector kernel in or out when a result looks wrong.
+pub const SIMD_ENV: &str = "FPIPE_SIMD";
+
 pub(super) fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
+        let cap = std::env::var(SIMD_ENV).unwrap_or_default();
+        if cap == "base" {
+            return Level::Base;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let fma = is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx2");
-            if fma && is_x86_feature_detected!("avx512f") {
+            if fma && is_x86_feature_detected!("avx512f") && cap != "avx2" {
                 return Level::Avx512;
             }
             if fma {

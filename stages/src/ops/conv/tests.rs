@@ -242,6 +242,29 @@ fn matches_naive_reference_f32() {
     assert_matches_reference(conv2d, 1000, DType::F32, 1e-5);
 }
 
+/// The f32 reference test again in child processes capped at AVX2 and at the portable loops
+/// (`FPIPE_SIMD`), so that a machine with AVX-512 also tests the kernel versions it would not
+/// pick, and one with AVX2 the portable ones.
+#[test]
+fn every_simd_level_matches_naive_reference() {
+    let exe = std::env::current_exe().expect("test binary path");
+    for cap in ["avx2", "base"] {
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", "ops::conv::tests::matches_naive_reference_f32"])
+            .args(["--test-threads", "2"])
+            .env(simd::SIMD_ENV, cap)
+            .output()
+            .expect("run the test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{}={cap}: {stdout}{}",
+            simd::SIMD_ENV,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// The stride-2 row split and merge, vector blocks and scalar tails, on every length from 0
 /// to 40 and both element types' paths (f32 takes the AVX2 one where the CPU has it).
 #[test]
