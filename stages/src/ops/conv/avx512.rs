@@ -181,96 +181,16 @@ unsafe fn wgrad_block<const K: usize>(
     }
 }
 
-/// [`super::simd::fwd_multi`] for f32 on AVX-512F: blocks of up to 4 output channels × 64 to
-/// 128 outputs (16 accumulators), then 16 outputs, then one last overlapping vector.
-///
-/// # Safety
-/// The CPU has AVX-512F; `len >= 16`; the bounds asserted by `fwd_multi` hold.
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn fwd_multi_f32(
-    out: &mut [f32],
-    len: usize,
-    planes: &[f32],
-    psize: usize,
-    off: &[usize],
-    w: &[f32],
-    cg: usize,
-) {
-    assert!(len >= 16, "fwd_multi_f32: runs of at least one vector");
-    let outs = out.len() / len;
-    let mut o0 = 0;
-    while o0 < outs {
-        let o = (outs - o0).min(4);
-        let (dst, wb) = (
-            &mut out[o0 * len..(o0 + o) * len],
-            &w[o0 * cg * off.len()..],
-        );
-        let mut f = 0;
-        macro_rules! run {
-            ($o:literal, $p:literal) => {{
-                // SAFETY (all three): f + 16·P <= len, and the caller's bounds.
-                while f + 16 * $p <= len {
-                    unsafe { multi_block::<$o, $p>(dst, len, f, planes, psize, off, wb, cg) };
-                    f += 16 * $p;
-                }
-                while f + 16 <= len {
-                    unsafe { multi_block::<$o, 1>(dst, len, f, planes, psize, off, wb, cg) };
-                    f += 16;
-                }
-                // Outputs are overwritten, not accumulated: the last partial vector is
-                // recomputed as an overlapping one.
-                if f < len {
-                    unsafe { multi_block::<$o, 1>(dst, len, len - 16, planes, psize, off, wb, cg) };
-                }
-            }};
-        }
-        match o {
-            4 => run!(4, 4),
-            3 => run!(3, 5),
-            2 => run!(2, 8),
-            _ => run!(1, 8),
-        }
-        o0 += o;
-    }
-}
-
-/// Outputs `f..f + 16·P` of `O` channels.
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn multi_block<const O: usize, const P: usize>(
-    dst: &mut [f32],
-    len: usize,
-    f: usize,
-    planes: &[f32],
-    psize: usize,
-    off: &[usize],
-    w: &[f32],
-    cg: usize,
-) {
-    let taps = off.len();
-    let mut acc = [[_mm512_setzero_ps(); P]; O];
-    for ci in 0..cg {
-        let plane = planes[ci * psize..].as_ptr();
-        let wc: [*const f32; O] = std::array::from_fn(|o| w[(o * cg + ci) * taps..].as_ptr());
-        for (t, &ot) in off.iter().enumerate() {
-            // SAFETY: ot + f + 16·P <= ot + len <= psize (asserted by the caller).
-            let x: [__m512; P] =
-                std::array::from_fn(|p| unsafe { _mm512_loadu_ps(plane.add(ot + f + 16 * p)) });
-            for (acc_o, wco) in acc.iter_mut().zip(&wc) {
-                // SAFETY: w holds O·cg·taps weights from `w`.
-                let wv = _mm512_set1_ps(unsafe { *wco.add(t) });
-                for (a, xp) in acc_o.iter_mut().zip(&x) {
-                    *a = _mm512_fmadd_ps(wv, *xp, *a);
-                }
-            }
-        }
-    }
-    for (o, acc_o) in acc.iter().enumerate() {
-        for (p, a) in acc_o.iter().enumerate() {
-            let d = &mut dst[o * len + f + 16 * p..][..16];
-            // SAFETY: `d` holds 16 f32.
-            unsafe { _mm512_storeu_ps(d.as_mut_ptr(), *a) };
-        }
-    }
+super::simd::fwd_multi_kernel! {
+    /// [`super::simd::fwd_multi`] for f32 on AVX-512F: blocks of up to 4 output channels × 64
+    /// to 128 outputs (16 accumulators), then 16 outputs, then one last overlapping vector.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `len >= 16` (shorter runs keep the AVX2 kernel); the bounds
+    /// asserted by `fwd_multi` hold.
+    fn fwd_multi_f32, multi_run, multi_block;
+    features = "avx512f,avx2,fma", lanes = 16, vector = __m512,
+    zero = _mm512_setzero_ps, load = _mm512_loadu_ps, set1 = _mm512_set1_ps,
+    fma = _mm512_fmadd_ps, store = _mm512_storeu_ps,
+    blocks = [4 => 4, 3 => 5, 2 => 8, 1 => 8]
 }

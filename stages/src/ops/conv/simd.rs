@@ -581,6 +581,148 @@ fn wgrad_taps(o: usize) -> usize {
     ((16 - o - 1) / o).clamp(1, 9)
 }
 
+/// Defines the vector kernel of [`fwd_multi`] for one vector width: `$name` (the driver over
+/// blocks of output channels), `$run` (one block's runs of outputs) and `$block` (one register
+/// block). The AVX2 version (`x86`) and the AVX-512 one (`avx512.rs`) are this code at 8 and
+/// 16 lanes.
+#[cfg(target_arch = "x86_64")]
+macro_rules! fwd_multi_kernel {
+    (
+        $(#[$m:meta])*
+        fn $name:ident, $run:ident, $block:ident;
+        features = $feat:literal, lanes = $lanes:literal, vector = $vec:ty,
+        zero = $zero:ident, load = $load:ident, set1 = $set1:ident,
+        fma = $fma:ident, store = $store:ident,
+        blocks = [4 => $p4:literal, 3 => $p3:literal, 2 => $p2:literal, 1 => $p1:literal]
+    ) => {
+        $(#[$m])*
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(
+            out: &mut [f32],
+            len: usize,
+            planes: &[f32],
+            psize: usize,
+            off: &[usize],
+            w: &[f32],
+            cg: usize,
+        ) {
+            let outs = out.len() / len;
+            let mut o0 = 0;
+            while o0 < outs {
+                let o = (outs - o0).min(4);
+                let (dst, wb) = (
+                    &mut out[o0 * len..(o0 + o) * len],
+                    &w[o0 * cg * off.len()..],
+                );
+                let args = (&mut *dst, len, planes, psize, off, wb, cg);
+                // SAFETY: as the caller guarantees.
+                let f = unsafe {
+                    match o {
+                        4 => $run::<4, $p4>(args),
+                        3 => $run::<3, $p3>(args),
+                        2 => $run::<2, $p2>(args),
+                        _ => $run::<1, $p1>(args),
+                    }
+                };
+                // Runs shorter than one vector.
+                let taps = off.len();
+                for oo in 0..o {
+                    for ff in f..len {
+                        let mut sum = 0f32;
+                        for ci in 0..cg {
+                            for (t, &ot) in off.iter().enumerate() {
+                                sum += wb[(oo * cg + ci) * taps + t] * planes[ci * psize + ot + ff];
+                            }
+                        }
+                        dst[oo * len + ff] = sum;
+                    }
+                }
+                o0 += o;
+            }
+        }
+
+        /// Outputs `0..len` of `O` channels in blocks of `P` vectors, then single vectors,
+        /// then one last overlapping vector (outputs are overwritten, not accumulated, so
+        /// recomputing a few is harmless); returns where the vectors stopped (`len` unless
+        /// `len` is shorter than one vector).
+        #[target_feature(enable = $feat)]
+        #[inline]
+        #[allow(clippy::type_complexity)]
+        unsafe fn $run<const O: usize, const P: usize>(
+            (dst, len, planes, psize, off, w, cg): (
+                &mut [f32],
+                usize,
+                &[f32],
+                usize,
+                &[usize],
+                &[f32],
+                usize,
+            ),
+        ) -> usize {
+            let mut f = 0;
+            // SAFETY (all three): f + lanes·P <= len, and the caller's bounds.
+            while f + $lanes * P <= len {
+                unsafe { $block::<O, P>(dst, len, f, planes, psize, off, w, cg) };
+                f += $lanes * P;
+            }
+            while f + $lanes <= len {
+                unsafe { $block::<O, 1>(dst, len, f, planes, psize, off, w, cg) };
+                f += $lanes;
+            }
+            if f < len && len >= $lanes {
+                unsafe { $block::<O, 1>(dst, len, len - $lanes, planes, psize, off, w, cg) };
+                f = len;
+            }
+            f
+        }
+
+        /// Outputs `f..f + lanes·P` of `O` channels.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $block<const O: usize, const P: usize>(
+            dst: &mut [f32],
+            len: usize,
+            f: usize,
+            planes: &[f32],
+            psize: usize,
+            off: &[usize],
+            w: &[f32],
+            cg: usize,
+        ) {
+            let taps = off.len();
+            let mut acc: [[$vec; P]; O] = [[$zero(); P]; O];
+            for ci in 0..cg {
+                let plane = planes[ci * psize..].as_ptr();
+                let wc: [*const f32; O] =
+                    std::array::from_fn(|o| w[(o * cg + ci) * taps..].as_ptr());
+                for (t, &ot) in off.iter().enumerate() {
+                    // SAFETY: ot + f + lanes·P <= ot + len <= psize (asserted by the caller).
+                    let x: [$vec; P] = std::array::from_fn(|p| unsafe {
+                        $load(plane.add(ot + f + $lanes * p))
+                    });
+                    for (acc_o, wco) in acc.iter_mut().zip(&wc) {
+                        // SAFETY: w holds O·cg·taps weights from `w`.
+                        let wv = $set1(unsafe { *wco.add(t) });
+                        for (a, xp) in acc_o.iter_mut().zip(&x) {
+                            *a = $fma(wv, *xp, *a);
+                        }
+                    }
+                }
+            }
+            for (o, acc_o) in acc.iter().enumerate() {
+                for (p, a) in acc_o.iter().enumerate() {
+                    let d = &mut dst[o * len + f + $lanes * p..][..$lanes];
+                    // SAFETY: `d` holds one vector of f32.
+                    unsafe { $store(d.as_mut_ptr(), *a) };
+                }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use fwd_multi_kernel;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -856,113 +998,18 @@ mod x86 {
         }
     }
 
-    /// [`super::fwd_multi`] for f32 on AVX2 + FMA: blocks of up to 4 output channels × 16 to
-    /// 64 outputs (8-9 accumulators), then 8 outputs, then scalars.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; the bounds asserted by `fwd_multi` hold.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn fwd_f32(
-        out: &mut [f32],
-        len: usize,
-        planes: &[f32],
-        psize: usize,
-        off: &[usize],
-        w: &[f32],
-        cg: usize,
-    ) {
-        let outs = out.len() / len;
-        let mut o0 = 0;
-        while o0 < outs {
-            let o = (outs - o0).min(4);
-            let (dst, wb) = (
-                &mut out[o0 * len..(o0 + o) * len],
-                &w[o0 * cg * off.len()..],
-            );
-            // Accumulators per block: O·P, at least 8 so that the FMA latency (4-5 cycles,
-            // two per cycle) is covered, at most 12 of the 16 registers.
-            let mut f = 0;
-            macro_rules! run {
-                ($o:literal, $p:literal) => {{
-                    while f + 8 * $p <= len {
-                        fwd_block::<$o, $p>(dst, len, f, planes, psize, off, wb, cg);
-                        f += 8 * $p;
-                    }
-                    while f + 8 <= len {
-                        fwd_block::<$o, 1>(dst, len, f, planes, psize, off, wb, cg);
-                        f += 8;
-                    }
-                    // The last partial vector: recompute the final 8 outputs as one
-                    // overlapping block (outputs are overwritten, not accumulated, so the
-                    // overlap is harmless); only runs shorter than one vector fall to the
-                    // scalar loop below.
-                    if f < len && len >= 8 {
-                        fwd_block::<$o, 1>(dst, len, len - 8, planes, psize, off, wb, cg);
-                        f = len;
-                    }
-                }};
-            }
-            match o {
-                4 => run!(4, 2),
-                3 => run!(3, 3),
-                2 => run!(2, 4),
-                _ => run!(1, 8),
-            }
-            let taps = off.len();
-            for oo in 0..o {
-                for ff in f..len {
-                    let mut sum = 0f32;
-                    for ci in 0..cg {
-                        for (t, &ot) in off.iter().enumerate() {
-                            sum += wb[(oo * cg + ci) * taps + t] * planes[ci * psize + ot + ff];
-                        }
-                    }
-                    dst[oo * len + ff] = sum;
-                }
-            }
-            o0 += o;
-        }
-    }
-
-    /// Outputs `f..f + 8·P` of `O` channels.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn fwd_block<const O: usize, const P: usize>(
-        dst: &mut [f32],
-        len: usize,
-        f: usize,
-        planes: &[f32],
-        psize: usize,
-        off: &[usize],
-        w: &[f32],
-        cg: usize,
-    ) {
-        let taps = off.len();
-        let mut acc = [[_mm256_setzero_ps(); P]; O];
-        for ci in 0..cg {
-            let plane = planes[ci * psize..].as_ptr();
-            let wc: [*const f32; O] = std::array::from_fn(|o| w[(o * cg + ci) * taps..].as_ptr());
-            for (t, &ot) in off.iter().enumerate() {
-                // SAFETY: ot + f + 8·P <= ot + len <= psize (asserted by the caller).
-                let x: [__m256; P] =
-                    std::array::from_fn(|p| unsafe { _mm256_loadu_ps(plane.add(ot + f + 8 * p)) });
-                for o in 0..O {
-                    // SAFETY: w holds O·cg·taps weights from `w`.
-                    let wv = _mm256_set1_ps(unsafe { *wc[o].add(t) });
-                    for p in 0..P {
-                        acc[o][p] = _mm256_fmadd_ps(wv, x[p], acc[o][p]);
-                    }
-                }
-            }
-        }
-        for o in 0..O {
-            for p in 0..P {
-                let d = &mut dst[o * len + f + 8 * p..][..8];
-                // SAFETY: `d` holds 8 f32.
-                unsafe { _mm256_storeu_ps(d.as_mut_ptr(), acc[o][p]) };
-            }
-        }
+    super::fwd_multi_kernel! {
+        /// [`super::fwd_multi`] for f32 on AVX2 + FMA: blocks of up to 4 output channels ×
+        /// 16 to 64 outputs (8-9 accumulators, at least 8 to cover the FMA latency, at most
+        /// 12 of the 16 registers), then 8 outputs, then scalars.
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and FMA; the bounds asserted by `fwd_multi` hold.
+        fn fwd_f32, fwd_run, fwd_block;
+        features = "avx2,fma", lanes = 8, vector = __m256,
+        zero = _mm256_setzero_ps, load = _mm256_loadu_ps, set1 = _mm256_set1_ps,
+        fma = _mm256_fmadd_ps, store = _mm256_storeu_ps,
+        blocks = [4 => 2, 3 => 3, 2 => 4, 1 => 8]
     }
 
     #[target_feature(enable = "avx2,fma")]
