@@ -185,7 +185,7 @@ fn spread<T: Elem>(g: &Geom, wq: usize, y: &[T], ext: &mut [T]) {
 }
 
 /// Rayon's minimum number of tasks per split, so that a task has about `MIN_TASK_MACS` work.
-fn min_tasks(macs_per_task: usize) -> usize {
+pub(super) fn min_tasks(macs_per_task: usize) -> usize {
     (MIN_TASK_MACS / macs_per_task.max(1)).max(1)
 }
 

@@ -14,10 +14,7 @@
 use rayon::prelude::*;
 
 use super::simd::{as_f32, as_f32_mut, level, Level};
-use super::{Elem, Geom};
-
-/// Multiply-adds below which a rayon task is not worth its scheduling.
-const MIN_TASK_MACS: usize = 1 << 15;
+use super::{direct, Elem, Geom};
 
 /// Whether `g` is a convolution this kernel handles, for element type `T` on this CPU: f32 on
 /// AVX2 + FMA, depthwise with multiplier 1, 3x3, stride 1, padding 1, rows of at least one
@@ -39,11 +36,10 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         xf.len() == g.n * g.c * hw && wf.len() == g.c * 9,
         "dw3::forward: buffers do not match {g:?}"
     );
-    let min_len = (MIN_TASK_MACS / (9 * hw)).max(1);
     yf.par_chunks_mut(hw)
         .zip(xf.par_chunks(hw))
         .enumerate()
-        .with_min_len(min_len)
+        .with_min_len(direct::min_tasks(9 * hw))
         .for_each(|(p, (yp, xp))| {
             let c = p % g.c;
             let k: &[f32; 9] = wf[c * 9..c * 9 + 9]
