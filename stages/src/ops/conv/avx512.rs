@@ -15,8 +15,6 @@ use std::arch::x86_64::*;
 
 /// Output pixels per register block of the forward kernel (one accumulator each).
 const FP: usize = 12;
-/// (input channel, tap) pairs per register block of the weight-gradient kernel.
-const WK: usize = 12;
 
 /// [`super::simd::fwd_pixels`] for f32 on AVX-512F.
 ///
@@ -103,44 +101,14 @@ unsafe fn fwd_block<const P: usize>(
     }
 }
 
-/// [`super::simd::wgrad_pixels`] for f32 on AVX-512F.
-///
-/// # Safety
-/// The CPU has AVX-512F; `gt.len() / pix.len()` is a positive multiple of 16, and the
-/// bounds asserted by `wgrad_pixels` hold.
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn wgrad_pixels_f32(
-    dwt: &mut [f32],
-    gt: &[f32],
-    pix: &[usize],
-    planes: &[f32],
-    psize: usize,
-    off: &[usize],
-) {
-    let (np, taps) = (pix.len(), off.len());
-    let outs = gt.len() / np;
-    let pairs = dwt.len() / outs;
-    for o0 in (0..outs).step_by(16) {
-        let mut k0 = 0;
-        while k0 < pairs {
-            let k = (pairs - k0).min(WK);
-            // Start of each pair's input run: plane ci, tap t.
-            let at = |j: usize| ((k0 + j) / taps) * psize + off[(k0 + j) % taps];
-            macro_rules! go {
-                ($($kk:literal)*) => {
-                    match k {
-                        // SAFETY: as the caller guarantees; pairs k0..k0 + kk exist.
-                        $($kk => unsafe {
-                            wgrad_block::<$kk>(dwt, gt, pix, planes, outs, o0, k0, at)
-                        },)*
-                        _ => unreachable!("block of {k} pairs"),
-                    }
-                };
-            }
-            go!(1 2 3 4 5 6 7 8 9 10 11 12);
-            k0 += k;
-        }
-    }
+super::simd::wgrad_pixels_driver! {
+    /// [`super::simd::wgrad_pixels`] for f32 on AVX-512F.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `gt.len() / pix.len()` is a positive multiple of 16, and the
+    /// bounds asserted by `wgrad_pixels` hold.
+    fn wgrad_pixels_f32 => wgrad_block;
+    features = "avx512f,avx2,fma", max = 12, pairs = [1 2 3 4 5 6 7 8 9 10 11 12]
 }
 
 /// Pairs `k0..k0 + K` × channels `o0..o0 + 16`, over all pixels.

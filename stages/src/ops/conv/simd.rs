@@ -723,6 +723,52 @@ macro_rules! fwd_multi_kernel {
 #[cfg(target_arch = "x86_64")]
 pub(super) use fwd_multi_kernel;
 
+/// Defines `$name`, the driver of [`wgrad_pixels`]' vector kernel: blocks of 16 output
+/// channels × up to `$max` (input channel, tap) pairs, each run by `$block::<K>` over all
+/// pixels. The AVX2 version (`x86`) and the AVX-512 one (`avx512.rs`) share this driver;
+/// their register blocks differ (two 8-lane vectors per channel block against one).
+#[cfg(target_arch = "x86_64")]
+macro_rules! wgrad_pixels_driver {
+    (
+        $(#[$m:meta])*
+        fn $name:ident => $block:ident;
+        features = $feat:literal, max = $max:literal, pairs = [$($k:literal)*]
+    ) => {
+        $(#[$m])*
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(
+            dwt: &mut [f32],
+            gt: &[f32],
+            pix: &[usize],
+            planes: &[f32],
+            psize: usize,
+            off: &[usize],
+        ) {
+            let (np, taps) = (pix.len(), off.len());
+            let outs = gt.len() / np;
+            let pairs = dwt.len() / outs;
+            for o0 in (0..outs).step_by(16) {
+                let mut k0 = 0;
+                while k0 < pairs {
+                    let k = (pairs - k0).min($max);
+                    // Start of each pair's input run: plane ci, tap t.
+                    let at = |j: usize| ((k0 + j) / taps) * psize + off[(k0 + j) % taps];
+                    // SAFETY: as the caller guarantees; pairs k0..k0 + k exist.
+                    unsafe {
+                        match k {
+                            $($k => $block::<$k>(dwt, gt, pix, planes, outs, o0, k0, at),)*
+                            _ => unreachable!("block of {k} pairs"),
+                        }
+                    }
+                    k0 += k;
+                }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use wgrad_pixels_driver;
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -822,41 +868,14 @@ mod x86 {
         k
     }
 
-    /// [`super::wgrad_pixels`] for f32 on AVX2 + FMA.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `gt.len() / pix.len()` is a positive multiple of 16, and
-    /// the bounds asserted by `wgrad_pixels` hold.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn wgrad_pixels_f32(
-        dwt: &mut [f32],
-        gt: &[f32],
-        pix: &[usize],
-        planes: &[f32],
-        psize: usize,
-        off: &[usize],
-    ) {
-        let (np, taps) = (pix.len(), off.len());
-        let outs = gt.len() / np;
-        let pairs = dwt.len() / outs;
-        for o0 in (0..outs).step_by(16) {
-            let mut k0 = 0;
-            while k0 < pairs {
-                let k = (pairs - k0).min(6);
-                // Start of each pair's input run: plane ci, tap t.
-                let at = |j: usize| ((k0 + j) / taps) * psize + off[(k0 + j) % taps];
-                macro_rules! go {
-                    ($($kk:literal)*) => {
-                        match k {
-                            $($kk => wgrad_pixel_block::<$kk>(dwt, gt, pix, planes, outs, o0, k0, at),)*
-                            _ => unreachable!("block of {k} pairs"),
-                        }
-                    };
-                }
-                go!(1 2 3 4 5 6);
-                k0 += k;
-            }
-        }
+    super::wgrad_pixels_driver! {
+        /// [`super::wgrad_pixels`] for f32 on AVX2 + FMA.
+        ///
+        /// # Safety
+        /// The CPU has AVX2 and FMA; `gt.len() / pix.len()` is a positive multiple of 16, and
+        /// the bounds asserted by `wgrad_pixels` hold.
+        fn wgrad_pixels_f32 => wgrad_pixel_block;
+        features = "avx2,fma", max = 6, pairs = [1 2 3 4 5 6]
     }
 
     /// Pairs `k0..k0 + K` × channels `o0..o0 + 16`, over all pixels.
