@@ -127,22 +127,14 @@ fn stats<T: Elem>(x: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..][..hw]);
-            let mean = planes()
-                .map(|p| lane_sum(p, p, |v, _| v).to_f64())
-                .sum::<f64>()
-                / m;
+            let [sum] = channel_sums(x, x, (n, c, hw), ch, |v, _| [v]);
+            let mean = sum / m;
             let neg = T::from_f64(-mean);
-            let var = planes()
-                .map(|p| {
-                    lane_sum(p, p, |v, _| {
-                        let d = v + neg;
-                        d * d
-                    })
-                    .to_f64()
-                })
-                .sum::<f64>()
-                / m;
+            let [sq] = channel_sums(x, x, (n, c, hw), ch, |v, _| {
+                let d = v + neg;
+                [d * d]
+            });
+            let var = sq / m;
             (mean, var)
         })
         .collect();
@@ -158,10 +150,25 @@ fn stats<T: Elem>(x: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
 /// vectorise; each plane's total then goes into an f64 sum.
 const LANES: usize = 16;
 
-/// `Σ f(a[i], b[i])` over two runs of equal length, in [`LANES`] partial sums.
+/// `Σ f(a, b)[k]` over channel `ch`'s planes of two NCHW buffers of `(n, c, hw)`:
+/// [`lane_sums`] per plane, the planes' totals summed in f64 in image order.
 #[inline(always)]
-fn lane_sum<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
-    lane_sums(a, b, |x, y| [f(x, y)])[0]
+fn channel_sums<T: Elem, const K: usize>(
+    a: &[T],
+    b: &[T],
+    (n, c, hw): (usize, usize, usize),
+    ch: usize,
+    f: impl Fn(T, T) -> [T; K],
+) -> [f64; K] {
+    let mut total = [0.0f64; K];
+    for i in 0..n {
+        let at = (i * c + ch) * hw;
+        let sums = lane_sums(&a[at..][..hw], &b[at..][..hw], &f);
+        for (t, v) in total.iter_mut().zip(sums) {
+            *t += v.to_f64();
+        }
+    }
+    total
 }
 
 /// `K` sums `Σ f(a[i], b[i])[k]` at once (one pass over the runs), in [`LANES`] partial sums
@@ -315,16 +322,7 @@ fn bn_grad_sums<T: Elem>(
         .map(|ch| {
             let mean = p[2 * c + ch].to_f64();
             let invstd = 1.0 / (p[3 * c + ch].to_f64() + eps).sqrt();
-            let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let (xp, gp) = (
-                    &x[(i * c + ch) * hw..][..hw],
-                    &dy[(i * c + ch) * hw..][..hw],
-                );
-                let [a, b] = lane_sums(xp, gp, |xv, gv| [gv, gv * xv]);
-                sdy += a.to_f64();
-                sdyx += b.to_f64();
-            }
+            let [sdy, sdyx] = channel_sums(x, dy, (n, c, hw), ch, |xv, gv| [gv, gv * xv]);
             // Σ dy·(x − mean)·invstd = (Σ dy·x − mean·Σ dy)·invstd.
             (sdy, (sdyx - mean * sdy) * invstd)
         })
@@ -471,33 +469,19 @@ impl CustomOp3 for PreluBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l1)?;
         if self.alpha_grad {
-            let out =
-                dispatch!(s1, |T| {
-                    let (x, g) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
-                    let da: Vec<T> =
-                        (0..c)
-                            .into_par_iter()
-                            .map(|ch| {
-                                let mut s = 0.0f64;
-                                for i in 0..n {
-                                    let (xp, gp) = (
-                                        &x[(i * c + ch) * hw..][..hw],
-                                        &g[(i * c + ch) * hw..][..hw],
-                                    );
-                                    let acc = lane_sum(xp, gp, |xv, gv| {
-                                        if xv > T::ZERO {
-                                            T::ZERO
-                                        } else {
-                                            xv * gv
-                                        }
-                                    });
-                                    s += acc.to_f64();
-                                }
-                                T::from_f64(s)
-                            })
-                            .collect();
-                    T::to_cpu_storage_owned(da)
-                });
+            let out = dispatch!(s1, |T| {
+                let (x, g) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+                let da: Vec<T> = (0..c)
+                    .into_par_iter()
+                    .map(|ch| {
+                        let [s] = channel_sums(x, g, (n, c, hw), ch, |xv, gv| {
+                            [if xv > T::ZERO { T::ZERO } else { xv * gv }]
+                        });
+                        T::from_f64(s)
+                    })
+                    .collect();
+                T::to_cpu_storage_owned(da)
+            });
             return Ok((out, Shape::from(c)));
         }
         let out = dispatch!(s1, |T| {
