@@ -100,8 +100,9 @@ impl Block {
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.bn1.forward_t(x, train)?;
-        let y = self.bn2.forward_t(&self.conv1.forward(&y)?, train)?;
-        let y = self.prelu.forward(&y)?;
+        let y = self
+            .bn2
+            .forward_act_t(&self.conv1.forward(&y)?, Some(&self.prelu), train)?;
         let y = self.bn3.forward_t(&self.conv2.forward(&y)?, train)?;
         let id = match &self.downsample {
             Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
@@ -174,7 +175,7 @@ impl Model {
     /// Embeddings `[B, num_features]` of normalised input `[B, 3, H, W]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = self.conv1.forward(x)?;
-        x = self.prelu.forward(&self.bn1.forward_t(&x, train)?)?;
+        x = self.bn1.forward_act_t(&x, Some(&self.prelu), train)?;
         for blocks in &self.layers {
             for b in blocks {
                 x = b.forward(&x, train)?;

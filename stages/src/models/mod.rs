@@ -491,6 +491,12 @@ impl BatchNorm {
     /// Normalises `x` (`[B, C, H, W]` or `[B, C]`): batch statistics and a running-statistics
     /// update when `train`, running statistics otherwise.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act_t(x, None, train)
+    }
+
+    /// [`Self::forward_t`] followed by `act` when given; in training one fused op
+    /// ([`crate::ops::batch_norm_prelu_train`]).
+    pub fn forward_act_t(&self, x: &Tensor, act: Option<&PRelu>, train: bool) -> Result<Tensor> {
         // Quality features (QAA) read every BatchNorm's input, in forward order.
         probe::observe(x)?;
         let dims = x.dims().to_vec();
@@ -500,25 +506,36 @@ impl BatchNorm {
             [b, ch] if *ch == c => x.reshape((*b, c, 1, 1))?,
             d => candle_core::bail!("batch norm over {c} channels: input of shape {d:?}"),
         };
-        let y = if train {
-            let (y, mean, var) =
-                crate::ops::batch_norm_train(&x4, &self.weight, &self.bias, self.eps)?;
+        if train {
+            let (y, mean, var) = match act {
+                Some(a) => crate::ops::batch_norm_prelu_train(
+                    &x4,
+                    &self.weight,
+                    &self.bias,
+                    &a.weight,
+                    self.eps,
+                )?,
+                None => crate::ops::batch_norm_train(&x4, &self.weight, &self.bias, self.eps)?,
+            };
             crate::ops::update_running(&self.running_mean, &mean, self.momentum)?;
             crate::ops::update_running(&self.running_var, &var, self.momentum)?;
-            y
-        } else {
-            // y = x·scale + shift with scale = γ/sqrt(var + eps), shift = β − mean·scale.
-            let rv = self.running_var.as_detached_tensor().to_dtype(x.dtype())?;
-            let rm = self.running_mean.as_detached_tensor().to_dtype(x.dtype())?;
-            let scale = self
-                .weight
-                .to_dtype(x.dtype())?
-                .div(&(rv + self.eps)?.sqrt()?)?;
-            let shift = (self.bias.to_dtype(x.dtype())? - rm.mul(&scale)?)?;
-            x4.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-                .broadcast_add(&shift.reshape((1, c, 1, 1))?)?
-        };
-        y.reshape(dims)
+            return y.reshape(dims);
+        }
+        // y = x·scale + shift with scale = γ/sqrt(var + eps), shift = β − mean·scale.
+        let rv = self.running_var.as_detached_tensor().to_dtype(x.dtype())?;
+        let rm = self.running_mean.as_detached_tensor().to_dtype(x.dtype())?;
+        let scale = self
+            .weight
+            .to_dtype(x.dtype())?
+            .div(&(rv + self.eps)?.sqrt()?)?;
+        let shift = (self.bias.to_dtype(x.dtype())? - rm.mul(&scale)?)?;
+        let y = x4
+            .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+        match act {
+            Some(a) => a.forward(&y.reshape(dims)?),
+            None => y.reshape(dims),
+        }
     }
 }
 
@@ -572,11 +589,8 @@ pub struct ConvBnAct {
 impl ConvBnAct {
     /// Applies conv, BN (train or eval) and the activation.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn.forward_t(&self.conv.forward(x)?, train)?;
-        match &self.act {
-            Some(a) => a.forward(&y),
-            None => Ok(y),
-        }
+        self.bn
+            .forward_act_t(&self.conv.forward(x)?, self.act.as_ref(), train)
     }
 }
 
