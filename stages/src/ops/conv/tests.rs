@@ -31,6 +31,7 @@ const CASES: &[Case] = &[
     (1, 8, 9, 7, 8, 1, 2, 0, 1), // 1x1 stride 2 (shortcut)
     (1, 4, 11, 11, 8, 7, 2, 3, 1), // dense 7x7 stride 2
     (5, 3, 5, 5, 2, 3, 1, 2, 1), // padding larger than a tap reaches
+    (2, 3, 6, 7, 4, 5, 1, 2, 1), // dense 5x5 "same": im2col's one-run copy, taps 2 rows off
     (2, 64, 5, 5, 64, 3, 1, 1, 2), // wide groups (32 channels): GEMM per group
     (2, 64, 17, 16, 32, 1, 1, 0, 2), // wide groups pointwise
     (2, 16, 9, 9, 16, 3, 1, 1, 2), // groups = C/8 (VarGFaceNet), direct
