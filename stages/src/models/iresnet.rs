@@ -102,10 +102,10 @@ impl Block {
         let y = self.bn1.forward_t(x, train)?;
         let y = self
             .bn2
-            .forward_act_t(&self.conv1.forward(&y)?, Some(&self.prelu), train)?;
-        let y = self.bn3.forward_t(&self.conv2.forward(&y)?, train)?;
+            .forward_conv_t(&self.conv1, &y, Some(&self.prelu), train)?;
+        let y = self.bn3.forward_conv_t(&self.conv2, &y, None, train)?;
         let id = match &self.downsample {
-            Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
+            Some((c, b)) => b.forward_conv_t(c, x, None, train)?,
             None => x.clone(),
         };
         y + id
@@ -174,8 +174,9 @@ impl Model {
 
     /// Embeddings `[B, num_features]` of normalised input `[B, 3, H, W]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut x = self.conv1.forward(x)?;
-        x = self.bn1.forward_act_t(&x, Some(&self.prelu), train)?;
+        let mut x = self
+            .bn1
+            .forward_conv_t(&self.conv1, x, Some(&self.prelu), train)?;
         for blocks in &self.layers {
             for b in blocks {
                 x = b.forward(&x, train)?;

@@ -494,6 +494,34 @@ impl BatchNorm {
         self.forward_act_t(x, None, train)
     }
 
+    /// `conv` then [`Self::forward_act_t`]; in training, on the CPU, the three are one
+    /// autograd node ([`crate::ops::conv_batch_norm_train`]).
+    pub fn forward_conv_t(
+        &self,
+        conv: &Conv,
+        x: &Tensor,
+        act: Option<&PRelu>,
+        train: bool,
+    ) -> Result<Tensor> {
+        if !train || conv.b.is_some() {
+            return self.forward_act_t(&conv.forward(x)?, act, train);
+        }
+        let out = crate::ops::conv_batch_norm_train(
+            x,
+            &conv.w,
+            (conv.stride, conv.padding, conv.groups),
+            &self.weight,
+            &self.bias,
+            act.map(|a| &a.weight),
+            self.eps,
+        )?;
+        // Quality features (QAA) read every BatchNorm's input, in forward order.
+        probe::observe(&out.z)?;
+        crate::ops::update_running(&self.running_mean, &out.mean, self.momentum)?;
+        crate::ops::update_running(&self.running_var, &out.var, self.momentum)?;
+        Ok(out.y)
+    }
+
     /// [`Self::forward_t`] followed by `act` when given; in training one fused op
     /// ([`crate::ops::batch_norm_prelu_train`]).
     pub fn forward_act_t(&self, x: &Tensor, act: Option<&PRelu>, train: bool) -> Result<Tensor> {
@@ -590,7 +618,7 @@ impl ConvBnAct {
     /// Applies conv, BN (train or eval) and the activation.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.bn
-            .forward_act_t(&self.conv.forward(x)?, self.act.as_ref(), train)
+            .forward_conv_t(&self.conv, x, self.act.as_ref(), train)
     }
 }
 

@@ -518,24 +518,159 @@ impl CustomOp2 for BnPreluFwd {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let (n, _, hw) = dims4(x)?;
-        let m = (n * hw) as f64;
-        // With dz the gradient at the BatchNorm output: Σ dz, Σ dz·x̂ and the slopes' gradient.
-        let sums = x.apply_op3_no_bwd(&dy, p, &BnPreluGradSums { eps: self.eps })?;
-        let (sdz, sdzx, dalpha) = (sums.get(0)?, sums.get(1)?, sums.get(2)?);
-        let (gamma, mean, var) = (p.get(0)?, p.get(2)?, p.get(3)?);
-        let invstd = (var + self.eps)?.sqrt()?.recip()?;
-        let k = (&gamma * &invstd)?;
-        // dx = k·(dz − Σdz/m − x̂·Σdz·x̂/m) = k·dz + b·x + c0 per channel, as BnFwd's.
-        let b = ((&k * &invstd)? * &sdzx)?.affine(-1.0 / m, 0.0)?;
-        let c0 = ((&k * &sdz)?.affine(-1.0 / m, 0.0)? - (&b * &mean)?)?;
-        let coef = Tensor::cat(&[&Tensor::stack(&[k, b, c0], 0)?, p], 0)?;
-        let dx = dy.apply_op3_no_bwd(x, &coef, &BnPreluDx { eps: self.eps })?;
-        let zeros = sdz.zeros_like()?;
-        let dp = Tensor::stack(&[sdzx, sdz, zeros.clone(), zeros, dalpha], 0)?;
+        let (dx, dp) = bn_prelu_backward(x, p, dy, self.eps)?;
         Ok((Some(dx), Some(dp)))
     }
+}
+
+/// Gradients of [`BnPreluFwd`] at input `x` with parameters `p`, given the output gradient:
+/// `(dx, dp)`, `dp` with the rows of `p` (zero for the statistics).
+fn bn_prelu_backward(x: &Tensor, p: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let dy = dy.contiguous()?;
+    let (n, _, hw) = dims4(x)?;
+    let m = (n * hw) as f64;
+    // With dz the gradient at the BatchNorm output: Σ dz, Σ dz·x̂ and the slopes' gradient.
+    let sums = x.apply_op3_no_bwd(&dy, p, &BnPreluGradSums { eps })?;
+    let (sdz, sdzx, dalpha) = (sums.get(0)?, sums.get(1)?, sums.get(2)?);
+    let (gamma, mean, var) = (p.get(0)?, p.get(2)?, p.get(3)?);
+    let invstd = (var + eps)?.sqrt()?.recip()?;
+    let k = (&gamma * &invstd)?;
+    // dx = k·(dz − Σdz/m − x̂·Σdz·x̂/m) = k·dz + b·x + c0 per channel, as BnFwd's.
+    let b = ((&k * &invstd)? * &sdzx)?.affine(-1.0 / m, 0.0)?;
+    let c0 = ((&k * &sdz)?.affine(-1.0 / m, 0.0)? - (&b * &mean)?)?;
+    let coef = Tensor::cat(&[&Tensor::stack(&[k, b, c0], 0)?, p], 0)?;
+    let dx = dy.apply_op3_no_bwd(x, &coef, &BnPreluDx { eps })?;
+    let zeros = sdz.zeros_like()?;
+    let dp = Tensor::stack(&[sdzx, sdz, zeros.clone(), zeros, dalpha], 0)?;
+    Ok((dx, dp))
+}
+
+/// Convolution → training BatchNorm → PReLU as one autograd node; see
+/// [`conv_batch_norm_train`].
+struct ConvBnPreluFwd {
+    geom: super::conv::Geom,
+    eps: f64,
+    /// The convolution's output, computed without a graph before this op.
+    z: Tensor,
+}
+
+impl CustomOp3 for ConvBnPreluFwd {
+    fn name(&self) -> &'static str {
+        "fpipe-conv-batch-norm-prelu-train"
+    }
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (zs, zl) = self.z.storage_and_layout();
+        let candle_core::Storage::Cpu(zc) = &*zs else {
+            candle_core::bail!("{}: convolution output not on the CPU", self.name());
+        };
+        BnPreluFwd { eps: self.eps }.cpu_fwd(zc, zl, s3, l3)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        p: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dz, dp) = bn_prelu_backward(&self.z, p, dy, self.eps)?;
+        // An input outside the graph (the images into a stem) needs no gradient.
+        let dx = if x.track_op() {
+            Some(super::conv::conv2d_backward_data(&dz, w, self.geom)?)
+        } else {
+            None
+        };
+        let dw = super::conv::conv2d_backward_filter(x, &dz, self.geom)?;
+        Ok((dx, Some(dw), Some(dp)))
+    }
+}
+
+/// What [`conv_batch_norm_train`] returns.
+pub struct ConvBatchNorm {
+    /// The unit's output, with gradients to the input, weight and BatchNorm / PReLU parameters.
+    pub y: Tensor,
+    /// The convolution's output (BatchNorm's input), for observers such as quality features.
+    pub z: Tensor,
+    /// Batch mean and unbiased batch variance per channel, detached (see [`batch_norm_train`]).
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+/// `conv2d(x, w)` → training BatchNorm (`gamma`, `beta`) → PReLU (slopes `alpha`, or none)
+/// with one autograd node for the three on the CPU (f32, f64). candle's backward gives every
+/// intermediate tensor a gradient of its own, a zero tensor plus an add, full size; between
+/// a convolution and its BatchNorm that costs four passes over the activation for nothing
+/// (perf: zeros_like + add were a sixth of a MobileFaceNet step). Here the convolution's
+/// output is computed first, outside the graph; the node's backward takes the BatchNorm /
+/// PReLU gradient on it and feeds it straight to the convolution's gradient kernels. Other
+/// devices and dtypes compose [`super::conv2d`] and the BatchNorm ops.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_batch_norm_train(
+    x: &Tensor,
+    w: &Tensor,
+    (stride, padding, groups): (usize, usize, usize),
+    gamma: &Tensor,
+    beta: &Tensor,
+    alpha: Option<&Tensor>,
+    eps: f64,
+) -> Result<ConvBatchNorm> {
+    let fast = matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype()
+        && x.device().is_cpu();
+    let geom = super::conv::Geom::new(x.dims(), w.dims(), stride, padding, groups)?;
+    if !fast || geom.n * geom.out_hw() < 2 {
+        let z = super::conv2d(x, w, stride, padding, groups)?;
+        let (y, mean, var) = match alpha {
+            Some(a) => batch_norm_prelu_train(&z, gamma, beta, a, eps)?,
+            None => batch_norm_train(&z, gamma, beta, eps)?,
+        };
+        return Ok(ConvBatchNorm { y, z, mean, var });
+    }
+    let c = geom.o;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let z = super::conv::conv2d_detached(&x, &w, geom)?;
+    let stats = z.apply_op1_no_bwd(&ChannelStats)?;
+    let (mean, var) = (stats.get(0)?, stats.get(1)?);
+    // Without PReLU, slopes of 1 make it the identity (their gradient goes nowhere).
+    let alpha = match alpha {
+        Some(a) => a.to_dtype(x.dtype())?,
+        None => Tensor::ones(c, x.dtype(), x.device())?,
+    };
+    let p = Tensor::stack(
+        &[
+            gamma.to_dtype(x.dtype())?,
+            beta.to_dtype(x.dtype())?,
+            mean.clone(),
+            var.clone(),
+            alpha,
+        ],
+        0,
+    )?;
+    let y = x.apply_op3(
+        &w,
+        &p,
+        ConvBnPreluFwd {
+            geom,
+            eps,
+            z: z.clone(),
+        },
+    )?;
+    let m = (geom.n * geom.out_hw()) as f64;
+    let unbiased = (var * (m / (m - 1.0)))?;
+    Ok(ConvBatchNorm {
+        y,
+        z,
+        mean,
+        var: unbiased,
+    })
 }
 
 /// `[3, C]` from (x, dy, p) of [`BnPreluFwd`]: Σ dz, Σ dz·x̂ and `Σ_{z ≤ 0} dy·z`, where `dz`
@@ -880,7 +1015,9 @@ mod tests {
             let x = Tensor::randn(0.3f64, 2.0, (n, c, h, w), &dev).unwrap();
             let gamma = Tensor::randn(1f64, 0.5, c, &dev).unwrap();
             let beta = Tensor::randn(0f64, 0.5, c, &dev).unwrap();
-            let alpha = Tensor::randn(0f64, 0.5, c, &dev).unwrap();
+            // Slopes of both signs; BatchNorm's output has both signs in every channel.
+            let slopes: Vec<f64> = (0..c).map(|i| [0.25, -0.4, 1.3][i % 3]).collect();
+            let alpha = Tensor::new(slopes, &dev).unwrap();
             let r = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev).unwrap();
             let ins = [&x, &gamma, &beta, &alpha];
             let fused = |v: &[Tensor]| {
@@ -897,7 +1034,6 @@ mod tests {
             let (y, g) = grads_of_all(fused, &ins, &r);
             let (ry, rg) = grads_of_all(pair, &ins, &r);
             assert!(close(&y, &ry, 1e-12), "forward");
-            assert!(y.iter().any(|v| *v < 0.0) && y.iter().any(|v| *v > 0.0));
             for (i, (a, b)) in g.iter().zip(&rg).enumerate() {
                 assert!(!b.is_empty() && close(a, b, 1e-9), "gradient of input {i}");
             }
@@ -932,6 +1068,102 @@ mod tests {
             for (i, var) in f32s.iter().enumerate() {
                 let d = flat(g32.get(var).unwrap());
                 assert!(close(&d, &g[i], 1e-3), "f32 gradient of input {i}");
+            }
+        }
+    }
+
+    /// Conv → BatchNorm (→ PReLU) as one node against the ops it replaces (f64): output,
+    /// conv output, statistics and the gradients of input, weight, gamma, beta (and alpha),
+    /// for a dense and a grouped stride-2 convolution, with and without PReLU; and an input
+    /// outside the graph still gives the parameters' gradients.
+    #[test]
+    fn conv_batch_norm_matches_the_separate_ops() {
+        let dev = Device::Cpu;
+        for (n, c, hw, o, k, s, pad, groups) in [(2, 3, 7, 4, 3, 1, 1, 1), (3, 4, 9, 8, 3, 2, 1, 2)]
+        {
+            for act in [true, false] {
+                let x = Tensor::randn(0f64, 1.0, (n, c, hw, hw), &dev).unwrap();
+                let w = Tensor::randn(0f64, 0.5, (o, c / groups, k, k), &dev).unwrap();
+                let gamma = Tensor::randn(1f64, 0.5, o, &dev).unwrap();
+                let beta = Tensor::randn(0f64, 0.5, o, &dev).unwrap();
+                let alpha = Tensor::randn(0f64, 0.5, o, &dev).unwrap();
+                let ho = (hw + 2 * pad - k) / s + 1;
+                let r = Tensor::randn(0f64, 1.0, (n, o, ho, ho), &dev).unwrap();
+                let ins = [&x, &w, &gamma, &beta, &alpha];
+                let fused = |v: &[Tensor]| {
+                    let a = act.then_some(&v[4]);
+                    super::conv_batch_norm_train(
+                        &v[0],
+                        &v[1],
+                        (s, pad, groups),
+                        &v[2],
+                        &v[3],
+                        a,
+                        1e-5,
+                    )
+                    .unwrap()
+                    .y
+                };
+                let separate = |v: &[Tensor]| {
+                    let z = crate::ops::conv2d(&v[0], &v[1], s, pad, groups).unwrap();
+                    if act {
+                        super::batch_norm_prelu_train(&z, &v[2], &v[3], &v[4], 1e-5)
+                            .unwrap()
+                            .0
+                    } else {
+                        super::batch_norm_train(&z, &v[2], &v[3], 1e-5).unwrap().0
+                    }
+                };
+                let (y, g) = grads_of_all(fused, &ins, &r);
+                let (ry, rg) = grads_of_all(separate, &ins, &r);
+                assert!(close(&y, &ry, 1e-12), "forward");
+                for (i, (a, b)) in g.iter().zip(&rg).take(if act { 5 } else { 4 }).enumerate() {
+                    assert!(!b.is_empty() && close(a, b, 1e-9), "gradient of input {i}");
+                }
+                let out = super::conv_batch_norm_train(
+                    &x,
+                    &w,
+                    (s, pad, groups),
+                    &gamma,
+                    &beta,
+                    None,
+                    1e-5,
+                )
+                .unwrap();
+                let z = crate::ops::conv2d(&x, &w, s, pad, groups).unwrap();
+                let (_, mean, var) = super::batch_norm_train(&z, &gamma, &beta, 1e-5).unwrap();
+                let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                assert_eq!(v(&out.z), v(&z));
+                assert!(close(&v(&out.mean), &v(&mean), 1e-12));
+                assert!(close(&v(&out.var), &v(&var), 1e-12));
+                // The input as a plain tensor: no input gradient, the weight's unchanged.
+                let wv = Var::from_tensor(&w).unwrap();
+                let y = super::conv_batch_norm_train(
+                    &x,
+                    wv.as_tensor(),
+                    (s, pad, groups),
+                    &gamma,
+                    &beta,
+                    None,
+                    1e-5,
+                )
+                .unwrap()
+                .y;
+                let gs = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(gs.get(&x).is_none());
+                let gw = v(gs.get(wv.as_tensor()).unwrap());
+                let (_, rg_plain) = grads_of_all(
+                    |t: &[Tensor]| {
+                        let z = crate::ops::conv2d(&x, &t[0], s, pad, groups).unwrap();
+                        super::batch_norm_train(&z, &gamma, &beta, 1e-5).unwrap().0
+                    },
+                    &[&w],
+                    &r,
+                );
+                assert!(
+                    close(&gw, &rg_plain[0], 1e-9),
+                    "weight gradient, plain input"
+                );
             }
         }
     }

@@ -204,6 +204,12 @@ pub fn conv2d(
     x.apply_op2(&w, Conv2dFwd(geom))
 }
 
+/// The forward of [`conv2d`] on the CPU (f32/f64) for contiguous operands of `geom`'s
+/// shapes, outside the autograd graph (for ops that give the gradients themselves).
+pub fn conv2d_detached(x: &Tensor, w: &Tensor, geom: Geom) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &Conv2dFwd(geom))
+}
+
 /// Gradient of [`conv2d`] with respect to its input, given the output gradient `dy`
 /// (CPU, f32/f64). Exposed for tests and benchmarks; training gets it through `backward()`.
 pub fn conv2d_backward_data(dy: &Tensor, w: &Tensor, geom: Geom) -> Result<Tensor> {
