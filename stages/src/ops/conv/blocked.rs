@@ -14,6 +14,7 @@
 
 use rayon::prelude::*;
 
+use super::scratch::output_vec;
 use super::simd::{self, level, multiversion, Level};
 use super::{Elem, Geom};
 
@@ -412,7 +413,8 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let sh = Shape::new(g, &p);
     let (ihw, ohw) = (g.in_hw(), g.out_hw());
     let wbs = block_weights(g, w);
-    let mut y = vec![T::ZERO; g.n * g.c * ohw];
+    // SAFETY: `per_block` covers `y`; `unpack` writes every element of each block.
+    let mut y = unsafe { output_vec::<T>(g.n * g.c * ohw) };
     // One task per (image, channel block): the block's output planes are contiguous.
     per_block(&mut y, g.c * ohw, L * ohw).for_each(|(n, b, yblk)| {
         let lanes = yblk.len() / ohw;
@@ -434,7 +436,8 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let sh = Shape::new(g, &p);
     let (ihw, ohw) = (g.in_hw(), g.out_hw());
     let wbs = block_weights(g, w);
-    let mut dx = vec![T::ZERO; g.n * g.c * ihw];
+    // SAFETY: `per_block` covers `dx`; `unpack` writes every element of each block.
+    let mut dx = unsafe { output_vec::<T>(g.n * g.c * ihw) };
     per_block(&mut dx, g.c * ihw, L * ihw).for_each(|(n, b, dblk)| {
         let lanes = dblk.len() / ihw;
         let c0 = b * L;

@@ -13,6 +13,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::scratch::output_vec;
 use super::{valid_range, Elem, Geom};
 
 /// Output positions per chunk below which several images are batched into one GEMM.
@@ -248,7 +249,9 @@ fn for_chunks<T: Elem>(
 /// Forward pass.
 pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
-    let mut y = vec![T::ZERO; g.n * g.o * ohw];
+    // SAFETY: every chunk writes all of its groups' output rows below, through the GEMM
+    // (which does not read `dst` when not accumulating) or the copy out of `tmp`.
+    let mut y = unsafe { output_vec::<T>(g.n * g.o * ohw) };
     let (nb, parallel, par) = plan(g);
     for_chunks(&mut y, nb * g.o * ohw, parallel, |chunk, yc| {
         let b = yc.len() / (g.o * ohw);

@@ -13,6 +13,7 @@
 
 use rayon::prelude::*;
 
+use super::scratch::output_vec;
 use super::simd::{as_f32, as_f32_mut, level, Level};
 use super::{direct, Elem, Geom};
 
@@ -28,7 +29,8 @@ pub fn applies<T: Elem>(g: &Geom) -> bool {
 /// Forward pass; the caller checked [`applies`].
 pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let hw = g.in_hw();
-    let mut y = vec![T::ZERO; g.n * g.o * hw];
+    // SAFETY: `x86::plane` stores every row and every column of each plane.
+    let mut y = unsafe { output_vec::<T>(g.n * g.o * hw) };
     let (Some(xf), Some(wf), Some(yf)) = (as_f32(x), as_f32(w), as_f32_mut(&mut y)) else {
         unreachable!("dw3::forward called for a type other than f32")
     };
