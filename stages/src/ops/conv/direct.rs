@@ -27,6 +27,7 @@
 
 use rayon::prelude::*;
 
+use super::scratch::output_vec;
 use super::{blocked, dw3, simd, Elem, Geom};
 
 /// Multiply-adds below which a rayon task is not worth its scheduling (GDC 7x7 on a 7x7
@@ -233,7 +234,8 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
-    let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
+    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
+    let mut y = unsafe { output_vec::<T>(g.n * g.o * g.out_hw()) };
     per_image_group(g, &mut y, cg * psize + og * poly.len, |n, grp, yg, scr| {
         let (xs, acc) = scr.split_at_mut(cg * psize);
         let x0 = (n * g.c + grp * cg) * g.in_hw();
@@ -311,7 +313,8 @@ fn forward_pixels<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let pd = Padded::new(g);
     let (cg, og, taps) = (g.cg(), g.og(), g.kh * g.kw);
     let wt = simd::pixel_weights(w, g.groups, og, cg, taps);
-    let mut y = vec![T::ZERO; g.n * g.o * g.out_hw()];
+    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
+    let mut y = unsafe { output_vec::<T>(g.n * g.o * g.out_hw()) };
     per_image_group(g, &mut y, cg * pd.psize, |n, grp, yg, xs| {
         let x0 = (n * g.c + grp * cg) * g.in_hw();
         pd.pack(g, &x[x0..x0 + cg * g.in_hw()], xs);
@@ -372,7 +375,8 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
-    let mut dx = vec![T::ZERO; g.n * g.c * g.in_hw()];
+    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
+    let mut dx = unsafe { output_vec::<T>(g.n * g.c * g.in_hw()) };
     per_image_group(g, &mut dx, cg * psize + poly.len, |n, grp, dxg, scr| {
         let (xs, ext) = scr.split_at_mut(cg * psize);
         xs.fill(T::ZERO);
@@ -457,7 +461,8 @@ fn backward_data_phases<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
         .flat_map(|r| (0..wq).map(move |q| r * pitch + q))
         .collect();
     let (len, opitch) = if fast { (hq * wq, wq) } else { (len, pitch) };
-    let mut dx = vec![T::ZERO; g.n * g.c * g.in_hw()];
+    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
+    let mut dx = unsafe { output_vec::<T>(g.n * g.c * g.in_hw()) };
     per_image_group(
         g,
         &mut dx,
