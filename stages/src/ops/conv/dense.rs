@@ -158,47 +158,66 @@ fn same_size_span(
 /// positions they were read from (the adjoint of [`im2col`]).
 /// Columns that [`im2col`] left at zero (positions reading padding) are zeroed in `col` first
 /// where that lets a whole plane be added in one run.
+///
+/// Where [`col2im_overwrites`], the centre tap, which reaches every input position, is
+/// copied rather than added, so `x` need not be zeroed first.
 fn col2im<T: Elem>(g: &Geom, col: &mut [T], pitch: usize, off: usize, x: &mut [T]) {
     let (s, p, hw, ohw) = (g.stride, g.pad, g.in_hw(), g.out_hw());
+    let centre = col2im_overwrites(g).then_some((p, p));
+    // The centre tap first, then the others in order.
+    let taps = centre.into_iter().chain(
+        (0..g.kh)
+            .flat_map(|i| (0..g.kw).map(move |j| (i, j)))
+            .filter(|&t| Some(t) != centre),
+    );
     for ci in 0..g.cg() {
         let xp = &mut x[ci * hw..][..hw];
-        for i in 0..g.kh {
+        for (i, j) in taps.clone() {
             let (hlo, hhi) = valid_range(i, p, s, g.h, g.ho);
-            for j in 0..g.kw {
-                let (wlo, whi) = valid_range(j, p, s, g.w, g.wo);
-                if wlo == whi {
-                    continue;
+            let (wlo, whi) = valid_range(j, p, s, g.w, g.wo);
+            if wlo == whi {
+                continue;
+            }
+            let row = &mut col[((ci * g.kh + i) * g.kw + j) * pitch + off..][..ohw];
+            if Some((i, j)) == centre {
+                xp.copy_from_slice(row);
+                continue;
+            }
+            if let Some((d0, s0, len)) = same_size_span(g, (hlo, hhi), (wlo, whi), (i, j)) {
+                for oh in hlo..hhi {
+                    let r = &mut row[oh * g.wo..][..g.wo];
+                    r[..wlo].fill(T::ZERO);
+                    r[whi..].fill(T::ZERO);
                 }
-                let row = &mut col[((ci * g.kh + i) * g.kw + j) * pitch + off..][..ohw];
-                if let Some((d0, s0, len)) = same_size_span(g, (hlo, hhi), (wlo, whi), (i, j)) {
-                    for oh in hlo..hhi {
-                        let r = &mut row[oh * g.wo..][..g.wo];
-                        r[..wlo].fill(T::ZERO);
-                        r[whi..].fill(T::ZERO);
-                    }
-                    for (d, &v) in xp[s0..s0 + len].iter_mut().zip(&row[d0..d0 + len]) {
+                for (d, &v) in xp[s0..s0 + len].iter_mut().zip(&row[d0..d0 + len]) {
+                    *d += v;
+                }
+                continue;
+            }
+            for oh in hlo..hhi {
+                let dst = &mut xp[(oh * s + i - p) * g.w..][..g.w];
+                let src = &row[oh * g.wo..][..g.wo];
+                if s == 1 {
+                    let d = &mut dst[wlo + j - p..whi + j - p];
+                    for (d, &v) in d.iter_mut().zip(&src[wlo..whi]) {
                         *d += v;
                     }
-                    continue;
-                }
-                for oh in hlo..hhi {
-                    let dst = &mut xp[(oh * s + i - p) * g.w..][..g.w];
-                    let src = &row[oh * g.wo..][..g.wo];
-                    if s == 1 {
-                        let d = &mut dst[wlo + j - p..whi + j - p];
-                        for (d, &v) in d.iter_mut().zip(&src[wlo..whi]) {
-                            *d += v;
-                        }
-                    } else {
-                        for (ow, &v) in (wlo..whi).zip(&src[wlo..whi]) {
-                            let d = &mut dst[ow * s + j - p];
-                            *d += v;
-                        }
+                } else {
+                    for (ow, &v) in (wlo..whi).zip(&src[wlo..whi]) {
+                        let d = &mut dst[ow * s + j - p];
+                        *d += v;
                     }
                 }
             }
         }
     }
+}
+
+/// Stride 1 with "same" padding (`kh = 2·pad + 1`, `kw` likewise; every 1x1 stride-1
+/// convolution): the output plane is the input's size and the centre tap reads every input
+/// position once, so [`col2im`] writes all of `x`.
+fn col2im_overwrites(g: &Geom) -> bool {
+    g.stride == 1 && g.kh == 2 * g.pad + 1 && g.kw == 2 * g.pad + 1
 }
 
 /// Copies group `grp` of `b` consecutive images of an `(n, o, ho, wo)` tensor into the
@@ -293,7 +312,13 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 /// Input gradient.
 pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
-    let mut dx = vec![T::ZERO; g.n * chw];
+    let mut dx = if col2im_overwrites(g) {
+        // SAFETY: every chunk writes all of its groups' input planes: the pointwise GEMM
+        // without accumulate, or `col2im`, which copies the centre tap (see there).
+        unsafe { output_vec::<T>(g.n * chw) }
+    } else {
+        vec![T::ZERO; g.n * chw]
+    };
     let (nb, parallel, par) = plan(g);
     for_chunks(&mut dx, nb * chw, parallel, |chunk, dxc| {
         let b = dxc.len() / chw;
