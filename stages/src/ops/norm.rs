@@ -146,6 +146,14 @@ fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
+/// Checks that per-channel operand `what` of op `op` is `[rows, c]`.
+fn expect_rows(op: &str, what: &str, l: &Layout, rows: usize, c: usize) -> Result<()> {
+    if l.dims() != [rows, c] {
+        candle_core::bail!("{op}: {what} {:?}, expected [{rows}, {c}]", l.dims());
+    }
+    Ok(())
+}
+
 /// Applies `f` to f32 or f64 storages.
 macro_rules! dispatch {
     ($s:expr, |$t:ident| $body:expr) => {
@@ -331,12 +339,7 @@ impl CustomOp2 for BnFwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = nchw(l1)?;
-        if l2.dims() != [4, c] {
-            candle_core::bail!(
-                "fpipe-batch-norm-train: parameters {:?}, expected [4, {c}]",
-                l2.dims()
-            );
-        }
+        expect_rows(self.name(), "parameters", l2, 4, c)?;
         let out = dispatch!(s1, |T| T::to_cpu_storage_owned(bn_fwd::<T>(
             slice(s1, l1)?,
             slice(s2, l2)?,
@@ -482,13 +485,7 @@ impl CustomOp2 for BnPreluFwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = nchw(l1)?;
-        if l2.dims() != [5, c] {
-            candle_core::bail!(
-                "{}: parameters {:?}, expected [5, {c}]",
-                self.name(),
-                l2.dims()
-            );
-        }
+        expect_rows(self.name(), "parameters", l2, 5, c)?;
         let out = dispatch!(s1, |T| {
             let (x, p) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
             let (scale, shift) = scale_shift(p, c, self.eps);
@@ -752,13 +749,7 @@ impl CustomOp3 for BnPreluDx {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = nchw(l1)?;
-        if l3.dims() != [8, c] {
-            candle_core::bail!(
-                "{}: coefficients {:?}, expected [8, {c}]",
-                self.name(),
-                l3.dims()
-            );
-        }
+        expect_rows(self.name(), "coefficients", l3, 8, c)?;
         let out = dispatch!(s1, |T| {
             let (dy, x, k) = (
                 slice::<T>(s1, l1)?,
