@@ -235,7 +235,8 @@ fn main() -> candle_core::Result<()> {
 }
 
 /// BatchNorm (training) + PReLU forward and backward on a 32x64x56x56 activation:
-/// candle_nn's composition against the fused ops in `fpipe_stages::ops`.
+/// candle_nn's composition against fpipe's fused op (`ops::batch_norm_prelu_train`: the
+/// BatchNorm/PReLU kernels every conv unit of the backbones runs).
 fn norm_bench(reps: usize) -> candle_core::Result<serde_json::Value> {
     use candle_core::{Module, Var};
     let dev = Device::Cpu;
@@ -258,13 +259,14 @@ fn norm_bench(reps: usize) -> candle_core::Result<serde_json::Value> {
         candle_nn::PReLU::new(alpha.as_tensor().clone(), false).forward(&y)
     };
     let fused = || -> candle_core::Result<Tensor> {
-        let (y, _, _) = fpipe_stages::ops::batch_norm_train(
+        let (y, _, _) = fpipe_stages::ops::batch_norm_prelu_train(
             x.as_tensor(),
             gamma.as_tensor(),
             beta.as_tensor(),
+            alpha.as_tensor(),
             1e-5,
         )?;
-        fpipe_stages::ops::prelu(&y, alpha.as_tensor())
+        Ok(y)
     };
     let mut out = serde_json::Map::new();
     println!("\nBatchNorm(train)+PReLU, {n}x{c}x{hw}x{hw}:   fwd s   fwd+bwd s");
