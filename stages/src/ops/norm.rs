@@ -6,6 +6,9 @@
 //! over half of a MobileFaceNet training step. These ops read and write each activation once
 //! per pass, and their backward passes are custom ops as well. Other devices and dtypes
 //! fall back to candle's composition.
+//!
+//! One set of kernels serves BatchNorm with and without a PReLU after it (`BnPreluFwd`
+//! and its backward ops): a BatchNorm alone has slopes of 1.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -48,7 +51,30 @@ pub fn batch_norm_train(
         let unbiased = (var.flatten_all()? * (m as f64 / (m - 1) as f64))?;
         return Ok((y, mean.flatten_all()?.detach(), unbiased.detach()));
     }
+    // Slopes of 1 make the fused op's PReLU the identity.
     let x = x.contiguous()?;
+    let (p, mean, unbiased) = bn_params(&x, gamma, beta, None)?;
+    Ok((x.apply_op2(&p, BnPreluFwd { eps })?, mean, unbiased))
+}
+
+/// The parameter rows of [`BnPreluFwd`] for contiguous NCHW `x` (gamma, beta, batch mean,
+/// biased batch variance, PReLU slopes: `alpha`, or 1 for a BatchNorm alone), with the batch
+/// mean and unbiased variance, both detached, for the running statistics.
+fn bn_params(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    alpha: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, hw) = dims4(x)?;
+    let m = (n * hw) as f64;
+    let alpha = match alpha {
+        Some(a) if a.dims() != [c] => {
+            candle_core::bail!("batch norm + PReLU: alpha {:?}, expected [{c}]", a.dims())
+        }
+        Some(a) => a.to_dtype(x.dtype())?,
+        None => Tensor::ones(c, x.dtype(), x.device())?,
+    };
     let stats = x.apply_op1_no_bwd(&ChannelStats)?;
     let (mean, var) = (stats.get(0)?, stats.get(1)?);
     let p = Tensor::stack(
@@ -57,12 +83,11 @@ pub fn batch_norm_train(
             beta.to_dtype(x.dtype())?,
             mean.clone(),
             var.clone(),
+            alpha,
         ],
         0,
     )?;
-    let y = x.apply_op2(&p, BnFwd { eps })?;
-    let unbiased = (var * (m as f64 / (m - 1) as f64))?;
-    Ok((y, mean, unbiased))
+    Ok((p, mean, (var * (m / (m - 1.0)))?))
 }
 
 /// `running ← (1 − momentum)·running + momentum·batch` (PyTorch's momentum convention).
@@ -98,35 +123,15 @@ pub fn batch_norm_prelu_train(
     alpha: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (n, c, hw) = dims4(x)?;
-    let m = n * hw;
+    let (n, _, hw) = dims4(x)?;
     let fast = matches!(x.dtype(), DType::F32 | DType::F64) && x.device().is_cpu();
-    if !fast || m < 2 {
+    if !fast || n * hw < 2 {
         let (y, mean, var) = batch_norm_train(x, gamma, beta, eps)?;
         return Ok((prelu(&y, alpha)?, mean, var));
     }
-    if alpha.dims() != [c] {
-        candle_core::bail!(
-            "batch_norm_prelu_train: alpha {:?}, expected [{c}]",
-            alpha.dims()
-        );
-    }
     let x = x.contiguous()?;
-    let stats = x.apply_op1_no_bwd(&ChannelStats)?;
-    let (mean, var) = (stats.get(0)?, stats.get(1)?);
-    let p = Tensor::stack(
-        &[
-            gamma.to_dtype(x.dtype())?,
-            beta.to_dtype(x.dtype())?,
-            mean.clone(),
-            var.clone(),
-            alpha.to_dtype(x.dtype())?,
-        ],
-        0,
-    )?;
-    let y = x.apply_op2(&p, BnPreluFwd { eps })?;
-    let unbiased = (var * (m as f64 / (m - 1) as f64))?;
-    Ok((y, mean, unbiased))
+    let (p, mean, unbiased) = bn_params(&x, gamma, beta, Some(alpha))?;
+    Ok((x.apply_op2(&p, BnPreluFwd { eps })?, mean, unbiased))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,20 +302,6 @@ impl CustomOp1 for ChannelStats {
     }
 }
 
-/// `y = x·scale[c] + shift[c]` with per-channel `scale`, `shift`; rows of `p` are (gamma,
-/// beta, mean, biased var).
-struct BnFwd {
-    eps: f64,
-}
-
-fn bn_fwd<T: Elem>(x: &[T], p: &[T], c: usize, hw: usize, eps: f64) -> Vec<T> {
-    let (scale, shift) = scale_shift(p, c, eps);
-    map_planes([x], hw, |i| {
-        let (s, t) = (T::from_f64(scale[i % c]), T::from_f64(shift[i % c]));
-        move |[xv]: [T; 1]| xv * s + t
-    })
-}
-
 /// Per channel `scale = gamma/sqrt(var + eps)` and `shift = beta − mean·scale`.
 fn scale_shift<T: Elem>(p: &[T], c: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
     (0..c)
@@ -325,145 +316,6 @@ fn scale_shift<T: Elem>(p: &[T], c: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
             (s, b - m * s)
         })
         .unzip()
-}
-
-impl CustomOp2 for BnFwd {
-    fn name(&self) -> &'static str {
-        "fpipe-batch-norm-train"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = nchw(l1)?;
-        expect_rows(self.name(), "parameters", l2, 4, c)?;
-        let out = dispatch!(s1, |T| T::to_cpu_storage_owned(bn_fwd::<T>(
-            slice(s1, l1)?,
-            slice(s2, l2)?,
-            c,
-            hw,
-            self.eps
-        )));
-        Ok((out, l1.shape().clone()))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        p: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let (n, _, hw) = dims4(x)?;
-        let m = (n * hw) as f64;
-        // Σ dy and Σ dy·x̂ per channel.
-        let sums = x.apply_op3_no_bwd(&dy, p, &BnGradSums { eps: self.eps })?;
-        let (sdy, sdx) = (sums.get(0)?, sums.get(1)?);
-        let (gamma, mean, var) = (p.get(0)?, p.get(2)?, p.get(3)?);
-        let invstd = (var + self.eps)?.sqrt()?.recip()?;
-        let k = (&gamma * &invstd)?;
-        // dx = k·(dy − Σdy/m − x̂·Σdy·x̂/m) = a·dy + b·x + c0 per channel.
-        let b = ((&k * &invstd)? * &sdx)?.affine(-1.0 / m, 0.0)?;
-        let c0 = ((&k * &sdy)?.affine(-1.0 / m, 0.0)? - (&b * &mean)?)?;
-        let coef = Tensor::stack(&[k, b, c0], 0)?;
-        let dx = dy.apply_op3_no_bwd(x, &coef, &ChannelAxpby)?;
-        let zeros = sdy.zeros_like()?;
-        let dp = Tensor::stack(&[sdx, sdy, zeros.clone(), zeros], 0)?;
-        Ok((Some(dx), Some(dp)))
-    }
-}
-
-/// `[2, C]`: Σ dy and Σ dy·x̂ per channel, from (x, dy, p).
-struct BnGradSums {
-    eps: f64,
-}
-
-fn bn_grad_sums<T: Elem>(
-    x: &[T],
-    dy: &[T],
-    p: &[T],
-    n: usize,
-    c: usize,
-    hw: usize,
-    eps: f64,
-) -> Vec<T> {
-    let per: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let mean = p[2 * c + ch].to_f64();
-            let invstd = 1.0 / (p[3 * c + ch].to_f64() + eps).sqrt();
-            let [sdy, sdyx] = channel_sums(x, dy, (n, c, hw), ch, |xv, gv| [gv, gv * xv]);
-            // Σ dy·(x − mean)·invstd = (Σ dy·x − mean·Σ dy)·invstd.
-            (sdy, (sdyx - mean * sdy) * invstd)
-        })
-        .collect();
-    per.iter()
-        .map(|p| T::from_f64(p.0))
-        .chain(per.iter().map(|p| T::from_f64(p.1)))
-        .collect()
-}
-
-impl CustomOp3 for BnGradSums {
-    fn name(&self) -> &'static str {
-        "fpipe-batch-norm-grad-sums"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, hw) = nchw(l1)?;
-        let out = dispatch!(s1, |T| T::to_cpu_storage_owned(bn_grad_sums::<T>(
-            slice(s1, l1)?,
-            slice(s2, l2)?,
-            slice(s3, l3)?,
-            n,
-            c,
-            hw,
-            self.eps
-        )));
-        Ok((out, Shape::from((2, c))))
-    }
-}
-
-/// `out = a[c]·u + b[c]·v + c0[c]` for NCHW `u`, `v` and coefficient rows (a, b, c0).
-struct ChannelAxpby;
-
-impl CustomOp3 for ChannelAxpby {
-    fn name(&self) -> &'static str {
-        "fpipe-channel-axpby"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = nchw(l1)?;
-        let out = dispatch!(s1, |T| {
-            let (u, v, k) = (
-                slice::<T>(s1, l1)?,
-                slice::<T>(s2, l2)?,
-                slice::<T>(s3, l3)?,
-            );
-            T::to_cpu_storage_owned(map_planes([u, v], hw, |i| {
-                let ch = i % c;
-                let (a, b, c0) = (k[ch], k[c + ch], k[2 * c + ch]);
-                move |[uv, vv]: [T; 2]| a * uv + b * vv + c0
-            }))
-        });
-        Ok((out, l1.shape().clone()))
-    }
 }
 
 /// Fused BatchNorm + PReLU forward; rows of `p` are (gamma, beta, mean, biased var, alpha).
@@ -532,7 +384,7 @@ fn bn_prelu_backward(x: &Tensor, p: &Tensor, dy: &Tensor, eps: f64) -> Result<(T
     let (gamma, mean, var) = (p.get(0)?, p.get(2)?, p.get(3)?);
     let invstd = (var + eps)?.sqrt()?.recip()?;
     let k = (&gamma * &invstd)?;
-    // dx = k·(dz − Σdz/m − x̂·Σdz·x̂/m) = k·dz + b·x + c0 per channel, as BnFwd's.
+    // dx = k·(dz − Σdz/m − x̂·Σdz·x̂/m) = k·dz + b·x + c0 per channel.
     let b = ((&k * &invstd)? * &sdzx)?.affine(-1.0 / m, 0.0)?;
     let c0 = ((&k * &sdz)?.affine(-1.0 / m, 0.0)? - (&b * &mean)?)?;
     let coef = Tensor::cat(&[&Tensor::stack(&[k, b, c0], 0)?, p], 0)?;
@@ -631,43 +483,16 @@ pub fn conv_batch_norm_train(
         };
         return Ok(ConvBatchNorm { y, z, mean, var });
     }
-    let c = geom.o;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let z = super::conv::conv2d_detached(&x, &w, geom)?;
-    let stats = z.apply_op1_no_bwd(&ChannelStats)?;
-    let (mean, var) = (stats.get(0)?, stats.get(1)?);
-    // Without PReLU, slopes of 1 make it the identity (their gradient goes nowhere).
-    let alpha = match alpha {
-        Some(a) => a.to_dtype(x.dtype())?,
-        None => Tensor::ones(c, x.dtype(), x.device())?,
+    let (p, mean, var) = bn_params(&z, gamma, beta, alpha)?;
+    let op = ConvBnPreluFwd {
+        geom,
+        eps,
+        z: z.clone(),
     };
-    let p = Tensor::stack(
-        &[
-            gamma.to_dtype(x.dtype())?,
-            beta.to_dtype(x.dtype())?,
-            mean.clone(),
-            var.clone(),
-            alpha,
-        ],
-        0,
-    )?;
-    let y = x.apply_op3(
-        &w,
-        &p,
-        ConvBnPreluFwd {
-            geom,
-            eps,
-            z: z.clone(),
-        },
-    )?;
-    let m = (geom.n * geom.out_hw()) as f64;
-    let unbiased = (var * (m / (m - 1.0)))?;
-    Ok(ConvBatchNorm {
-        y,
-        z,
-        mean,
-        var: unbiased,
-    })
+    let y = x.apply_op3(&w, &p, op)?;
+    Ok(ConvBatchNorm { y, z, mean, var })
 }
 
 /// `[3, C]` from (x, dy, p) of [`BnPreluFwd`]: Σ dz, Σ dz·x̂ and `Σ_{z ≤ 0} dy·z`, where `dz`
