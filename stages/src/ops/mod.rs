@@ -3,7 +3,9 @@
 //! - [`conv2d`]: dense, grouped and depthwise convolution with fpipe's own CPU forward and
 //!   backward kernels (see [`conv`]); candle's convolution on other devices.
 //! - [`batch_norm_train`], [`update_running`], [`prelu`]: fused training-mode BatchNorm and
-//!   PReLU with their own backward, instead of candle_nn's chains of full-size temporaries.
+//!   PReLU with their own backward, instead of candle_nn's chains of full-size temporaries;
+//!   [`batch_norm_prelu_train`] the two as one op, and [`conv_batch_norm_train`] a convolution,
+//!   its BatchNorm and PReLU as one autograd node (what the backbones' conv units run).
 
 pub mod conv;
 mod norm;

@@ -107,11 +107,7 @@ fn im2col<T: Elem>(g: &Geom, x: &[T], col: &mut [T], pitch: usize, off: usize) {
                     // mostly call overhead (perf: im2col a tenth of an iresnet18 step).
                     let (d0, s0, len) = span;
                     row[d0..d0 + len].copy_from_slice(&xp[s0..s0 + len]);
-                    for oh in hlo..hhi {
-                        let r = &mut row[oh * g.wo..][..g.wo];
-                        r[..wlo].fill(T::ZERO);
-                        r[whi..].fill(T::ZERO);
-                    }
+                    zero_wrapped(g, row, (hlo, hhi), (wlo, whi));
                     continue;
                 }
                 for oh in hlo..hhi {
@@ -154,6 +150,22 @@ fn same_size_span(
     Some((d0, (hlo + i - g.pad) * g.w + wlo + j - g.pad, len))
 }
 
+/// Zeroes columns outside `wlo..whi` in rows `hlo..hhi` of one tap's output plane `row`: the
+/// positions that reach padding, which a [`same_size_span`] run fills from the neighbouring
+/// input row.
+fn zero_wrapped<T: Elem>(
+    g: &Geom,
+    row: &mut [T],
+    (hlo, hhi): (usize, usize),
+    (wlo, whi): (usize, usize),
+) {
+    for oh in hlo..hhi {
+        let r = &mut row[oh * g.wo..][..g.wo];
+        r[..wlo].fill(T::ZERO);
+        r[whi..].fill(T::ZERO);
+    }
+}
+
 /// Adds the columns `off..off + ho·wo` of the `K × pitch` matrix `col` back onto the input
 /// positions they were read from (the adjoint of [`im2col`]).
 /// Columns that [`im2col`] left at zero (positions reading padding) are zeroed in `col` first
@@ -184,11 +196,7 @@ fn col2im<T: Elem>(g: &Geom, col: &mut [T], pitch: usize, off: usize, x: &mut [T
                 continue;
             }
             if let Some((d0, s0, len)) = same_size_span(g, (hlo, hhi), (wlo, whi), (i, j)) {
-                for oh in hlo..hhi {
-                    let r = &mut row[oh * g.wo..][..g.wo];
-                    r[..wlo].fill(T::ZERO);
-                    r[whi..].fill(T::ZERO);
-                }
+                zero_wrapped(g, row, (hlo, hhi), (wlo, whi));
                 for (d, &v) in xp[s0..s0 + len].iter_mut().zip(&row[d0..d0 + len]) {
                     *d += v;
                 }
