@@ -14,14 +14,8 @@ import torch.nn.functional as F
 
 
 def median_time(reps, f):
-    f()
-    ts = []
-    for _ in range(max(1, reps)):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
+    """Median seconds of `reps` runs of `f` after one warm-up run."""
+    return median_times(reps, [f])[0]
 
 
 def median_times(reps, fs):

@@ -94,15 +94,8 @@ fn parse_args() -> Args {
 
 /// Median wall time of `reps` runs of `f` after one warm-up run.
 fn time(reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
-    f()?;
-    let mut t: Vec<f64> = (0..reps.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            f().map(|()| start.elapsed().as_secs_f64())
-        })
-        .collect::<candle_core::Result<_>>()?;
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    let [t] = time_each(reps, [&mut f])?;
+    Ok(t)
 }
 
 /// Median seconds of each of `fs`, run in turn (one round as warm-up, then `reps` rounds).
