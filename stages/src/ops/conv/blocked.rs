@@ -281,9 +281,12 @@ fn block_weights<T: Elem>(g: &Geom, w: &[T]) -> Vec<Vec<T>> {
 /// Geometry of one kernel call, copied into the vector bodies.
 #[derive(Clone, Copy)]
 pub(super) struct Shape {
+    h: usize,
+    w: usize,
     ho: usize,
     wo: usize,
     wp: usize,
+    pad: usize,
     s: usize,
     kh: usize,
     kw: usize,
@@ -292,13 +295,26 @@ pub(super) struct Shape {
 impl Shape {
     fn new(g: &Geom, p: &Plane) -> Self {
         Shape {
+            h: g.h,
+            w: g.w,
             ho: g.ho,
             wo: g.wo,
             wp: p.wp,
+            pad: g.pad,
             s: g.stride,
             kh: g.kh,
             kw: g.kw,
         }
+    }
+
+    /// Zero margin around the output-gradient plane for [`bwd_data_gather_block`]: enough
+    /// that every tap of every input position reads inside it, so no position needs a
+    /// bounds test.
+    fn gather_margin(&self) -> usize {
+        let top = (self.kh.max(self.kw) - 1).div_ceil(self.s);
+        let bottom = ((self.h + self.pad - 1) / self.s + 1).saturating_sub(self.ho);
+        let right = ((self.w + self.pad - 1) / self.s + 1).saturating_sub(self.wo);
+        top.max(bottom).max(right)
     }
 }
 
@@ -308,9 +324,10 @@ multiversion! {
 }
 
 multiversion! {
-    /// `dxb[o·s + tap t] += wb[t] ⊙ gb[o]` over one channel block (the scatter form of the
-    /// input gradient, for stride > 1).
-    fn bwd_data_block(sh: Shape, gb: &[T], wb: &[T], dxb: &mut [T]) => bwd_data_body
+    /// `dxb[i] = Σ wb[t] ⊙ gp[o]` over the taps `t` and outputs `o` that read input `i`, over
+    /// one channel block: the gather form of the input gradient, for stride > 1. `gp` is the
+    /// output gradient with a zero margin of [`Shape::gather_margin`]; `dxb` is unpadded.
+    fn bwd_data_gather_block(sh: Shape, gp: &[T], wb: &[T], dxb: &mut [T]) => bwd_data_gather_body
 }
 
 multiversion! {
@@ -354,18 +371,45 @@ fn fwd_body<T: Elem>(sh: Shape, xb: &[T], wb: &[T], yb: &mut [T]) {
 }
 
 #[inline(always)]
-fn bwd_data_body<T: Elem>(sh: Shape, gb: &[T], wb: &[T], dxb: &mut [T]) {
-    for oy in 0..sh.ho {
-        for ox in 0..sh.wo {
-            let gv = lanes(gb, (oy * sh.wo + ox) * L);
-            for i in 0..sh.kh {
-                let row = (oy * sh.s + i) * sh.wp + ox * sh.s;
-                for j in 0..sh.kw {
-                    let wv = lanes(wb, (i * sh.kw + j) * L);
-                    let d = &mut dxb[(row + j) * L..][..L];
-                    for l in 0..L {
-                        d[l] = wv[l].mul_add(gv[l], d[l]);
+fn bwd_data_gather_body<T: Elem>(sh: Shape, gp: &[T], wb: &[T], dxb: &mut [T]) {
+    let (s, mg) = (sh.s, sh.gather_margin());
+    let wg = sh.wo + 2 * mg;
+    // Input positions of one phase (row ≡ a, column ≡ b mod s) are read by the same taps
+    // (rows i ≡ a + pad, columns j ≡ b + pad mod s); stepping the position by s steps each
+    // tap's output by one. So each phase is a small dense correlation over the output
+    // gradient, register-blocked over PB positions of a row, one store per input position.
+    for a in 0..s.min(sh.h) {
+        let ia = (a + sh.pad) % s;
+        let nk = sh.kh.saturating_sub(ia).div_ceil(s);
+        // Padded output row of tap ia for input row a.
+        let qa = (a + sh.pad) / s + mg;
+        for b in 0..s.min(sh.w) {
+            let jb = (b + sh.pad) % s;
+            let nm = sh.kw.saturating_sub(jb).div_ceil(s);
+            let qb = (b + sh.pad) / s + mg;
+            let cols = (sh.w - b).div_ceil(s);
+            for (u, y) in (a..sh.h).step_by(s).enumerate() {
+                let mut t = 0;
+                while t < cols {
+                    let pb = (cols - t).min(PB);
+                    let mut acc = [[T::ZERO; L]; PB];
+                    for k in 0..nk {
+                        let row = (qa + u - k) * wg;
+                        for m in 0..nm {
+                            let wv = lanes(wb, ((ia + k * s) * sh.kw + jb + m * s) * L);
+                            let col = qb + t - m;
+                            for (q, acc) in acc.iter_mut().enumerate().take(pb) {
+                                let gv = lanes(gp, (row + col + q) * L);
+                                for l in 0..L {
+                                    acc[l] = wv[l].mul_add(gv[l], acc[l]);
+                                }
+                            }
+                        }
                     }
+                    for (q, acc) in acc.iter().enumerate().take(pb) {
+                        dxb[(y * sh.w + b + (t + q) * s) * L..][..L].copy_from_slice(acc);
+                    }
+                    t += pb;
                 }
             }
         }
@@ -430,24 +474,25 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     y
 }
 
-/// Input gradient of a depthwise convolution at any stride (scatter into the blocked plane).
+/// Input gradient of a depthwise convolution at any stride (gathered per input position).
 pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let p = Plane::new(g);
     let sh = Shape::new(g, &p);
     let (ihw, ohw) = (g.in_hw(), g.out_hw());
+    let mg = sh.gather_margin();
+    let gp_len = (g.ho + 2 * mg) * (g.wo + 2 * mg) * L;
     let wbs = block_weights(g, w);
     // SAFETY: `per_block` covers `dx`; `unpack` writes every element of each block.
     let mut dx = unsafe { output_vec::<T>(g.n * g.c * ihw) };
     per_block(&mut dx, g.c * ihw, L * ihw).for_each(|(n, b, dblk)| {
         let lanes = dblk.len() / ihw;
         let c0 = b * L;
-        T::with_scratch(p.size() + ohw * L, |scr| {
-            let (dxb, gb) = scr.split_at_mut(p.size());
+        T::with_scratch(gp_len + ihw * L, |scr| {
+            let (gp, dxb) = scr.split_at_mut(gp_len);
             let gs = &dy[(n * g.c + c0) * ohw..][..lanes * ohw];
-            pack(gs, (g.ho, g.wo), 0, g.wo, &mut gb[..ohw * L]);
-            dxb.fill(T::ZERO);
-            bwd_data_block(sh, &gb[..ohw * L], &wbs[b], dxb);
-            unpack(dxb, (g.h, g.w), g.pad, p.wp, dblk);
+            pack(gs, (g.ho, g.wo), mg, g.wo + 2 * mg, gp);
+            bwd_data_gather_block(sh, gp, &wbs[b], dxb);
+            unpack(dxb, (g.h, g.w), 0, g.w, dblk);
         })
     });
     dx

@@ -50,6 +50,9 @@ const CASES: &[Case] = &[
     (2, 10, 8, 9, 10, 5, 1, 2, 10), // depthwise 5x5: 25 taps, several weight-gradient passes
     (2, 9, 6, 5, 9, 3, 2, 0, 9), // depthwise stride 2 without padding
     (2, 16, 20, 19, 16, 3, 2, 1, 16), // depthwise stride 2, rows of 19 and 10: overlapping blocks
+    (1, 8, 11, 10, 8, 5, 2, 2, 8), // depthwise 5x5 stride 2: 3x3, 3x2, 2x3, 2x2 taps per phase
+    (1, 8, 9, 10, 8, 1, 2, 0, 8), // depthwise 1x1 stride 2: three phases no tap reaches
+    (1, 8, 10, 11, 8, 3, 3, 0, 8), // depthwise stride 3 unpadded: rows past the last window
     (2, 16, 7, 7, 16, 3, 2, 0, 2), // groups = C/8, stride 2 without padding, odd size
     (1, 16, 11, 10, 16, 5, 2, 2, 2), // groups = C/8, 5x5 stride 2: sub-kernels 3x3 to 2x2
     (2, 16, 9, 9, 16, 1, 2, 0, 2), // grouped 1x1 stride 2: phases no tap reaches
