@@ -1103,17 +1103,3 @@ fn hsum<T: Elem, const N: usize>(a: &[T; N]) -> T {
     }
     v[0]
 }
-
-/// `Σ a[f]·b[f]` over the shorter of the two.
-pub fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
-    let n = a.len().min(b.len());
-    let mut r = [T::ZERO];
-    taps_bwd_filter(&mut r, &a[..n], &b[..n], &[0]);
-    r[0]
-}
-
-/// `y[f] += alpha·x[f]` over the shorter of the two.
-pub fn axpy<T: Elem>(y: &mut [T], alpha: T, x: &[T]) {
-    let n = y.len().min(x.len());
-    taps_bwd_data(&mut y[..n], &x[..n], &[0], &[alpha]);
-}
