@@ -537,6 +537,13 @@ pub fn transpose<T: Elem>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
         src.len() == rows * cols && dst.len() == rows * cols,
         "transpose: sizes"
     );
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Base {
+        if let (Some(s), Some(d)) = (as_f32(src), as_f32_mut(dst)) {
+            // SAFETY: `level()` detected AVX2.
+            return unsafe { x86::transpose_f32(s, rows, cols, d) };
+        }
+    }
     // Tiles of 8 rows keep the writes of one source row within a few cache lines.
     for r0 in (0..rows).step_by(8) {
         let r1 = (r0 + 8).min(rows);
@@ -770,10 +777,74 @@ macro_rules! wgrad_pixels_driver {
 pub(super) use wgrad_pixels_driver;
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{wgrad_taps, WO};
+
+    /// Transposes the 8x8 block `r` (row `i` = `r[i]`) in registers.
+    #[inline(always)]
+    pub(in crate::ops::conv) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// [`super::transpose`] for f32 on AVX2: 8x8 tiles through registers, scalar edges.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose_f32(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+        assert!(src.len() == rows * cols && dst.len() == rows * cols);
+        let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        for r0 in (0..r8).step_by(8) {
+            for c0 in (0..c8).step_by(8) {
+                // SAFETY: rows r0..r0 + 8 and columns c0..c0 + 8 lie inside both matrices.
+                unsafe {
+                    let r: [__m256; 8] =
+                        std::array::from_fn(|i| _mm256_loadu_ps(s.add((r0 + i) * cols + c0)));
+                    for (j, v) in transpose8(r).into_iter().enumerate() {
+                        _mm256_storeu_ps(d.add((c0 + j) * rows + r0), v);
+                    }
+                }
+            }
+            for c in c8..cols {
+                for r in r0..r0 + 8 {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+        for r in r8..rows {
+            for c in 0..cols {
+                dst[c * rows + r] = src[r * cols + c];
+            }
+        }
+    }
 
     /// [`super::wgrad_multi`] for f32 on AVX2 + FMA: 8-lane accumulators, blocks of up to
     /// `WO` channels × [`wgrad_taps`] taps.

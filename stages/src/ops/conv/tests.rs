@@ -303,6 +303,32 @@ fn interleave_round_trips() {
     }
 }
 
+/// `simd::transpose` on every shape up to 19x19: the 8x8 register tiles (f32 with AVX2),
+/// the scalar edges, and the portable loop (f64).
+#[test]
+fn transpose_matches_definition() {
+    for rows in 0..20usize {
+        for cols in 0..20usize {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut dst = vec![-1f32; rows * cols];
+            simd::transpose(&src, rows, cols, &mut dst);
+            let src64: Vec<f64> = src.iter().map(|&v| v as f64).collect();
+            let mut dst64 = vec![-1f64; rows * cols];
+            simd::transpose(&src64, rows, cols, &mut dst64);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows}x{cols} f32");
+                    assert_eq!(
+                        dst64[c * rows + r],
+                        src64[r * cols + c],
+                        "{rows}x{cols} f64"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The device-generic path (what CUDA runs for grouped convolutions), forward and both
 /// gradients through candle's autograd, on every case.
 #[test]
