@@ -37,6 +37,24 @@ fn rows_per_col_band(g: &Geom) -> usize {
     (COL_BAND_ELEMS / (g.k() * g.wo).max(1)).clamp(1, g.ho.max(1))
 }
 
+/// Builds the columns of one image's group `xg` a band of `rows` output rows at a time and
+/// hands each band to `body(first row, columns in the band, band)`.
+fn for_col_bands<T: Elem>(
+    g: &Geom,
+    xg: &[T],
+    rows: usize,
+    mut body: impl FnMut(usize, usize, &[T]),
+) {
+    T::with_scratch(g.k() * rows * g.wo, |col| {
+        for r0 in (0..g.ho).step_by(rows) {
+            let r1 = (r0 + rows).min(g.ho);
+            let cols = (r1 - r0) * g.wo;
+            im2col_rows(g, xg, col, cols, 0, (r0, r1));
+            body(r0, cols, col);
+        }
+    });
+}
+
 /// Images per chunk for `g` with `threads` workers.
 fn images_per_chunk(g: &Geom, threads: usize) -> usize {
     let want = MIN_CHUNK_COLUMNS.div_ceil(g.out_hw().max(1));
@@ -431,14 +449,9 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             let rows = rows_per_col_band(g);
             if b == 1 && rows < g.ho {
                 let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
-                T::with_scratch(kk * rows * g.wo, |col| {
-                    for r0 in (0..g.ho).step_by(rows) {
-                        let r1 = (r0 + rows).min(g.ho);
-                        let cols = (r1 - r0) * g.wo;
-                        im2col_rows(g, xg, col, cols, 0, (r0, r1));
-                        let dst = &mut yc[grp * og * ohw + r0 * g.wo..];
-                        matmul((og, cols, kk), dst, ohw, false, wg, (col, cols, 1), par);
-                    }
+                for_col_bands(g, xg, rows, |r0, cols, col| {
+                    let dst = &mut yc[grp * og * ohw + r0 * g.wo..];
+                    matmul((og, cols, kk), dst, ohw, false, wg, (col, cols, 1), par);
                 });
                 continue;
             }
@@ -542,22 +555,9 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                 let rows = rows_per_col_band(g);
                 if b == 1 && rows < g.ho {
                     let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
-                    T::with_scratch(kk * rows * g.wo, |col| {
-                        for r0 in (0..g.ho).step_by(rows) {
-                            let r1 = (r0 + rows).min(g.ho);
-                            let cols = (r1 - r0) * g.wo;
-                            im2col_rows(g, xg, col, cols, 0, (r0, r1));
-                            let dyg = &dyc[grp * og * ohw + r0 * g.wo..];
-                            matmul(
-                                (og, kk, cols),
-                                dwg,
-                                kk,
-                                true,
-                                (dyg, ohw, 1),
-                                (col, 1, cols),
-                                par,
-                            );
-                        }
+                    for_col_bands(g, xg, rows, |r0, cols, col| {
+                        let dyg = (&dyc[grp * og * ohw + r0 * g.wo..], ohw, 1);
+                        matmul((og, kk, cols), dwg, kk, true, dyg, (col, 1, cols), par);
                     });
                     continue;
                 }
