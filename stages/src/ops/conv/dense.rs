@@ -3,12 +3,13 @@
 //!
 //! With `K = cg·kh·kw`, per group: forward `y = W·col(x)` (`og×K` times `K×hw`), input
 //! gradient `dx = col2im(Wᵀ·dy)`, weight gradient `dW += dy·col(x)ᵀ`. Images are processed in
-//! chunks: one image per chunk when its output plane is large (the columns of one image then
-//! fit the cache), several when it is small (7x7, 14x14), so the GEMM's `n` (forward) or `k`
-//! (weight gradient) is long enough for the microkernel. Chunks run in parallel with
-//! single-threaded GEMMs; with fewer chunks than threads the GEMM itself runs in parallel.
-//! A 1x1, stride-1, unpadded convolution of one image needs no im2col: the input is its
-//! column matrix.
+//! chunks: one image per chunk when its output plane is large, several when it is small (7x7,
+//! 14x14), so the GEMM's `n` (forward) or `k` (weight gradient) is long enough for the
+//! microkernel. Where one image's columns would not fit the cache (64 channels at 56x56), the
+//! forward and weight gradient build and consume them a band of output rows at a time.
+//! Chunks run in parallel with single-threaded GEMMs; with fewer chunks than threads the GEMM
+//! itself runs in parallel. A 1x1, stride-1, unpadded convolution of one image needs no
+//! im2col: the input is its column matrix.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -280,7 +281,9 @@ fn zero_wrapped<T: Elem>(
 /// where that lets a whole plane be added in one run.
 ///
 /// Where [`col2im_overwrites`], the centre tap, which reaches every input position, is
-/// copied rather than added, so `x` need not be zeroed first.
+/// copied rather than added, so `x` need not be zeroed first. Where [`col2im_s2`], `x` is
+/// overwritten whole (its old contents are not added to): callers must not rely on
+/// accumulating into it.
 fn col2im<T: Elem>(g: &Geom, col: &mut [T], pitch: usize, off: usize, x: &mut [T]) {
     let (s, p, hw, ohw) = (g.stride, g.pad, g.in_hw(), g.out_hw());
     if col2im_s2(g) {

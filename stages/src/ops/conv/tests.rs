@@ -33,7 +33,7 @@ const CASES: &[Case] = &[
     (5, 3, 5, 5, 2, 3, 1, 2, 1), // padding larger than a tap reaches
     (2, 3, 6, 7, 4, 5, 1, 2, 1), // dense 5x5 "same": im2col's one-run copy, taps 2 rows off
     (1, 64, 43, 43, 4, 3, 1, 1, 1), // dense, columns over 2^20: bands of 10 rows, last of 3
-    (1, 64, 45, 44, 4, 3, 1, 0, 1), // the same unpadded (row by row), bands of 10 rows
+    (1, 64, 46, 45, 4, 3, 1, 0, 1), // the same unpadded (row by row), bands of 10, last of 4
     (1, 32, 90, 91, 4, 5, 2, 2, 1), // the same 5x5 stride 2, bands of 7 rows, last of 3
     (2, 64, 5, 5, 64, 3, 1, 1, 2), // wide groups (32 channels): GEMM per group
     (2, 64, 17, 16, 32, 1, 1, 0, 2), // wide groups pointwise
@@ -68,7 +68,38 @@ const CASES: &[Case] = &[
     (1, 4, 8, 8, 4, 3, 1, 1, 4), // the same, rows of exactly one vector (both ends masked)
     (1, 3, 1, 17, 3, 3, 1, 1, 3), // the same, one row: both padding rows skipped
     (1, 2, 6, 16, 2, 3, 1, 1, 2), // the same, rows of exactly two vectors
+    (1, 2, 3, 512, 2, 3, 2, 1, 1), // dense stride 2, the widest rows of the phase split
+    (1, 2, 3, 513, 2, 3, 2, 1, 1), // one wider: the strided scalar loops
+    (1, 3, 3, 3, 2, 5, 2, 2, 1), // dense stride 2, kernel larger than the input
+    (1, 3, 4, 5, 2, 3, 2, 3, 1), // dense stride 2, padding beyond the kernel's reach
+    (1, 8, 3, 3, 8, 5, 2, 2, 8), // blocked depthwise, kernel larger than the input
+    (1, 8, 4, 5, 8, 3, 2, 3, 8), // blocked depthwise, padding beyond the kernel's reach
+    (10, 16, 7, 7, 16, 7, 1, 0, 2), // whole-plane groups, 10 images: a short last task
+    (9, 4, 7, 7, 4, 7, 1, 0, 4), // whole-plane depthwise (GDC), 9 images
 ];
+
+/// Cases with a kernel wider or narrower than it is tall: a case as in [`CASES`] (its `k` is
+/// the kernel's height) and the kernel's width.
+const RECT_CASES: &[(Case, usize)] = &[
+    ((1, 3, 9, 11, 4, 3, 2, 1, 1), 5),  // dense 3x5 stride 2
+    ((2, 4, 9, 8, 6, 5, 2, 2, 1), 1),   // dense 5x1 stride 2
+    ((1, 3, 7, 9, 4, 3, 1, 1, 1), 1),   // dense 3x1 stride 1
+    ((1, 8, 9, 11, 8, 3, 2, 1, 8), 5),  // blocked depthwise 3x5 stride 2
+    ((1, 8, 7, 13, 8, 1, 3, 1, 8), 4),  // blocked depthwise 1x4 stride 3
+    ((2, 16, 9, 9, 16, 3, 1, 1, 2), 5), // groups = C/8, 3x5
+];
+
+/// Every case of [`CASES`] and [`RECT_CASES`] with a label for failure messages.
+fn all_cases() -> Vec<(String, Geom)> {
+    let square = CASES.iter().map(|c| (format!("{c:?}"), geom(c)));
+    let rect = RECT_CASES.iter().map(|&(c, kw)| {
+        let (n, ch, h, w, o, kh, s, p, groups) = c;
+        let g = Geom::new(&[n, ch, h, w], &[o, ch / groups, kh, kw], s, p, groups)
+            .expect("valid test case");
+        (format!("{c:?} kw {kw}"), g)
+    });
+    square.chain(rect).collect()
+}
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn values(len: usize, seed: u64) -> Vec<f64> {
@@ -227,18 +258,17 @@ fn run_with(
 /// Every case through `conv` in `dtype`, forward and both gradients against the naive f64
 /// reference, to `rel_tol` times the longest sum's length.
 fn assert_matches_reference(conv: ConvFn, seed0: u64, dtype: DType, rel_tol: f64) {
-    for (idx, case) in CASES.iter().enumerate() {
-        let g = geom(case);
-        let (x, w, r) = inputs(&g, seed0 + idx as u64 * 7);
-        let (y, dx, dw) = run_with(conv, &g, &x, &w, &r, dtype);
-        let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
+    for (idx, (case, g)) in all_cases().iter().enumerate() {
+        let (x, w, r) = inputs(g, seed0 + idx as u64 * 7);
+        let (y, dx, dw) = run_with(conv, g, &x, &w, &r, dtype);
+        let (rdx, rdw) = naive_grads(g, &x, &w, &r);
         let tol = rel_tol * g.k().max(g.n * g.out_hw()) as f64;
         assert!(
-            max_abs_diff(&y, &naive_fwd(&g, &x, &w)) < tol,
-            "forward {case:?}"
+            max_abs_diff(&y, &naive_fwd(g, &x, &w)) < tol,
+            "forward {case}"
         );
-        assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case:?}");
-        assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case:?}");
+        assert!(max_abs_diff(&dx, &rdx) < tol, "input gradient {case}");
+        assert!(max_abs_diff(&dw, &rdw) < tol, "weight gradient {case}");
     }
 }
 
@@ -355,8 +385,8 @@ fn grouped_conv_in_f16_matches_reference() {
 #[test]
 fn gradients_match_finite_differences() {
     let dev = Device::Cpu;
-    for (idx, case) in CASES.iter().enumerate() {
-        let g = geom(case);
+    for (idx, (case, g)) in all_cases().iter().enumerate() {
+        let g = *g;
         let (x, w, r) = inputs(&g, 500 + idx as u64);
         let (_, dx, dw) = ours(&g, &x, &w, &r, DType::F64);
         let rt = Tensor::from_slice(&r, (g.n, g.o, g.ho, g.wo), &dev).unwrap();
@@ -384,7 +414,7 @@ fn gradients_match_finite_differences() {
             let fd = (loss(&xp, &w) - loss(&xm, &w)) / (2.0 * eps);
             assert!(
                 (fd - dx[i]).abs() < 1e-6 * (1.0 + fd.abs()),
-                "dx[{i}] {case:?}: {fd} vs {}",
+                "dx[{i}] {case}: {fd} vs {}",
                 dx[i]
             );
         }
@@ -396,7 +426,7 @@ fn gradients_match_finite_differences() {
             let fd = (loss(&x, &wp) - loss(&x, &wm)) / (2.0 * eps);
             assert!(
                 (fd - dw[i]).abs() < 1e-6 * (1.0 + fd.abs()),
-                "dw[{i}] {case:?}: {fd} vs {}",
+                "dw[{i}] {case}: {fd} vs {}",
                 dw[i]
             );
         }
