@@ -549,6 +549,15 @@ impl BatchNorm {
             crate::ops::update_running(&self.running_var, &var, self.momentum)?;
             return y.reshape(dims);
         }
+        let stats = (
+            &self.running_mean.as_detached_tensor(),
+            &self.running_var.as_detached_tensor(),
+        );
+        let params = (&self.weight, &self.bias);
+        let slopes = act.map(|a| &a.weight);
+        if let Some(y) = crate::ops::batch_norm_prelu_eval(&x4, params, stats, slopes, self.eps)? {
+            return y.reshape(dims);
+        }
         // y = x·scale + shift with scale = γ/sqrt(var + eps), shift = β − mean·scale.
         let rv = self.running_var.as_detached_tensor().to_dtype(x.dtype())?;
         let rm = self.running_mean.as_detached_tensor().to_dtype(x.dtype())?;

@@ -11,8 +11,8 @@ pub mod conv;
 mod norm;
 
 pub use norm::{
-    batch_norm_prelu_train, batch_norm_train, conv_batch_norm_train, prelu, update_running,
-    ConvBatchNorm,
+    batch_norm_prelu_eval, batch_norm_prelu_train, batch_norm_train, conv_batch_norm_train, prelu,
+    update_running, ConvBatchNorm,
 };
 
 use candle_core::{Result, Tensor};

@@ -54,7 +54,11 @@ pub fn batch_norm_train(
     // Slopes of 1 make the fused op's PReLU the identity.
     let x = x.contiguous()?;
     let (p, mean, unbiased) = bn_params(&x, gamma, beta, None)?;
-    Ok((x.apply_op2(&p, BnPreluFwd { eps })?, mean, unbiased))
+    Ok((
+        x.apply_op2(&p, BnPreluFwd { eps, train: true })?,
+        mean,
+        unbiased,
+    ))
 }
 
 /// The parameter rows of [`BnPreluFwd`] for contiguous NCHW `x` (gamma, beta, batch mean,
@@ -131,7 +135,49 @@ pub fn batch_norm_prelu_train(
     }
     let x = x.contiguous()?;
     let (p, mean, unbiased) = bn_params(&x, gamma, beta, Some(alpha))?;
-    Ok((x.apply_op2(&p, BnPreluFwd { eps })?, mean, unbiased))
+    Ok((
+        x.apply_op2(&p, BnPreluFwd { eps, train: true })?,
+        mean,
+        unbiased,
+    ))
+}
+
+/// Eval-mode BatchNorm (running statistics `mean`, `var`) followed by per-channel PReLU
+/// (slopes `alpha`, or none), as one op: `y = prelu((x − mean)·gamma/sqrt(var + eps) + beta,
+/// alpha)`. `None` when the fused kernels do not apply (not f32/f64, or not on the CPU), for
+/// the caller to compose the separate ops. One full-size pass instead of three (scale, shift,
+/// PReLU). Gradients flow to `x`, `gamma`, `beta` and `alpha`; the statistics are constants.
+pub fn batch_norm_prelu_eval(
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    (mean, var): (&Tensor, &Tensor),
+    alpha: Option<&Tensor>,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    if !(matches!(x.dtype(), DType::F32 | DType::F64) && x.device().is_cpu()) {
+        return Ok(None);
+    }
+    let (_, c, _) = dims4(x)?;
+    let alpha = match alpha {
+        Some(a) if a.dims() != [c] => {
+            candle_core::bail!("batch norm + PReLU: alpha {:?}, expected [{c}]", a.dims())
+        }
+        Some(a) => a.to_dtype(x.dtype())?,
+        None => Tensor::ones(c, x.dtype(), x.device())?,
+    };
+    let dt = x.dtype();
+    let p = Tensor::stack(
+        &[
+            gamma.to_dtype(dt)?,
+            beta.to_dtype(dt)?,
+            mean.detach().to_dtype(dt)?,
+            var.detach().to_dtype(dt)?,
+            alpha,
+        ],
+        0,
+    )?;
+    let op = BnPreluFwd { eps, train: false };
+    Ok(Some(x.contiguous()?.apply_op2(&p, op)?))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,16 +364,23 @@ fn scale_shift<T: Elem>(p: &[T], c: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
         .unzip()
 }
 
-/// Fused BatchNorm + PReLU forward; rows of `p` are (gamma, beta, mean, biased var, alpha).
-/// The BatchNorm output `z = x·scale + shift` is recomputed from `x` in the backward ops, with
-/// the same arithmetic, so the PReLU branch taken there is the forward's.
+/// Fused BatchNorm + PReLU forward; rows of `p` are (gamma, beta, mean, var, alpha): in
+/// training the batch mean and biased variance, which the gradient to `x` goes through; in
+/// eval mode the running statistics, constants. The BatchNorm output `z = x·scale + shift` is
+/// recomputed from `x` in the backward ops, with the same arithmetic, so the PReLU branch
+/// taken there is the forward's.
 struct BnPreluFwd {
     eps: f64,
+    train: bool,
 }
 
 impl CustomOp2 for BnPreluFwd {
     fn name(&self) -> &'static str {
-        "fpipe-batch-norm-prelu-train"
+        if self.train {
+            "fpipe-batch-norm-prelu-train"
+        } else {
+            "fpipe-batch-norm-prelu-eval"
+        }
     }
     fn cpu_fwd(
         &self,
@@ -367,14 +420,21 @@ impl CustomOp2 for BnPreluFwd {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp) = bn_prelu_backward(x, p, dy, self.eps)?;
+        let (dx, dp) = bn_prelu_backward(x, p, dy, self.eps, self.train)?;
         Ok((Some(dx), Some(dp)))
     }
 }
 
 /// Gradients of [`BnPreluFwd`] at input `x` with parameters `p`, given the output gradient:
-/// `(dx, dp)`, `dp` with the rows of `p` (zero for the statistics).
-fn bn_prelu_backward(x: &Tensor, p: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+/// `(dx, dp)`, `dp` with the rows of `p` (zero for the statistics). With `train`, `dx` goes
+/// through the batch statistics; in eval mode they are constants and `dx = scale·dz`.
+fn bn_prelu_backward(
+    x: &Tensor,
+    p: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    train: bool,
+) -> Result<(Tensor, Tensor)> {
     let dy = dy.contiguous()?;
     let (n, _, hw) = dims4(x)?;
     let m = (n * hw) as f64;
@@ -384,9 +444,15 @@ fn bn_prelu_backward(x: &Tensor, p: &Tensor, dy: &Tensor, eps: f64) -> Result<(T
     let (gamma, mean, var) = (p.get(0)?, p.get(2)?, p.get(3)?);
     let invstd = (var + eps)?.sqrt()?.recip()?;
     let k = (&gamma * &invstd)?;
-    // dx = k·(dz − Σdz/m − x̂·Σdz·x̂/m) = k·dz + b·x + c0 per channel.
-    let b = ((&k * &invstd)? * &sdzx)?.affine(-1.0 / m, 0.0)?;
-    let c0 = ((&k * &sdz)?.affine(-1.0 / m, 0.0)? - (&b * &mean)?)?;
+    // dx = k·(dz − Σdz/m − x̂·Σdz·x̂/m) = k·dz + b·x + c0 per channel (b = c0 = 0 in eval
+    // mode).
+    let (b, c0) = if train {
+        let b = ((&k * &invstd)? * &sdzx)?.affine(-1.0 / m, 0.0)?;
+        let c0 = ((&k * &sdz)?.affine(-1.0 / m, 0.0)? - (&b * &mean)?)?;
+        (b, c0)
+    } else {
+        (k.zeros_like()?, k.zeros_like()?)
+    };
     let coef = Tensor::cat(&[&Tensor::stack(&[k, b, c0], 0)?, p], 0)?;
     let dx = dy.apply_op3_no_bwd(x, &coef, &BnPreluDx { eps })?;
     let zeros = sdz.zeros_like()?;
@@ -420,7 +486,11 @@ impl CustomOp3 for ConvBnPreluFwd {
         let candle_core::Storage::Cpu(zc) = &*zs else {
             candle_core::bail!("{}: convolution output not on the CPU", self.name());
         };
-        BnPreluFwd { eps: self.eps }.cpu_fwd(zc, zl, s3, l3)
+        BnPreluFwd {
+            eps: self.eps,
+            train: true,
+        }
+        .cpu_fwd(zc, zl, s3, l3)
     }
     fn bwd(
         &self,
@@ -430,7 +500,7 @@ impl CustomOp3 for ConvBnPreluFwd {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dz, dp) = bn_prelu_backward(&self.z, p, dy, self.eps)?;
+        let (dz, dp) = bn_prelu_backward(&self.z, p, dy, self.eps, true)?;
         // An input outside the graph (the images into a stem) needs no gradient.
         let dx = if x.track_op() {
             Some(super::conv::conv2d_backward_data(&dz, w, self.geom)?)
@@ -784,6 +854,86 @@ mod tests {
         let v = |t: &Tensor| t.to_vec1::<f64>().unwrap();
         assert!(close(&v(&mean), &v(&rmean), 1e-12));
         assert!(close(&v(&var), &v(&rvar), 1e-12));
+    }
+
+    /// Eval mode, with and without slopes: output and the gradients to x, gamma, beta and
+    /// alpha against the composite of separate ops (f64), and an f32 run.
+    #[test]
+    fn batch_norm_prelu_eval_matches_separate_ops() {
+        let dev = Device::Cpu;
+        for (n, c, h, w) in SHAPES {
+            let x = Tensor::randn(0.5f64, 2.0, (n, c, h, w), &dev).unwrap();
+            let gamma = Tensor::randn(1f64, 0.3, c, &dev).unwrap();
+            let beta = Tensor::randn(0f64, 0.3, c, &dev).unwrap();
+            let alpha = Tensor::randn(0.25f64, 0.1, c, &dev).unwrap();
+            let mean = Tensor::randn(0.4f64, 0.5, c, &dev).unwrap();
+            let var = Tensor::randn(0f64, 1.0, c, &dev).unwrap().sqr().unwrap();
+            let r = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev).unwrap();
+            for with_slopes in [true, false] {
+                let ours = |v: &[Tensor]| {
+                    let a = with_slopes.then_some(&v[3]);
+                    super::batch_norm_prelu_eval(&v[0], (&v[1], &v[2]), (&mean, &var), a, 1e-5)
+                        .unwrap()
+                        .expect("fused on the CPU")
+                };
+                let reference = |v: &[Tensor]| {
+                    let scale = (&v[1] / (&var + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+                    let shift = (&v[2] - (&mean * &scale).unwrap()).unwrap();
+                    let z = v[0]
+                        .broadcast_mul(&scale.reshape((1, c, 1, 1)).unwrap())
+                        .unwrap()
+                        .broadcast_add(&shift.reshape((1, c, 1, 1)).unwrap())
+                        .unwrap();
+                    if with_slopes {
+                        let a = v[3].reshape((1, c, 1, 1)).unwrap();
+                        let zeros = z.zeros_like().unwrap();
+                        (z.maximum(&zeros).unwrap()
+                            + z.minimum(&zeros).unwrap().broadcast_mul(&a).unwrap())
+                        .unwrap()
+                    } else {
+                        z
+                    }
+                };
+                let inputs = [&x, &gamma, &beta, &alpha];
+                let (y, g) = grads_of_all(ours, &inputs, &r);
+                let (ry, rg) = grads_of_all(reference, &inputs, &r);
+                assert!(close(&y, &ry, 1e-10), "forward, slopes {with_slopes}");
+                for (i, (a, b)) in g.iter().zip(&rg).enumerate() {
+                    if !with_slopes && i == 3 {
+                        continue;
+                    }
+                    assert!(close(a, b, 1e-9), "gradient {i}, slopes {with_slopes}");
+                }
+            }
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let y32 = super::batch_norm_prelu_eval(
+                &f32(&x),
+                (&f32(&gamma), &f32(&beta)),
+                (&mean, &var),
+                Some(&f32(&alpha)),
+                1e-5,
+            )
+            .unwrap()
+            .expect("fused on the CPU");
+            let y64 = super::batch_norm_prelu_eval(
+                &x,
+                (&gamma, &beta),
+                (&mean, &var),
+                Some(&alpha),
+                1e-5,
+            )
+            .unwrap()
+            .unwrap();
+            let d = (y32.to_dtype(DType::F64).unwrap() - y64)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-4, "f32 against f64: {d}");
+        }
     }
 
     /// Forward and gradients against candle_nn's PReLU (f64), and f32 runs.
