@@ -35,6 +35,7 @@ const CASES: &[Case] = &[
     (1, 64, 43, 43, 4, 3, 1, 1, 1), // dense, columns over 2^20: bands of 10 rows, last of 3
     (1, 64, 46, 45, 4, 3, 1, 0, 1), // the same unpadded (row by row), bands of 10, last of 4
     (1, 32, 90, 91, 4, 5, 2, 2, 1), // the same 5x5 stride 2, bands of 7 rows, last of 3
+    (1, 64, 48, 48, 8, 3, 1, 1, 2), // wide groups, input gradient in channel bands of 25 + 7
     (2, 64, 5, 5, 64, 3, 1, 1, 2), // wide groups (32 channels): GEMM per group
     (2, 64, 17, 16, 32, 1, 1, 0, 2), // wide groups pointwise
     (2, 16, 9, 9, 16, 3, 1, 1, 2), // groups = C/8 (VarGFaceNet), direct
