@@ -70,28 +70,40 @@ fn bn_params(
     beta: &Tensor,
     alpha: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (n, c, hw) = dims4(x)?;
+    let (n, _, hw) = dims4(x)?;
     let m = (n * hw) as f64;
+    let stats = x.apply_op1_no_bwd(&ChannelStats)?;
+    let (mean, var) = (stats.get(0)?, stats.get(1)?);
+    let p = param_rows(x, (gamma, beta), (&mean, &var), alpha)?;
+    Ok((p, mean, (var * (m / (m - 1.0)))?))
+}
+
+/// The `[5, C]` parameter rows of [`BnPreluFwd`] in `x`'s dtype: gamma, beta, the given
+/// statistics, and the PReLU slopes `alpha` (checked to have `C` values), or 1 for a
+/// BatchNorm alone.
+fn param_rows(
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    (mean, var): (&Tensor, &Tensor),
+    alpha: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_, c, _) = dims4(x)?;
+    let dt = x.dtype();
     let alpha = match alpha {
         Some(a) if a.dims() != [c] => {
             candle_core::bail!("batch norm + PReLU: alpha {:?}, expected [{c}]", a.dims())
         }
-        Some(a) => a.to_dtype(x.dtype())?,
-        None => Tensor::ones(c, x.dtype(), x.device())?,
+        Some(a) => a.to_dtype(dt)?,
+        None => Tensor::ones(c, dt, x.device())?,
     };
-    let stats = x.apply_op1_no_bwd(&ChannelStats)?;
-    let (mean, var) = (stats.get(0)?, stats.get(1)?);
-    let p = Tensor::stack(
-        &[
-            gamma.to_dtype(x.dtype())?,
-            beta.to_dtype(x.dtype())?,
-            mean.clone(),
-            var.clone(),
-            alpha,
-        ],
-        0,
-    )?;
-    Ok((p, mean, (var * (m / (m - 1.0)))?))
+    let rows = [
+        gamma.to_dtype(dt)?,
+        beta.to_dtype(dt)?,
+        mean.to_dtype(dt)?,
+        var.to_dtype(dt)?,
+        alpha,
+    ];
+    Tensor::stack(&rows, 0)
 }
 
 /// `running ← (1 − momentum)·running + momentum·batch` (PyTorch's momentum convention).
@@ -157,25 +169,8 @@ pub fn batch_norm_prelu_eval(
     if !(matches!(x.dtype(), DType::F32 | DType::F64) && x.device().is_cpu()) {
         return Ok(None);
     }
-    let (_, c, _) = dims4(x)?;
-    let alpha = match alpha {
-        Some(a) if a.dims() != [c] => {
-            candle_core::bail!("batch norm + PReLU: alpha {:?}, expected [{c}]", a.dims())
-        }
-        Some(a) => a.to_dtype(x.dtype())?,
-        None => Tensor::ones(c, x.dtype(), x.device())?,
-    };
-    let dt = x.dtype();
-    let p = Tensor::stack(
-        &[
-            gamma.to_dtype(dt)?,
-            beta.to_dtype(dt)?,
-            mean.detach().to_dtype(dt)?,
-            var.detach().to_dtype(dt)?,
-            alpha,
-        ],
-        0,
-    )?;
+    let stats = (&mean.detach(), &var.detach());
+    let p = param_rows(x, (gamma, beta), stats, alpha)?;
     let op = BnPreluFwd { eps, train: false };
     Ok(Some(x.contiguous()?.apply_op2(&p, op)?))
 }

@@ -146,12 +146,12 @@ fn im2col_rows<T: Elem>(
     off: usize,
     (r0, r1): (usize, usize),
 ) {
+    if g.stride == 2 && g.w <= 2 * MAX_PHASE {
+        return im2col_rows_s2(g, x, col, pitch, off, (r0, r1));
+    }
     let (s, p, hw) = (g.stride, g.pad, g.in_hw());
     let base = r0 * g.wo;
     let len = (r1 - r0) * g.wo;
-    if s == 2 && g.w <= 2 * MAX_PHASE {
-        return im2col_rows_s2(g, x, col, pitch, off, (r0, r1));
-    }
     for ci in 0..g.cg() {
         let xp = &x[ci * hw..][..hw];
         for i in 0..g.kh {
@@ -290,10 +290,10 @@ fn zero_wrapped<T: Elem>(
 /// overwritten whole (its old contents are not added to): callers must not rely on
 /// accumulating into it.
 fn col2im<T: Elem>(g: &Geom, col: &mut [T], pitch: usize, off: usize, x: &mut [T]) {
-    let (s, p, hw, ohw) = (g.stride, g.pad, g.in_hw(), g.out_hw());
     if col2im_s2(g) {
         return col2im_rows_s2(g, col, pitch, off, x);
     }
+    let (s, p, hw, ohw) = (g.stride, g.pad, g.in_hw(), g.out_hw());
     let centre = col2im_overwrites(g).then_some((p, p));
     // The centre tap first, then the others in order.
     let taps = centre.into_iter().chain(
