@@ -93,12 +93,9 @@ const RECT_CASES: &[(Case, usize)] = &[
 /// Every case of [`CASES`] and [`RECT_CASES`] with a label for failure messages.
 fn all_cases() -> Vec<(String, Geom)> {
     let square = CASES.iter().map(|c| (format!("{c:?}"), geom(c)));
-    let rect = RECT_CASES.iter().map(|&(c, kw)| {
-        let (n, ch, h, w, o, kh, s, p, groups) = c;
-        let g = Geom::new(&[n, ch, h, w], &[o, ch / groups, kh, kw], s, p, groups)
-            .expect("valid test case");
-        (format!("{c:?} kw {kw}"), g)
-    });
+    let rect = RECT_CASES
+        .iter()
+        .map(|(c, kw)| (format!("{c:?} kw {kw}"), geom_kw(c, *kw)));
     square.chain(rect).collect()
 }
 
@@ -118,8 +115,13 @@ fn values(len: usize, seed: u64) -> Vec<f64> {
 }
 
 fn geom(case: &Case) -> Geom {
-    let &(n, c, h, w, o, k, s, p, groups) = case;
-    Geom::new(&[n, c, h, w], &[o, c / groups, k, k], s, p, groups).expect("valid test case")
+    geom_kw(case, case.5)
+}
+
+/// The geometry of `case` with a kernel `kw` wide (its `k` is the kernel's height).
+fn geom_kw(case: &Case, kw: usize) -> Geom {
+    let &(n, c, h, w, o, kh, s, p, groups) = case;
+    Geom::new(&[n, c, h, w], &[o, c / groups, kh, kw], s, p, groups).expect("valid test case")
 }
 
 /// Naive forward: the definition, one output at a time.
