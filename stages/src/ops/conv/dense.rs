@@ -224,6 +224,17 @@ fn im2col_rows_s2<T: Elem>(
             }
             for oh in hlo..hhi {
                 let src = &xp[(oh * 2 + i - p) * g.w..][..g.w];
+                if g.kw == 1 {
+                    // One tap reads one phase: take it straight into the columns.
+                    let (wlo, whi) = valid_range(0, p, 2, g.w, g.wo);
+                    let dst = &mut col[tap0 * pitch + off + (oh - r0) * g.wo..][..g.wo];
+                    dst[..wlo].fill(T::ZERO);
+                    dst[whi.max(wlo)..].fill(T::ZERO);
+                    if wlo < whi {
+                        simd::take_even(&src[2 * wlo - p..], &mut dst[wlo..whi]);
+                    }
+                    continue;
+                }
                 simd::deinterleave2(src, &mut ev[..ne], &mut od[..no]);
                 for j in 0..g.kw {
                     let (wlo, whi) = valid_range(j, p, 2, g.w, g.wo);
@@ -360,9 +371,21 @@ fn col2im_rows_s2<T: Elem>(g: &Geom, col: &[T], pitch: usize, off: usize, x: &mu
     let (p, hw) = (g.pad, g.in_hw());
     let (ne, no) = (g.w.div_ceil(2), g.w / 2);
     let (mut ev, mut od) = ([T::ZERO; MAX_PHASE], [T::ZERO; MAX_PHASE]);
+    // An unpadded 1x1 kernel (a strided shortcut) reaches the even columns of the even rows,
+    // once each: those rows are its column rows spread out, the others zero.
+    let spread = g.kh == 1 && g.kw == 1 && p == 0;
     for ci in 0..g.cg() {
         let xp = &mut x[ci * hw..][..hw];
         for (ih, xrow) in xp.chunks_exact_mut(g.w).enumerate() {
+            if spread {
+                if ih % 2 == 1 || ih / 2 >= g.ho {
+                    xrow.fill(T::ZERO);
+                } else {
+                    let src = &col[ci * pitch + off + ih / 2 * g.wo..][..g.wo];
+                    simd::interleave2(src, &od[..no], xrow);
+                }
+                continue;
+            }
             ev[..ne].fill(T::ZERO);
             od[..no].fill(T::ZERO);
             // Taps i with ih = 2·oh + i - p for an output row oh < ho.

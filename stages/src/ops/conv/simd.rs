@@ -370,6 +370,27 @@ pub fn deinterleave2<T: Elem>(src: &[T], even: &mut [T], odd: &mut [T]) {
     }
 }
 
+/// `dst[k] = src[2k]` for every `k < dst.len()`: one column phase of a stride-2 input row
+/// (a 1x1 stride-2 convolution's input), without the other phase [`deinterleave2`] also
+/// writes.
+pub fn take_even<T: Elem>(src: &[T], dst: &mut [T]) {
+    assert!(
+        2 * dst.len() <= src.len() + 1,
+        "take_even: runs out of bounds"
+    );
+    let mut k = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Base {
+        if let (Some(s), Some(d)) = (as_f32(src), as_f32_mut(dst)) {
+            // SAFETY: AVX2 was detected by `level()`; the bound was asserted above.
+            k = unsafe { x86::take_even_f32(s, d) };
+        }
+    }
+    for (i, d) in dst.iter_mut().enumerate().skip(k) {
+        *d = src[2 * i];
+    }
+}
+
 /// The inverse of [`deinterleave2`]: `dst[2k] = even[k]`, `dst[2k + 1] = odd[k]` for
 /// `2k (+ 1) < dst.len()`.
 pub fn interleave2<T: Elem>(even: &[T], odd: &[T], dst: &mut [T]) {
@@ -894,49 +915,124 @@ pub(super) mod x86 {
         let mut k = 0;
         while k + 8 <= odd.len() {
             // SAFETY: src[2k..2k + 16] and even/odd[k..k + 8] are in bounds (k + 8 <= odd.len()).
-            unsafe {
-                let lo = _mm256_loadu_ps(src.as_ptr().add(2 * k));
-                let hi = _mm256_loadu_ps(src.as_ptr().add(2 * k + 8));
-                // [0 2 8 10 | 4 6 12 14] and [1 3 9 11 | 5 7 13 15], then 64-bit lanes 0 2 1 3.
-                let e = _mm256_shuffle_ps::<0x88>(lo, hi);
-                let o = _mm256_shuffle_ps::<0xDD>(lo, hi);
-                let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e)));
-                let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(o)));
-                _mm256_storeu_ps(even.as_mut_ptr().add(k), e);
-                _mm256_storeu_ps(odd.as_mut_ptr().add(k), o);
-            }
+            unsafe { deinterleave2_f32_block(src, even, odd, k) };
             k += 8;
+        }
+        if k < odd.len() && odd.len() >= 8 {
+            // The rest as one block overlapping the last: it rewrites values already stored.
+            // SAFETY: as above with k = odd.len() - 8.
+            unsafe { deinterleave2_f32_block(src, even, odd, odd.len() - 8) };
+            k = odd.len();
         }
         k
     }
 
-    /// [`super::interleave2`] on whole blocks of 8 pairs; returns the pairs done.
+    /// Pairs `k..k + 8` of [`deinterleave2_f32`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `src[2k..2k + 16]`, `even[k..k + 8]` and `odd[k..k + 8]` exist.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn deinterleave2_f32_block(src: &[f32], even: &mut [f32], odd: &mut [f32], k: usize) {
+        // SAFETY: in bounds as the caller guarantees.
+        unsafe {
+            let lo = _mm256_loadu_ps(src.as_ptr().add(2 * k));
+            let hi = _mm256_loadu_ps(src.as_ptr().add(2 * k + 8));
+            // [0 2 8 10 | 4 6 12 14] and [1 3 9 11 | 5 7 13 15], then 64-bit lanes 0 2 1 3.
+            let e = _mm256_shuffle_ps::<0x88>(lo, hi);
+            let o = _mm256_shuffle_ps::<0xDD>(lo, hi);
+            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e)));
+            let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(o)));
+            _mm256_storeu_ps(even.as_mut_ptr().add(k), e);
+            _mm256_storeu_ps(odd.as_mut_ptr().add(k), o);
+        }
+    }
+
+    /// [`super::take_even`] in blocks of 8 outputs, the last overlapping the one before when
+    /// the source reaches far enough; returns the outputs done.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `2·dst.len() <= src.len() + 1`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn take_even_f32(src: &[f32], dst: &mut [f32]) -> usize {
+        let mut k = 0;
+        while 2 * (k + 8) <= src.len() && k + 8 <= dst.len() {
+            // SAFETY: src[2k..2k + 16] and dst[k..k + 8] are in bounds.
+            unsafe { take_even_f32_block(src, dst, k) };
+            k += 8;
+        }
+        let n = dst.len();
+        if k < n && n >= 8 && 2 * n <= src.len() {
+            // SAFETY: as above with k = n - 8.
+            unsafe { take_even_f32_block(src, dst, n - 8) };
+            k = n;
+        }
+        k
+    }
+
+    /// Outputs `k..k + 8` of [`take_even_f32`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `src[2k..2k + 16]` and `dst[k..k + 8]` exist.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn take_even_f32_block(src: &[f32], dst: &mut [f32], k: usize) {
+        // SAFETY: in bounds as the caller guarantees.
+        unsafe {
+            let lo = _mm256_loadu_ps(src.as_ptr().add(2 * k));
+            let hi = _mm256_loadu_ps(src.as_ptr().add(2 * k + 8));
+            let e = _mm256_shuffle_ps::<0x88>(lo, hi);
+            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e)));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(k), e);
+        }
+    }
+
+    /// [`super::interleave2`] on whole blocks of 8 pairs, the last overlapping the one
+    /// before; returns the pairs done.
     ///
     /// # Safety
     /// The CPU has AVX2; `even` and `odd` hold at least `dst.len() / 2` elements.
     #[target_feature(enable = "avx2")]
     pub unsafe fn interleave2_f32(even: &[f32], odd: &[f32], dst: &mut [f32]) -> usize {
+        let pairs = dst.len() / 2;
         let mut k = 0;
-        while 2 * (k + 8) <= dst.len() {
+        while k + 8 <= pairs {
             // SAFETY: dst[2k..2k + 16] and even/odd[k..k + 8] are in bounds.
-            unsafe {
-                let e = _mm256_loadu_ps(even.as_ptr().add(k));
-                let o = _mm256_loadu_ps(odd.as_ptr().add(k));
-                // [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
-                let lo = _mm256_unpacklo_ps(e, o);
-                let hi = _mm256_unpackhi_ps(e, o);
-                _mm256_storeu_ps(
-                    dst.as_mut_ptr().add(2 * k),
-                    _mm256_permute2f128_ps::<0x20>(lo, hi),
-                );
-                _mm256_storeu_ps(
-                    dst.as_mut_ptr().add(2 * k + 8),
-                    _mm256_permute2f128_ps::<0x31>(lo, hi),
-                );
-            }
+            unsafe { interleave2_f32_block(even, odd, dst, k) };
             k += 8;
         }
+        if k < pairs && pairs >= 8 {
+            // Rewrites pairs already stored with the same values.
+            // SAFETY: as above with k = pairs - 8.
+            unsafe { interleave2_f32_block(even, odd, dst, pairs - 8) };
+            k = pairs;
+        }
         k
+    }
+
+    /// Pairs `k..k + 8` of [`interleave2_f32`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `dst[2k..2k + 16]` and `even/odd[k..k + 8]` exist.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn interleave2_f32_block(even: &[f32], odd: &[f32], dst: &mut [f32], k: usize) {
+        // SAFETY: in bounds as the caller guarantees.
+        unsafe {
+            let e = _mm256_loadu_ps(even.as_ptr().add(k));
+            let o = _mm256_loadu_ps(odd.as_ptr().add(k));
+            // [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
+            let lo = _mm256_unpacklo_ps(e, o);
+            let hi = _mm256_unpackhi_ps(e, o);
+            _mm256_storeu_ps(
+                dst.as_mut_ptr().add(2 * k),
+                _mm256_permute2f128_ps::<0x20>(lo, hi),
+            );
+            _mm256_storeu_ps(
+                dst.as_mut_ptr().add(2 * k + 8),
+                _mm256_permute2f128_ps::<0x31>(lo, hi),
+            );
+        }
     }
 
     super::wgrad_pixels_driver! {

@@ -29,6 +29,8 @@ const CASES: &[Case] = &[
     (3, 8, 5, 5, 16, 1, 1, 0, 1), // 1x1 as plain GEMM, batched
     (2, 8, 17, 16, 4, 1, 1, 0, 1), // 1x1 as plain GEMM, one image per chunk
     (1, 8, 9, 7, 8, 1, 2, 0, 1), // 1x1 stride 2 (shortcut)
+    (2, 4, 9, 38, 8, 1, 2, 0, 1), // the same, rows long enough for the vector take and spread
+    (1, 4, 10, 37, 8, 1, 2, 0, 1), // the same, odd rows (a scalar tail), an even height
     (1, 4, 11, 11, 8, 7, 2, 3, 1), // dense 7x7 stride 2
     (5, 3, 5, 5, 2, 3, 1, 2, 1), // padding larger than a tap reaches
     (2, 3, 6, 7, 4, 5, 1, 2, 1), // dense 5x5 "same": im2col's one-run copy, taps 2 rows off
@@ -308,8 +310,8 @@ fn every_simd_level_matches_naive_reference() {
     }
 }
 
-/// The stride-2 row split and merge, vector blocks and scalar tails, on every length from 0
-/// to 40 and both element types' paths (f32 takes the AVX2 one where the CPU has it).
+/// The stride-2 row split, merge and one-phase take, vector blocks and scalar tails, on every
+/// length from 0 to 40 and both element types' paths (f32 takes the AVX2 one where the CPU has it).
 #[test]
 fn interleave_round_trips() {
     for n in 0..40usize {
@@ -333,6 +335,16 @@ fn interleave_round_trips() {
         let mut back64 = vec![0f64; n];
         simd::interleave2(&e64, &o64, &mut back64);
         assert_eq!(back64, src64, "f64 {n}");
+        // One phase alone, from a row as long as it needs and from a longer one.
+        for extra in [0, 1] {
+            let long: Vec<f32> = (0..n + extra).map(|i| i as f32).collect();
+            let mut even = vec![-1f32; n.div_ceil(2)];
+            simd::take_even(&long, &mut even);
+            assert_eq!(even, e, "take_even {n} + {extra}");
+        }
+        let mut even64 = vec![0f64; e.len()];
+        simd::take_even(&src64, &mut even64);
+        assert_eq!(even64, e64, "take_even f64 {n}");
     }
 }
 
