@@ -162,3 +162,185 @@ super::simd::fwd_multi_kernel! {
     fma = _mm512_fmadd_ps, store = _mm512_storeu_ps,
     blocks = [4 => 4, 3 => 5, 2 => 8, 1 => 8]
 }
+
+/// Rows of `b` one pass of [`skinny_matmul_f32`] reads when `b` comes from memory: every row
+/// is a stream the hardware prefetcher must follow, and with all 64 of a stem's output
+/// gradient rows at once it fell behind (the input gradient ran at 9 GB/s of reads).
+const SKINNY_STREAMS: usize = 16;
+
+/// Tiles of columns per band of [`skinny_matmul_f32`]: a band's rows of `c` stay in cache
+/// across the passes over `b`'s rows.
+const SKINNY_BAND_TILES: usize = 42;
+
+/// [`super::simd::skinny_matmul`] for f32 on AVX-512F: tiles of `MT` rows of `c` × `V`
+/// vectors of columns (8 × 3 or 9 × 2: 24 or 18 accumulators; at 9 × 3 LLVM no longer kept
+/// them in registers), all rows of a tile of columns in turn while that tile of `b` sits in
+/// L1. With `from_memory`, bands of columns take `b`'s rows [`SKINNY_STREAMS`] at a time,
+/// adding into `c`, and each tile fetches the next one's `b` ahead. With `stream`, every
+/// full vector of `c`'s last pass is one aligned cache line, stored non-temporally: no read
+/// for ownership, and the stores drain while the next tile computes.
+///
+/// # Safety
+/// The CPU has AVX-512F; `m` is a multiple of `MT`; `a` reaches `(m - 1)·a_rs + (k - 1)·a_cs`,
+/// `b` reaches `(k - 1)·pitch + n` and `c` reaches `(m - 1)·c_rs + n`; with `stream`, `c`
+/// starts 64-byte aligned and `c_rs` is a multiple of 16.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn skinny_matmul_f32<const MT: usize, const V: usize>(
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, pitch): (&[f32], usize),
+    (c, c_rs): (&mut [f32], usize),
+    stream: bool,
+    from_memory: bool,
+) {
+    let w = 16 * V;
+    let (band, kb) = if from_memory {
+        (w * SKINNY_BAND_TILES, SKINNY_STREAMS)
+    } else {
+        (n, k)
+    };
+    for n0 in (0..n).step_by(band.max(1)) {
+        let n1 = (n0 + band).min(n);
+        for t0 in (0..k).step_by(kb) {
+            let t1 = (t0 + kb).min(k);
+            let pass = Pass {
+                rows: (t0, t1),
+                add: t0 > 0,
+                stream: stream && t1 == k,
+            };
+            let mut p0 = n0;
+            while p0 + w <= n1 {
+                // Ahead by one tile, while it lies in the band.
+                let fetch = (from_memory && p0 + 2 * w <= n1).then_some(p0 + w);
+                for r0 in (0..m).step_by(MT) {
+                    let fetch = fetch.filter(|_| r0 + MT == m);
+                    // SAFETY: columns p0..p0 + w and rows r0..r0 + MT exist (caller's
+                    // bounds).
+                    unsafe {
+                        skinny_tile::<MT, V>(
+                            (r0, p0),
+                            (a, a_rs, a_cs),
+                            (b, pitch),
+                            (c, c_rs),
+                            pass,
+                            !0,
+                            fetch,
+                        )
+                    };
+                }
+                p0 += w;
+            }
+            while p0 < n1 {
+                let mask: __mmask16 = if n1 - p0 >= 16 {
+                    !0
+                } else {
+                    (1u16 << (n1 - p0)) - 1
+                };
+                for r0 in (0..m).step_by(MT) {
+                    // SAFETY: as above; lanes past n1 are masked off.
+                    unsafe {
+                        skinny_tile::<MT, 1>(
+                            (r0, p0),
+                            (a, a_rs, a_cs),
+                            (b, pitch),
+                            (c, c_rs),
+                            pass,
+                            mask,
+                            None,
+                        )
+                    };
+                }
+                p0 += 16;
+            }
+        }
+    }
+    if stream {
+        // Non-temporal stores are weakly ordered: make them visible before the caller hands
+        // `c` to another thread.
+        _mm_sfence();
+    }
+}
+
+/// One pass of [`skinny_matmul_f32`] over a band: the rows `t0..t1` of `b` (and columns of
+/// `a`), adding to `c` or overwriting it, with streaming stores or not.
+#[derive(Clone, Copy)]
+struct Pass {
+    rows: (usize, usize),
+    add: bool,
+    stream: bool,
+}
+
+/// Rows `r0..r0 + MT` × columns `p0..p0 + 16·V` of [`skinny_matmul_f32`] for one [`Pass`];
+/// `mask` keeps the lanes of the last vector that exist; `fetch` names the column where the
+/// next tile of `b` starts, to prefetch.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn skinny_tile<const MT: usize, const V: usize>(
+    (r0, p0): (usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, pitch): (&[f32], usize),
+    (c, c_rs): (&mut [f32], usize),
+    pass: Pass,
+    mask: __mmask16,
+    fetch: Option<usize>,
+) {
+    let cp = c.as_mut_ptr();
+    // SAFETY (loads and stores of c): c reaches (m - 1)·c_rs + n, r0 + r < m, and the last
+    // vector's lanes past n are masked off.
+    let at = |r: usize, v: usize| unsafe { cp.add((r0 + r) * c_rs + p0 + 16 * v) };
+    let mut acc = [[_mm512_setzero_ps(); V]; MT];
+    if pass.add {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, s) in row.iter_mut().enumerate() {
+                // SAFETY: see `at`.
+                *s = unsafe { _mm512_maskz_loadu_ps(if v + 1 == V { mask } else { !0 }, at(r, v)) };
+            }
+        }
+    }
+    let ap = a[r0 * a_rs..].as_ptr();
+    let bp = b.as_ptr();
+    for t in pass.rows.0..pass.rows.1 {
+        let x: [__m512; V] = std::array::from_fn(|v| {
+            // SAFETY: b reaches (k - 1)·pitch + n; the last vector's lanes past n are
+            // masked off (not read).
+            unsafe {
+                let at = bp.add(t * pitch + p0 + 16 * v);
+                if v + 1 == V {
+                    _mm512_maskz_loadu_ps(mask, at)
+                } else {
+                    _mm512_loadu_ps(at)
+                }
+            }
+        });
+        if let Some(q) = fetch {
+            for v in 0..V {
+                // A hint only; the address lies inside b (q + 16·V <= n).
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(t * pitch + q + 16 * v).cast());
+            }
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: a reaches (m - 1)·a_rs + (k - 1)·a_cs and r0 + r < m.
+            let av = _mm512_set1_ps(unsafe { *ap.add(r * a_rs + t * a_cs) });
+            for (s, &xv) in row.iter_mut().zip(&x) {
+                *s = _mm512_fmadd_ps(xv, av, *s);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, &s) in row.iter().enumerate() {
+            // SAFETY: see `at`; with `stream`, row starts and p0 are multiples of 16 floats
+            // from an aligned start, so every full vector is one cache line.
+            unsafe {
+                if mask != !0 && v + 1 == V {
+                    _mm512_mask_storeu_ps(at(r, v), mask, s);
+                } else if pass.stream {
+                    _mm512_stream_ps(at(r, v), s);
+                } else {
+                    _mm512_storeu_ps(at(r, v), s);
+                }
+            }
+        }
+    }
+}

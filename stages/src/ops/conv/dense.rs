@@ -35,6 +35,9 @@ const COL_BAND_ELEMS: usize = 1 << 18;
 /// 0.033 -> 0.030 s; smaller bands measured slower).
 const DGRAD_BAND_ELEMS: usize = 1 << 19;
 
+/// Most rows of columns the input gradient computes with [`simd::skinny_matmul`].
+const SKINNY_MAX_ROWS: usize = 64;
+
 /// Output rows of one image whose columns are built and consumed at a time.
 fn rows_per_col_band(g: &Geom) -> usize {
     if g.k() * g.out_hw() <= MAX_WHOLE_COL_ELEMS {
@@ -495,6 +498,11 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
                 }
                 if b == 1 {
                     let dst = &mut yc[grp * og * ohw..][..og * ohw];
+                    // Streamed: the output is large and the next op reads it from memory.
+                    let (a, b) = ((wg.0, kk, 1), (&col[..], pitch));
+                    if simd::skinny_matmul((og, ohw, kk), a, b, (dst, ohw), true, false) {
+                        return;
+                    }
                     matmul((og, ohw, kk), dst, ohw, false, wg, (col, pitch, 1), par);
                     return;
                 }
@@ -556,15 +564,30 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                     let rows = nc * taps;
                     let wt = (&w[grp * og * kk + c0 * taps..], 1, kk);
                     let col = &mut col[..rows * pitch];
-                    matmul(
-                        (rows, pitch, og),
-                        col,
-                        pitch,
-                        false,
-                        wt,
-                        (dyg, pitch, 1),
-                        par,
-                    );
+                    // Not streamed: col2im reads the columns back from cache. The output
+                    // gradient comes from memory, so it is fetched ahead. Only for a few
+                    // rows of columns (a stem's 27, a shortcut's 64): with 162 (64 channels
+                    // x 9 taps) the GEMM was faster (ir.l1 0.036 against 0.045 s).
+                    let skinny = rows <= SKINNY_MAX_ROWS
+                        && simd::skinny_matmul(
+                            (rows, pitch, og),
+                            (&w[grp * og * kk + c0 * taps..], 1, kk),
+                            (dyg, pitch),
+                            (col, pitch),
+                            false,
+                            true,
+                        );
+                    if !skinny {
+                        matmul(
+                            (rows, pitch, og),
+                            col,
+                            pitch,
+                            false,
+                            wt,
+                            (dyg, pitch, 1),
+                            par,
+                        );
+                    }
                     let gb = Geom {
                         c: nc * g.groups,
                         ..*g

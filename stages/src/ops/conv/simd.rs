@@ -343,6 +343,69 @@ pub fn fwd_multi<T: Elem>(
     }
 }
 
+/// Longest inner dimension [`skinny_matmul`] takes: beyond it the GEMM's packed kernels win
+/// and its output stores are few per multiply-add.
+pub const SKINNY_MAX_K: usize = 128;
+
+/// `c[r·c_rs + p] = Σ_t a[r·a_rs + t·a_cs] · b[t·pitch + p]` for `r < m`, `p < n`: a product
+/// with few rows and a short inner dimension (`k <= 128`) over a long row of outputs, such as
+/// a 3-channel stem's forward (`m` = 64 channels, `k` = 27 taps, `n` = 12544 pixels) or its
+/// input gradient's columns. The GEMM writes such an output through the cache, each line
+/// read before it is written, and those stores did not overlap its arithmetic (the stem's
+/// forward took the sum of the two). With `stream` this kernel stores whole lines
+/// non-temporally where `c` allows it (64-byte aligned rows); use it for outputs nothing
+/// reads soon. Set `from_memory` where `b` is not in cache: it is then read a few rows at a
+/// time, which the hardware prefetcher can follow, and fetched ahead.
+/// Returns false, touching nothing, where it does not apply: not f32 on AVX-512, `k` over
+/// [`SKINNY_MAX_K`], or `m` a multiple of neither 8 nor 9.
+#[allow(clippy::too_many_arguments)]
+pub fn skinny_matmul<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (&[T], usize, usize),
+    (b, pitch): (&[T], usize),
+    (c, c_rs): (&mut [T], usize),
+    stream: bool,
+    from_memory: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && m > 0 && n > 0 && (1..=SKINNY_MAX_K).contains(&k) {
+        if let (Some(a), Some(b), Some(c)) = (as_f32(a), as_f32(b), as_f32_mut(c)) {
+            assert!(
+                (m - 1) * a_rs + (k - 1) * a_cs < a.len()
+                    && (k - 1) * pitch + n <= b.len()
+                    && (m - 1) * c_rs + n <= c.len(),
+                "skinny_matmul: runs out of bounds"
+            );
+            let stream =
+                stream && (c.as_ptr() as usize).is_multiple_of(64) && c_rs.is_multiple_of(16);
+            let (a, b, c) = ((a, a_rs, a_cs), (b, pitch), (c, c_rs));
+            // SAFETY: AVX-512F detected; the bounds the kernel relies on were asserted
+            // above, `m` is a multiple of the tile's rows, and `stream` only with an aligned
+            // `c` and row stride.
+            unsafe {
+                use super::avx512::skinny_matmul_f32 as kernel;
+                if m % 8 == 0 {
+                    kernel::<8, 3>((m, n, k), a, b, c, stream, from_memory);
+                    return true;
+                }
+                if m % 9 == 0 {
+                    kernel::<9, 2>((m, n, k), a, b, c, stream, from_memory);
+                    return true;
+                }
+            }
+        }
+    }
+    let _ = (
+        (m, n, k),
+        (a, a_rs, a_cs),
+        (b, pitch),
+        (c, c_rs),
+        stream,
+        from_memory,
+    );
+    false
+}
+
 /// `even[k] = src[2k]`, `odd[k] = src[2k + 1]` over the lengths of `even` and `odd`
 /// (`ceil(n / 2)` and `floor(n / 2)` for a source run of `n`): the column split of one input
 /// row into the two column phases of a stride-2 polyphase plane. A strided scalar copy of

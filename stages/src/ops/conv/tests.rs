@@ -348,6 +348,87 @@ fn interleave_round_trips() {
     }
 }
 
+/// `simd::skinny_matmul` against a plain triple loop: tile rows of 8 and 9, full tiles,
+/// single vectors and masked tails of columns, several bands and row passes (`from_memory`),
+/// both operand layouts of `a`, streaming stores into aligned rows and ordinary ones into
+/// unaligned rows. Elements of `c` between its rows must be left alone. Where the kernel
+/// does not apply (no AVX-512) it must say so and write nothing.
+#[test]
+fn skinny_matmul_matches_definition() {
+    for (m, n, k) in [
+        (8, 1, 1),
+        (8, 47, 27),
+        (16, 48, 3),
+        (9, 49, 64),
+        (27, 100, 17),
+        (24, 2100, 27),
+        (27, 2900, 40),
+        (64, 3000, 128),
+    ] {
+        for (transposed, from_memory, aligned) in [
+            (false, false, true),
+            (true, true, true),
+            (false, true, false),
+        ] {
+            let av = values(m * k, 7)
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>();
+            let bv = values(k * (n + 3), 8)
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>();
+            let (a_rs, a_cs) = if transposed { (1, m) } else { (k, 1) };
+            let pitch = n + 3;
+            // Aligned: 64-byte row starts (streaming stores); otherwise one float off.
+            let c_rs = if aligned {
+                n.next_multiple_of(16) + 16
+            } else {
+                n + 1
+            };
+            let mut buf = vec![f32::NAN; m * c_rs + 32];
+            let start = buf.as_ptr().align_offset(64) + usize::from(!aligned);
+            let c = &mut buf[start..][..m * c_rs];
+            let applied = simd::skinny_matmul(
+                (m, n, k),
+                (&av, a_rs, a_cs),
+                (&bv, pitch),
+                (c, c_rs),
+                true,
+                from_memory,
+            );
+            #[cfg(target_arch = "x86_64")]
+            let avx512 = simd::level() == simd::Level::Avx512;
+            #[cfg(not(target_arch = "x86_64"))]
+            let avx512 = false;
+            if !avx512 {
+                assert!(
+                    !applied && c.iter().all(|v| v.is_nan()),
+                    "wrote without applying"
+                );
+                continue;
+            }
+            assert!(applied, "{m}x{n}x{k} not taken");
+            for r in 0..m {
+                for p in 0..c_rs {
+                    let got = c[r * c_rs + p];
+                    if p >= n {
+                        assert!(got.is_nan(), "{m}x{n}x{k}: wrote past row {r} at {p}");
+                        continue;
+                    }
+                    let want: f64 = (0..k)
+                        .map(|t| av[r * a_rs + t * a_cs] as f64 * bv[t * pitch + p] as f64)
+                        .sum();
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{m}x{n}x{k} transposed {transposed} at ({r}, {p}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// `simd::transpose` on every shape up to 19x19: the 8x8 register tiles (f32 with AVX2),
 /// the scalar edges, and the portable loop (f64).
 #[test]
