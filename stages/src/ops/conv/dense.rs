@@ -616,6 +616,8 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
     };
     let part = |p: usize| -> Vec<T> {
         let mut dw = vec![T::ZERO; g.o * kk];
+        // Partial sums of `simd::skinny_wgrad`, 16 per weight, folded into `dw` at the end.
+        let mut lanes: Vec<T> = Vec::new();
         for chunk in (p * chunks / parts)..((p + 1) * chunks / parts) {
             let n0 = chunk * nb;
             let b = nb.min(g.n - n0);
@@ -651,6 +653,15 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                         gather_out(g, dyc, grp, b, tmp);
                         tmp
                     };
+                    if kk == simd::SKINNY_WGRAD_ROWS {
+                        if lanes.is_empty() {
+                            lanes = vec![T::ZERO; g.o * kk * 16];
+                        }
+                        let lg = &mut lanes[grp * og * kk * 16..][..og * kk * 16];
+                        if simd::skinny_wgrad((og, kk, pitch), (dyg, pitch), (col, pitch), lg) {
+                            return;
+                        }
+                    }
                     // colᵀ: element (f, kk) sits at col[kk·pitch + f].
                     matmul(
                         (og, kk, pitch),
@@ -663,6 +674,9 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                     );
                 });
             }
+        }
+        if !lanes.is_empty() {
+            simd::add_lanes(&lanes, &mut dw);
         }
         dw
     };

@@ -406,6 +406,55 @@ pub fn skinny_matmul<T: Elem>(
     false
 }
 
+/// Rows of columns [`skinny_wgrad`] takes: a 3-channel 3x3 stem's.
+pub const SKINNY_WGRAD_ROWS: usize = 27;
+
+/// `lanes[(o·kk + t)·16 + l] += Σ_{p ≡ l} dy[o·dy_rs + p] · col[t·pitch + p]` over `p < n`:
+/// a weight gradient `dW = dy·colᵀ` with few rows of columns (a stem's 27) summed into 16
+/// partial sums per weight, which [`add_lanes`] folds into `dW`. The GEMM handles these 27
+/// rows as tiles of 32 and read the output gradient in 64 concurrent streams (the stems'
+/// weight gradient ran at a third of its speed); this kernel reads one row at a time.
+/// Returns false, touching nothing, where it does not apply: not f32 on AVX-512, or `kk`
+/// other than [`SKINNY_WGRAD_ROWS`].
+pub fn skinny_wgrad<T: Elem>(
+    (og, kk, n): (usize, usize, usize),
+    (dy, dy_rs): (&[T], usize),
+    (col, pitch): (&[T], usize),
+    lanes: &mut [T],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && kk == SKINNY_WGRAD_ROWS && og > 0 && n > 0 {
+        if let (Some(dy), Some(col), Some(lanes)) = (as_f32(dy), as_f32(col), as_f32_mut(lanes)) {
+            assert!(
+                (og - 1) * dy_rs + n <= dy.len()
+                    && (kk - 1) * pitch + n <= col.len()
+                    && og * kk * 16 <= lanes.len(),
+                "skinny_wgrad: runs out of bounds"
+            );
+            // SAFETY: AVX-512F detected; the bounds the kernel relies on were asserted above.
+            unsafe {
+                super::avx512::skinny_wgrad_f32::<SKINNY_WGRAD_ROWS>(
+                    (og, n),
+                    (dy, dy_rs),
+                    (col, pitch),
+                    lanes,
+                )
+            };
+            return true;
+        }
+    }
+    let _ = ((og, kk, n), (dy, dy_rs), (col, pitch), lanes);
+    false
+}
+
+/// `dw[i] += Σ_l lanes[16·i + l]`: folds [`skinny_wgrad`]'s partial sums into the weight
+/// gradient.
+pub fn add_lanes<T: Elem>(lanes: &[T], dw: &mut [T]) {
+    for (d, l) in dw.iter_mut().zip(lanes.chunks_exact(16)) {
+        *d += l.iter().fold(T::ZERO, |s, &v| s + v);
+    }
+}
+
 /// `even[k] = src[2k]`, `odd[k] = src[2k + 1]` over the lengths of `even` and `odd`
 /// (`ceil(n / 2)` and `floor(n / 2)` for a source run of `n`): the column split of one input
 /// row into the two column phases of a stride-2 polyphase plane. A strided scalar copy of

@@ -429,6 +429,62 @@ fn skinny_matmul_matches_definition() {
     }
 }
 
+/// `simd::skinny_wgrad` + `simd::add_lanes` against `dW += dy·colᵀ` written out: whole
+/// vectors, masked tails, one band and several, rows with gaps between them. Where the
+/// kernel does not apply (no AVX-512, or not 27 rows) it must say so and write nothing.
+#[test]
+fn skinny_wgrad_matches_definition() {
+    let kk = simd::SKINNY_WGRAD_ROWS;
+    for (og, n) in [
+        (1, 1),
+        (8, 15),
+        (3, 16),
+        (13, 17),
+        (8, 256),
+        (5, 257),
+        (9, 700),
+    ] {
+        let (dy_rs, pitch) = (n + 5, n + 3);
+        let dy = values(og * dy_rs, 11)
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>();
+        let col = values(kk * pitch, 12)
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>();
+        let mut lanes = vec![0f32; og * kk * 16];
+        let applied = simd::skinny_wgrad((og, kk, n), (&dy, dy_rs), (&col, pitch), &mut lanes);
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = simd::level() == simd::Level::Avx512;
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx512 = false;
+        assert_eq!(applied, avx512, "{og}x{n}: applied {applied}");
+        let mut other = vec![0f32; og * 26 * 16];
+        let rows26 = simd::skinny_wgrad((og, 26, n), (&dy, dy_rs), (&col, pitch), &mut other);
+        assert!(!rows26 && other.iter().all(|&v| v == 0.0), "26 rows taken");
+        if !applied {
+            assert!(lanes.iter().all(|&v| v == 0.0), "wrote without applying");
+            continue;
+        }
+        let mut dw = vec![1f32; og * kk];
+        simd::add_lanes(&lanes, &mut dw);
+        for o in 0..og {
+            for t in 0..kk {
+                let want: f64 = 1.0
+                    + (0..n)
+                        .map(|p| dy[o * dy_rs + p] as f64 * col[t * pitch + p] as f64)
+                        .sum::<f64>();
+                let got = dw[o * kk + t] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{og}x{n} at ({o}, {t}): {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
 /// `simd::transpose` on every shape up to 19x19: the 8x8 register tiles (f32 with AVX2),
 /// the scalar edges, and the portable loop (f64).
 #[test]
