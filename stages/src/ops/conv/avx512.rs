@@ -413,3 +413,28 @@ pub unsafe fn skinny_wgrad_f32<const KK: usize>(
         }
     }
 }
+
+/// [`super::simd::stream_copy`] for f32 on AVX-512F: the 64-byte aligned lines of `dst`
+/// stored non-temporally, the ends before and after them ordinarily.
+///
+/// # Safety
+/// The CPU has AVX-512F; `src.len() == dst.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn stream_copy_f32(src: &[f32], dst: &mut [f32]) {
+    let n = dst.len();
+    let head = dst.as_ptr().align_offset(64).min(n);
+    dst[..head].copy_from_slice(&src[..head]);
+    let mut i = head;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n = src.len() = dst.len(); dst + i is 64-byte aligned.
+        unsafe {
+            _mm512_stream_ps(
+                dst.as_mut_ptr().add(i),
+                _mm512_loadu_ps(src.as_ptr().add(i)),
+            )
+        };
+        i += 16;
+    }
+    dst[i..].copy_from_slice(&src[i..]);
+    _mm_sfence();
+}

@@ -366,6 +366,10 @@ fn col2im_s2(g: &Geom) -> bool {
     g.stride == 2 && g.w <= 2 * MAX_PHASE
 }
 
+/// Largest input plane [`col2im_rows_s2`] builds on the stack for a 1x1 kernel (56x56 is
+/// 3136).
+const SPREAD_PLANE: usize = 4096;
+
 /// [`col2im`] at stride 2, one input row at a time: every tap that reaches the row adds its
 /// contiguous run of columns into the row's even or odd phase, and the phases are
 /// interleaved into `x` once, overwriting it (rows no tap reaches get zeros). The strided
@@ -377,6 +381,23 @@ fn col2im_rows_s2<T: Elem>(g: &Geom, col: &[T], pitch: usize, off: usize, x: &mu
     // An unpadded 1x1 kernel (a strided shortcut) reaches the even columns of the even rows,
     // once each: those rows are its column rows spread out, the others zero.
     let spread = g.kh == 1 && g.kw == 1 && p == 0;
+    if spread && hw <= SPREAD_PLANE {
+        // Each plane built in L1 and streamed out: most of it is zeros, and its lines need
+        // not be read before they are written.
+        let mut plane = [T::ZERO; SPREAD_PLANE];
+        for ci in 0..g.cg() {
+            for (ih, prow) in plane[..hw].chunks_exact_mut(g.w).enumerate() {
+                if ih % 2 == 1 || ih / 2 >= g.ho {
+                    prow.fill(T::ZERO);
+                } else {
+                    let src = &col[ci * pitch + off + ih / 2 * g.wo..][..g.wo];
+                    simd::interleave2(src, &od[..no], prow);
+                }
+            }
+            simd::stream_copy(&plane[..hw], &mut x[ci * hw..][..hw]);
+        }
+        return;
+    }
     for ci in 0..g.cg() {
         let xp = &mut x[ci * hw..][..hw];
         for (ih, xrow) in xp.chunks_exact_mut(g.w).enumerate() {

@@ -455,6 +455,20 @@ pub fn add_lanes<T: Elem>(lanes: &[T], dw: &mut [T]) {
     }
 }
 
+/// `dst.copy_from_slice(src)` with non-temporal stores where the CPU has AVX-512: for a
+/// large output written once and not read soon, whose lines then need not be read first.
+pub fn stream_copy<T: Elem>(src: &[T], dst: &mut [T]) {
+    assert_eq!(src.len(), dst.len(), "stream_copy: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 {
+        if let (Some(s), Some(d)) = (as_f32(src), as_f32_mut(dst)) {
+            // SAFETY: AVX-512F detected; the lengths are equal (asserted above).
+            return unsafe { super::avx512::stream_copy_f32(s, d) };
+        }
+    }
+    dst.copy_from_slice(src);
+}
+
 /// `even[k] = src[2k]`, `odd[k] = src[2k + 1]` over the lengths of `even` and `odd`
 /// (`ceil(n / 2)` and `floor(n / 2)` for a source run of `n`): the column split of one input
 /// row into the two column phases of a stride-2 polyphase plane. A strided scalar copy of

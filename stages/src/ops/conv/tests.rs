@@ -485,6 +485,23 @@ fn skinny_wgrad_matches_definition() {
     }
 }
 
+/// `simd::stream_copy` on every length up to 100 from every offset within a cache line: the
+/// ordinary head, the streamed aligned lines, the ordinary tail, nothing written around.
+#[test]
+fn stream_copy_copies_exactly() {
+    let src: Vec<f32> = (0..100).map(|i| i as f32).collect();
+    for len in 0..100 {
+        for shift in 0..16 {
+            let mut buf = vec![-1f32; 160];
+            let start = buf.as_ptr().align_offset(64) + shift;
+            simd::stream_copy(&src[..len], &mut buf[start..start + len]);
+            assert!(buf[..start].iter().all(|&v| v == -1.0), "before, {len} at {shift}");
+            assert_eq!(&buf[start..start + len], &src[..len], "{len} at {shift}");
+            assert!(buf[start + len..].iter().all(|&v| v == -1.0), "after, {len} at {shift}");
+        }
+    }
+}
+
 /// `simd::transpose` on every shape up to 19x19: the 8x8 register tiles (f32 with AVX2),
 /// the scalar edges, and the portable loop (f64).
 #[test]
