@@ -348,67 +348,63 @@ unsafe fn skinny_tile<const MT: usize, const V: usize>(
     }
 }
 
-/// Output positions per band of [`skinny_wgrad_f32`]: 27 rows of columns over 256 positions
-/// are 27 KB, which stay in L1 while every output channel's row passes over them.
-const WGRAD_BAND: usize = 256;
-
 /// [`super::simd::skinny_wgrad`] for f32 on AVX-512F with `KK` rows of columns: one
 /// accumulator per row, 16 positions per vector, so each output-gradient vector feeds `KK`
-/// multiply-adds whose column operands come from L1. Bands of [`WGRAD_BAND`] positions;
-/// per band and output channel the accumulators are added into `lanes`. The output gradient
-/// is read one row at a time, the same row of the next band fetched ahead.
+/// multiply-adds whose column operands come from L1 at fixed offsets (rows
+/// [`super::simd::WGRAD_BAND`] apart; with a stride known only at run time LLVM kept the
+/// row addresses as one chain of dependent adds, or spilled them, and either halved the
+/// speed). Per output channel the accumulators are added into `lanes`. With `fetch_next`
+/// the output gradient's next `n` positions of each row are fetched ahead.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `dy` reaches `(og - 1)·dy_rs + n`, `col` reaches
-/// `(KK - 1)·pitch + n`, and `lanes` holds `og·KK·16` floats.
+/// The CPU has AVX-512F; `n <= WGRAD_BAND`; `dy` reaches `(og - 1)·dy_rs + n`, `band` holds
+/// `KK·WGRAD_BAND` floats and `lanes` `og·KK·16`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn skinny_wgrad_f32<const KK: usize>(
     (og, n): (usize, usize),
     (dy, dy_rs): (&[f32], usize),
-    (col, pitch): (&[f32], usize),
+    band: &[f32],
+    fetch_next: bool,
     lanes: &mut [f32],
 ) {
-    let (dp, cp, lp) = (dy.as_ptr(), col.as_ptr(), lanes.as_mut_ptr());
-    for b0 in (0..n).step_by(WGRAD_BAND) {
-        let b1 = (b0 + WGRAD_BAND).min(n);
-        for o in 0..og {
-            let mut acc = [_mm512_setzero_ps(); KK];
-            let row = o * dy_rs;
-            let mut p = b0;
-            while p + 16 <= b1 {
-                if p + WGRAD_BAND < n {
-                    // A hint only; the address lies inside dy's row o.
-                    _mm_prefetch::<_MM_HINT_T0>(dp.wrapping_add(row + p + WGRAD_BAND).cast());
-                }
-                // SAFETY: p + 16 <= n, so every read lies in dy's row o and in col's rows
-                // (caller's bounds). Plain loads: a masked one also takes a port the
-                // multiply-adds need.
-                unsafe {
-                    let d = _mm512_loadu_ps(dp.add(row + p));
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let x = _mm512_loadu_ps(cp.add(t * pitch + p));
-                        *a = _mm512_fmadd_ps(d, x, *a);
-                    }
-                }
-                p += 16;
+    const W: usize = super::simd::WGRAD_BAND;
+    let (dp, bp, lp) = (dy.as_ptr(), band.as_ptr(), lanes.as_mut_ptr());
+    for o in 0..og {
+        let mut acc = [_mm512_setzero_ps(); KK];
+        let row = o * dy_rs;
+        let mut p = 0;
+        while p + 16 <= n {
+            if fetch_next {
+                // A hint only, never dereferenced here.
+                _mm_prefetch::<_MM_HINT_T0>(dp.wrapping_add(row + p + n).cast());
             }
-            if p < b1 {
-                let mask: __mmask16 = (1u16 << (b1 - p)) - 1;
-                // SAFETY: as above, lanes past n masked off.
-                unsafe {
-                    let d = _mm512_maskz_loadu_ps(mask, dp.add(row + p));
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let x = _mm512_maskz_loadu_ps(mask, cp.add(t * pitch + p));
-                        *a = _mm512_fmadd_ps(d, x, *a);
-                    }
+            // SAFETY: p + 16 <= n, so the reads lie in dy's row o and in the band's rows
+            // (caller's bounds). Plain loads: a masked one also takes a port the
+            // multiply-adds need.
+            unsafe {
+                let d = _mm512_loadu_ps(dp.add(row + p));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(d, _mm512_loadu_ps(bp.add(t * W + p)), *a);
                 }
             }
-            for (t, a) in acc.iter().enumerate() {
-                // SAFETY: lanes holds og·KK·16 floats and o < og, t < KK.
-                unsafe {
-                    let at = lp.add((o * KK + t) * 16);
-                    _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *a));
+            p += 16;
+        }
+        if p < n {
+            let mask: __mmask16 = (1u16 << (n - p)) - 1;
+            // SAFETY: as above, lanes past n masked off.
+            unsafe {
+                let d = _mm512_maskz_loadu_ps(mask, dp.add(row + p));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let x = _mm512_maskz_loadu_ps(mask, bp.add(t * W + p));
+                    *a = _mm512_fmadd_ps(d, x, *a);
                 }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            // SAFETY: lanes holds og·KK·16 floats and o < og, t < KK.
+            unsafe {
+                let at = lp.add((o * KK + t) * 16);
+                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *a));
             }
         }
     }

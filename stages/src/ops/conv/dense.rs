@@ -624,6 +624,29 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     dx
 }
 
+/// One image's group of [`backward_filter`] on [`simd::skinny_wgrad`]: the columns of whole
+/// output rows, up to [`simd::WGRAD_BAND`] positions at a time, built at that fixed row
+/// stride in a 64-byte aligned band (a row split across lines costs two loads), summed into
+/// `lanes`.
+fn wgrad_skinny<T: Elem>(g: &Geom, xg: &[T], dyg: &[T], lanes: &mut [T]) {
+    const W: usize = simd::WGRAD_BAND;
+    let (kk, ohw) = (g.k(), g.out_hw());
+    let rows = (W / g.wo).clamp(1, g.ho.max(1));
+    T::with_scratch(kk * W + 16, |scr| {
+        let start = scr.as_ptr().align_offset(64).min(16);
+        let band = &mut scr[start..][..kk * W];
+        for r0 in (0..g.ho).step_by(rows) {
+            let r1 = (r0 + rows).min(g.ho);
+            im2col_rows(g, xg, band, W, 0, (r0, r1));
+            let (p0, n) = (r0 * g.wo, (r1 - r0) * g.wo);
+            let fetch_next = r1 < g.ho;
+            let dy = (&dyg[p0..], ohw);
+            let applied = simd::skinny_wgrad((g.og(), kk, n), dy, band, fetch_next, lanes);
+            debug_assert!(applied, "skinny_wgrad_applies said yes");
+        }
+    });
+}
+
 /// Weight gradient: each worker sums `dy·colᵀ` over its share of the batch into its own
 /// buffer; the buffers are added at the end.
 pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
@@ -652,6 +675,16 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                     matmul((og, kk, ohw), dwg, kk, true, dyg, xg, par);
                     continue;
                 }
+                if b == 1 && simd::skinny_wgrad_applies::<T>(kk) && g.wo <= simd::WGRAD_BAND {
+                    if lanes.is_empty() {
+                        lanes = vec![T::ZERO; g.o * kk * 16];
+                    }
+                    let lg = &mut lanes[grp * og * kk * 16..][..og * kk * 16];
+                    let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
+                    let dyg = &dyc[grp * og * ohw..][..og * ohw];
+                    wgrad_skinny(g, xg, dyg, lg);
+                    continue;
+                }
                 let rows = rows_per_col_band(g);
                 if b == 1 && rows < g.ho {
                     let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
@@ -674,15 +707,6 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                         gather_out(g, dyc, grp, b, tmp);
                         tmp
                     };
-                    if kk == simd::SKINNY_WGRAD_ROWS {
-                        if lanes.is_empty() {
-                            lanes = vec![T::ZERO; g.o * kk * 16];
-                        }
-                        let lg = &mut lanes[grp * og * kk * 16..][..og * kk * 16];
-                        if simd::skinny_wgrad((og, kk, pitch), (dyg, pitch), (col, pitch), lg) {
-                            return;
-                        }
-                    }
                     // colᵀ: element (f, kk) sits at col[kk·pitch + f].
                     matmul(
                         (og, kk, pitch),

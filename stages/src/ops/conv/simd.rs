@@ -409,25 +409,42 @@ pub fn skinny_matmul<T: Elem>(
 /// Rows of columns [`skinny_wgrad`] takes: a 3-channel 3x3 stem's.
 pub const SKINNY_WGRAD_ROWS: usize = 27;
 
-/// `lanes[(o·kk + t)·16 + l] += Σ_{p ≡ l} dy[o·dy_rs + p] · col[t·pitch + p]` over `p < n`:
-/// a weight gradient `dW = dy·colᵀ` with few rows of columns (a stem's 27) summed into 16
-/// partial sums per weight, which [`add_lanes`] folds into `dW`. The GEMM handles these 27
-/// rows as tiles of 32 and read the output gradient in 64 concurrent streams (the stems'
-/// weight gradient ran at a third of its speed); this kernel reads one row at a time.
-/// Returns false, touching nothing, where it does not apply: not f32 on AVX-512, or `kk`
-/// other than [`SKINNY_WGRAD_ROWS`].
+/// Row stride of [`skinny_wgrad`]'s band of columns, and the most positions it covers: 27
+/// rows of 256 are 27 KB, which stay in L1 while every output channel's row passes over them.
+pub const WGRAD_BAND: usize = 256;
+
+/// Whether [`skinny_wgrad`] runs for `T` and `kk` rows of columns here (f32 on AVX-512, 27
+/// rows), so a caller can lay out its columns for it.
+pub fn skinny_wgrad_applies<T: Elem>(kk: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && kk == SKINNY_WGRAD_ROWS {
+        return std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
+    }
+    let _ = kk;
+    false
+}
+
+/// `lanes[(o·kk + t)·16 + l] += Σ_{p ≡ l} dy[o·dy_rs + p] · band[t·WGRAD_BAND + p]` over
+/// `p < n <= WGRAD_BAND`: one band of a weight gradient `dW = dy·colᵀ` with few rows of
+/// columns (a stem's 27), summed into 16 partial sums per weight that [`add_lanes`] folds
+/// into `dW`. The GEMM ran these 27 rows as tiles of 32 and read the output gradient in 64
+/// concurrent streams; this kernel reads it a row at a time, and with `fetch_next` fetches
+/// each row's next `n` positions (the next band) ahead. Returns false, touching nothing,
+/// where [`skinny_wgrad_applies`] is false.
 pub fn skinny_wgrad<T: Elem>(
     (og, kk, n): (usize, usize, usize),
     (dy, dy_rs): (&[T], usize),
-    (col, pitch): (&[T], usize),
+    band: &[T],
+    fetch_next: bool,
     lanes: &mut [T],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx512 && kk == SKINNY_WGRAD_ROWS && og > 0 && n > 0 {
-        if let (Some(dy), Some(col), Some(lanes)) = (as_f32(dy), as_f32(col), as_f32_mut(lanes)) {
+    if skinny_wgrad_applies::<T>(kk) && og > 0 && n > 0 {
+        if let (Some(dy), Some(band), Some(lanes)) = (as_f32(dy), as_f32(band), as_f32_mut(lanes)) {
             assert!(
-                (og - 1) * dy_rs + n <= dy.len()
-                    && (kk - 1) * pitch + n <= col.len()
+                n <= WGRAD_BAND
+                    && (og - 1) * dy_rs + n <= dy.len()
+                    && kk * WGRAD_BAND <= band.len()
                     && og * kk * 16 <= lanes.len(),
                 "skinny_wgrad: runs out of bounds"
             );
@@ -436,14 +453,15 @@ pub fn skinny_wgrad<T: Elem>(
                 super::avx512::skinny_wgrad_f32::<SKINNY_WGRAD_ROWS>(
                     (og, n),
                     (dy, dy_rs),
-                    (col, pitch),
+                    band,
+                    fetch_next,
                     lanes,
                 )
             };
             return true;
         }
     }
-    let _ = ((og, kk, n), (dy, dy_rs), (col, pitch), lanes);
+    let _ = ((og, kk, n), (dy, dy_rs), band, fetch_next, lanes);
     false
 }
 

@@ -25,6 +25,7 @@ type Case = (
 const CASES: &[Case] = &[
     (2, 3, 7, 6, 4, 3, 1, 1, 1), // dense 3x3, odd sizes, several images per chunk
     (2, 3, 17, 17, 4, 3, 1, 1, 1), // dense, one image per chunk (289 outputs)
+    (1, 3, 40, 37, 8, 3, 2, 1, 1), // 3-channel stride-2 stem: the skinny kernels, both ways
     (2, 4, 9, 8, 6, 3, 2, 1, 1), // dense stride 2
     (3, 8, 5, 5, 16, 1, 1, 0, 1), // 1x1 as plain GEMM, batched
     (2, 8, 17, 16, 4, 1, 1, 0, 1), // 1x1 as plain GEMM, one image per chunk
@@ -430,39 +431,42 @@ fn skinny_matmul_matches_definition() {
 }
 
 /// `simd::skinny_wgrad` + `simd::add_lanes` against `dW += dy·colᵀ` written out: whole
-/// vectors, masked tails, one band and several, rows with gaps between them. Where the
-/// kernel does not apply (no AVX-512, or not 27 rows) it must say so and write nothing.
+/// vectors and masked tails, two bands summed into the same lanes, output-gradient rows
+/// with gaps between them. Where the kernel does not apply (no AVX-512, or not 27 rows) it
+/// must say so and write nothing.
 #[test]
 fn skinny_wgrad_matches_definition() {
-    let kk = simd::SKINNY_WGRAD_ROWS;
-    for (og, n) in [
-        (1, 1),
-        (8, 15),
-        (3, 16),
-        (13, 17),
-        (8, 256),
-        (5, 257),
-        (9, 700),
-    ] {
-        let (dy_rs, pitch) = (n + 5, n + 3);
+    let (kk, w) = (simd::SKINNY_WGRAD_ROWS, simd::WGRAD_BAND);
+    for (og, n) in [(1, 1), (8, 15), (3, 16), (13, 17), (8, 200), (5, w)] {
+        let dy_rs = 2 * n + 5;
         let dy = values(og * dy_rs, 11)
             .iter()
             .map(|&v| v as f32)
             .collect::<Vec<_>>();
-        let col = values(kk * pitch, 12)
-            .iter()
-            .map(|&v| v as f32)
-            .collect::<Vec<_>>();
+        // Two bands: positions 0..n and n..2n of each output-gradient row.
+        let bands: Vec<Vec<f32>> = (0..2)
+            .map(|i| values(kk * w, 12 + i).iter().map(|&v| v as f32).collect())
+            .collect();
         let mut lanes = vec![0f32; og * kk * 16];
-        let applied = simd::skinny_wgrad((og, kk, n), (&dy, dy_rs), (&col, pitch), &mut lanes);
+        let applied = simd::skinny_wgrad_applies::<f32>(kk);
+        for (i, band) in bands.iter().enumerate() {
+            let dyb = (&dy[i * n..], dy_rs);
+            let took = simd::skinny_wgrad((og, kk, n), dyb, band, i == 0, &mut lanes);
+            assert_eq!(took, applied, "{og}x{n}: band {i} taken {took}");
+        }
+        let mut other = vec![0f32; og * 26 * 16];
+        let rows26 = simd::skinny_wgrad((og, 26, n), (&dy, dy_rs), &bands[0], false, &mut other);
+        assert!(
+            !rows26 && !simd::skinny_wgrad_applies::<f32>(26),
+            "26 rows taken"
+        );
+        assert!(other.iter().all(|&v| v == 0.0), "26 rows written");
         #[cfg(target_arch = "x86_64")]
         let avx512 = simd::level() == simd::Level::Avx512;
         #[cfg(not(target_arch = "x86_64"))]
         let avx512 = false;
-        assert_eq!(applied, avx512, "{og}x{n}: applied {applied}");
-        let mut other = vec![0f32; og * 26 * 16];
-        let rows26 = simd::skinny_wgrad((og, 26, n), (&dy, dy_rs), (&col, pitch), &mut other);
-        assert!(!rows26 && other.iter().all(|&v| v == 0.0), "26 rows taken");
+        assert_eq!(applied, avx512, "applies without AVX-512, or not with it");
+        assert!(!simd::skinny_wgrad_applies::<f64>(kk), "applies to f64");
         if !applied {
             assert!(lanes.iter().all(|&v| v == 0.0), "wrote without applying");
             continue;
@@ -472,8 +476,11 @@ fn skinny_wgrad_matches_definition() {
         for o in 0..og {
             for t in 0..kk {
                 let want: f64 = 1.0
-                    + (0..n)
-                        .map(|p| dy[o * dy_rs + p] as f64 * col[t * pitch + p] as f64)
+                    + (0..2 * n)
+                        .map(|p| {
+                            let col = bands[p / n][t * w + p % n];
+                            dy[o * dy_rs + p] as f64 * col as f64
+                        })
                         .sum::<f64>();
                 let got = dw[o * kk + t] as f64;
                 assert!(
@@ -495,9 +502,15 @@ fn stream_copy_copies_exactly() {
             let mut buf = vec![-1f32; 160];
             let start = buf.as_ptr().align_offset(64) + shift;
             simd::stream_copy(&src[..len], &mut buf[start..start + len]);
-            assert!(buf[..start].iter().all(|&v| v == -1.0), "before, {len} at {shift}");
+            assert!(
+                buf[..start].iter().all(|&v| v == -1.0),
+                "before, {len} at {shift}"
+            );
             assert_eq!(&buf[start..start + len], &src[..len], "{len} at {shift}");
-            assert!(buf[start + len..].iter().all(|&v| v == -1.0), "after, {len} at {shift}");
+            assert!(
+                buf[start + len..].iter().all(|&v| v == -1.0),
+                "after, {len} at {shift}"
+            );
         }
     }
 }
