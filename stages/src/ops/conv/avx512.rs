@@ -185,7 +185,6 @@ const SKINNY_BAND_TILES: usize = 42;
 /// `b` reaches `(k - 1)·pitch + n` and `c` reaches `(m - 1)·c_rs + n`; with `stream`, `c`
 /// starts 64-byte aligned and `c_rs` is a multiple of 16.
 #[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn skinny_matmul_f32<const MT: usize, const V: usize>(
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (&[f32], usize, usize),

@@ -358,7 +358,6 @@ pub const SKINNY_MAX_K: usize = 128;
 /// time, which the hardware prefetcher can follow, and fetched ahead.
 /// Returns false, touching nothing, where it does not apply: not f32 on AVX-512, `k` over
 /// [`SKINNY_MAX_K`], or `m` a multiple of neither 8 nor 9.
-#[allow(clippy::too_many_arguments)]
 pub fn skinny_matmul<T: Elem>(
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (&[T], usize, usize),
