@@ -919,15 +919,16 @@ mod tests {
             )
             .unwrap()
             .unwrap();
-            let d = (y32.to_dtype(DType::F64).unwrap() - y64)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(d < 1e-4, "f32 against f64: {d}");
+            let max_abs = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f64>();
+            let d = max_abs(&(y32.to_dtype(DType::F64).unwrap() - &y64).unwrap()).unwrap();
+            // Relative to the output's size: a running variance drawn near zero makes a
+            // scale of up to 1/sqrt(eps), and outputs in the hundreds (an absolute 1e-4 bound
+            // failed once in a fresh-clone run, at 1.1e-4).
+            let size = 1.0 + max_abs(&y64).unwrap();
+            assert!(
+                d < 1e-5 * size,
+                "f32 against f64: {d} at outputs up to {size}"
+            );
         }
     }
 
