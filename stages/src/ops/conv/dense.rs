@@ -46,20 +46,22 @@ fn rows_per_col_band(g: &Geom) -> usize {
     (COL_BAND_ELEMS / (g.k() * g.wo).max(1)).clamp(1, g.ho.max(1))
 }
 
-/// Builds the columns of one image's group `xg` a band of `rows` output rows at a time and
-/// hands each band to `body(first row, columns in the band, band)`.
+/// Builds the columns of one image's group `xg` a band of `rows` output rows at a time, at
+/// row stride `pitch` (at least `rows·wo`) in a 64-byte aligned buffer, and hands each band to
+/// `body(first row, columns in the band, band)`.
 fn for_col_bands<T: Elem>(
     g: &Geom,
     xg: &[T],
-    rows: usize,
+    (rows, pitch): (usize, usize),
     mut body: impl FnMut(usize, usize, &[T]),
 ) {
-    T::with_scratch(g.k() * rows * g.wo, |col| {
+    T::with_scratch(g.k() * pitch + 16, |scr| {
+        let start = scr.as_ptr().align_offset(64).min(16);
+        let col = &mut scr[start..][..g.k() * pitch];
         for r0 in (0..g.ho).step_by(rows) {
             let r1 = (r0 + rows).min(g.ho);
-            let cols = (r1 - r0) * g.wo;
-            im2col_rows(g, xg, col, cols, 0, (r0, r1));
-            body(r0, cols, col);
+            im2col_rows(g, xg, col, pitch, 0, (r0, r1));
+            body(r0, (r1 - r0) * g.wo, col);
         }
     });
 }
@@ -380,36 +382,25 @@ fn col2im_rows_s2<T: Elem>(g: &Geom, col: &[T], pitch: usize, off: usize, x: &mu
     let (mut ev, mut od) = ([T::ZERO; MAX_PHASE], [T::ZERO; MAX_PHASE]);
     // An unpadded 1x1 kernel (a strided shortcut) reaches the even columns of the even rows,
     // once each: those rows are its column rows spread out, the others zero.
-    let spread = g.kh == 1 && g.kw == 1 && p == 0;
-    if spread && hw <= SPREAD_PLANE {
-        // Each plane built in L1 and streamed out: most of it is zeros, and its lines need
-        // not be read before they are written.
+    if g.kh == 1 && g.kw == 1 && p == 0 {
         let mut plane = [T::ZERO; SPREAD_PLANE];
         for ci in 0..g.cg() {
-            for (ih, prow) in plane[..hw].chunks_exact_mut(g.w).enumerate() {
-                if ih % 2 == 1 || ih / 2 >= g.ho {
-                    prow.fill(T::ZERO);
-                } else {
-                    let src = &col[ci * pitch + off + ih / 2 * g.wo..][..g.wo];
-                    simd::interleave2(src, &od[..no], prow);
-                }
+            let src = &col[ci * pitch + off..];
+            let xp = &mut x[ci * hw..][..hw];
+            if hw <= SPREAD_PLANE {
+                // Built in L1 and streamed out: most of it is zeros, and its lines need not
+                // be read before they are written.
+                spread_plane(g, src, &od[..no], &mut plane[..hw]);
+                simd::stream_copy(&plane[..hw], xp);
+            } else {
+                spread_plane(g, src, &od[..no], xp);
             }
-            simd::stream_copy(&plane[..hw], &mut x[ci * hw..][..hw]);
         }
         return;
     }
     for ci in 0..g.cg() {
         let xp = &mut x[ci * hw..][..hw];
         for (ih, xrow) in xp.chunks_exact_mut(g.w).enumerate() {
-            if spread {
-                if ih % 2 == 1 || ih / 2 >= g.ho {
-                    xrow.fill(T::ZERO);
-                } else {
-                    let src = &col[ci * pitch + off + ih / 2 * g.wo..][..g.wo];
-                    simd::interleave2(src, &od[..no], xrow);
-                }
-                continue;
-            }
             ev[..ne].fill(T::ZERO);
             od[..no].fill(T::ZERO);
             // Taps i with ih = 2·oh + i - p for an output row oh < ho.
@@ -433,6 +424,19 @@ fn col2im_rows_s2<T: Elem>(g: &Geom, col: &[T], pitch: usize, off: usize, x: &mu
                 }
             }
             simd::interleave2(&ev[..ne], &od[..no], xrow);
+        }
+    }
+}
+
+/// One input plane of an unpadded 1x1 stride-2 kernel's [`col2im`]: the even rows are the
+/// channel's column rows `col` (row stride `wo`) spread over the even columns with `zeros`
+/// between them; the odd rows, and rows past the last output row, are zeros.
+fn spread_plane<T: Elem>(g: &Geom, col: &[T], zeros: &[T], plane: &mut [T]) {
+    for (ih, row) in plane.chunks_exact_mut(g.w).enumerate() {
+        if ih % 2 == 1 || ih / 2 >= g.ho {
+            row.fill(T::ZERO);
+        } else {
+            simd::interleave2(&col[ih / 2 * g.wo..][..g.wo], zeros, row);
         }
     }
 }
@@ -504,9 +508,10 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             let rows = rows_per_col_band(g);
             if b == 1 && rows < g.ho {
                 let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
-                for_col_bands(g, xg, rows, |r0, cols, col| {
+                let pitch = rows * g.wo;
+                for_col_bands(g, xg, (rows, pitch), |r0, cols, col| {
                     let dst = &mut yc[grp * og * ohw + r0 * g.wo..];
-                    matmul((og, cols, kk), dst, ohw, false, wg, (col, cols, 1), par);
+                    matmul((og, cols, kk), dst, ohw, false, wg, (col, pitch, 1), par);
                 });
                 continue;
             }
@@ -520,8 +525,8 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
                 if b == 1 {
                     let dst = &mut yc[grp * og * ohw..][..og * ohw];
                     // Streamed: the output is large and the next op reads it from memory.
-                    let (a, b) = ((wg.0, kk, 1), (&col[..], pitch));
-                    if simd::skinny_matmul((og, ohw, kk), a, b, (dst, ohw), true, false) {
+                    let cols = (&col[..], pitch);
+                    if simd::skinny_matmul((og, ohw, kk), wg, cols, (dst, ohw), true, false) {
                         return;
                     }
                     matmul((og, ohw, kk), dst, ohw, false, wg, (col, pitch, 1), par);
@@ -592,7 +597,7 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                     let skinny = rows <= SKINNY_MAX_ROWS
                         && simd::skinny_matmul(
                             (rows, pitch, og),
-                            (&w[grp * og * kk + c0 * taps..], 1, kk),
+                            wt,
                             (dyg, pitch),
                             (col, pitch),
                             false,
@@ -626,24 +631,14 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
 
 /// One image's group of [`backward_filter`] on [`simd::skinny_wgrad`]: the columns of whole
 /// output rows, up to [`simd::WGRAD_BAND`] positions at a time, built at that fixed row
-/// stride in a 64-byte aligned band (a row split across lines costs two loads), summed into
-/// `lanes`.
+/// stride (aligned: a row split across lines costs two loads), summed into `lanes`.
 fn wgrad_skinny<T: Elem>(g: &Geom, xg: &[T], dyg: &[T], lanes: &mut [T]) {
-    const W: usize = simd::WGRAD_BAND;
-    let (kk, ohw) = (g.k(), g.out_hw());
-    let rows = (W / g.wo).clamp(1, g.ho.max(1));
-    T::with_scratch(kk * W + 16, |scr| {
-        let start = scr.as_ptr().align_offset(64).min(16);
-        let band = &mut scr[start..][..kk * W];
-        for r0 in (0..g.ho).step_by(rows) {
-            let r1 = (r0 + rows).min(g.ho);
-            im2col_rows(g, xg, band, W, 0, (r0, r1));
-            let (p0, n) = (r0 * g.wo, (r1 - r0) * g.wo);
-            let fetch_next = r1 < g.ho;
-            let dy = (&dyg[p0..], ohw);
-            let applied = simd::skinny_wgrad((g.og(), kk, n), dy, band, fetch_next, lanes);
-            debug_assert!(applied, "skinny_wgrad_applies said yes");
-        }
+    let rows = (simd::WGRAD_BAND / g.wo).clamp(1, g.ho.max(1));
+    for_col_bands(g, xg, (rows, simd::WGRAD_BAND), |r0, n, band| {
+        let dy = (&dyg[r0 * g.wo..], g.out_hw());
+        let fetch_next = r0 + rows < g.ho;
+        let applied = simd::skinny_wgrad((g.og(), g.k(), n), dy, band, fetch_next, lanes);
+        debug_assert!(applied, "skinny_wgrad_applies said yes");
     });
 }
 
@@ -688,9 +683,10 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
                 let rows = rows_per_col_band(g);
                 if b == 1 && rows < g.ho {
                     let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
-                    for_col_bands(g, xg, rows, |r0, cols, col| {
+                    let pitch = rows * g.wo;
+                    for_col_bands(g, xg, (rows, pitch), |r0, cols, col| {
                         let dyg = (&dyc[grp * og * ohw + r0 * g.wo..], ohw, 1);
-                        matmul((og, kk, cols), dwg, kk, true, dyg, (col, 1, cols), par);
+                        matmul((og, kk, cols), dwg, kk, true, dyg, (col, 1, pitch), par);
                     });
                     continue;
                 }
