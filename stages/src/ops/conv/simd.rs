@@ -1081,14 +1081,19 @@ pub(super) mod x86 {
         unsafe {
             let lo = _mm256_loadu_ps(src.as_ptr().add(2 * k));
             let hi = _mm256_loadu_ps(src.as_ptr().add(2 * k + 8));
-            // [0 2 8 10 | 4 6 12 14] and [1 3 9 11 | 5 7 13 15], then 64-bit lanes 0 2 1 3.
-            let e = _mm256_shuffle_ps::<0x88>(lo, hi);
-            let o = _mm256_shuffle_ps::<0xDD>(lo, hi);
-            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e)));
-            let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(o)));
-            _mm256_storeu_ps(even.as_mut_ptr().add(k), e);
-            _mm256_storeu_ps(odd.as_mut_ptr().add(k), o);
+            _mm256_storeu_ps(even.as_mut_ptr().add(k), phase8::<0x88>(lo, hi));
+            _mm256_storeu_ps(odd.as_mut_ptr().add(k), phase8::<0xDD>(lo, hi));
         }
+    }
+
+    /// One column phase of the 16 values `lo`, `hi`, in order: the even ones with
+    /// `SEL = 0x88`, the odd ones with `0xDD`. The shuffle gives [0 2 8 10 | 4 6 12 14] (or
+    /// the odd ones likewise), then 64-bit lanes 0 2 1 3.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn phase8<const SEL: i32>(lo: __m256, hi: __m256) -> __m256 {
+        let p = _mm256_shuffle_ps::<SEL>(lo, hi);
+        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(p)))
     }
 
     /// [`super::take_even`] in blocks of 8 outputs, the last overlapping the one before when
@@ -1124,9 +1129,7 @@ pub(super) mod x86 {
         unsafe {
             let lo = _mm256_loadu_ps(src.as_ptr().add(2 * k));
             let hi = _mm256_loadu_ps(src.as_ptr().add(2 * k + 8));
-            let e = _mm256_shuffle_ps::<0x88>(lo, hi);
-            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(e)));
-            _mm256_storeu_ps(dst.as_mut_ptr().add(k), e);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(k), phase8::<0x88>(lo, hi));
         }
     }
 
