@@ -347,13 +347,21 @@ unsafe fn skinny_tile<const MT: usize, const V: usize>(
     }
 }
 
-/// [`super::simd::skinny_wgrad`] for f32 on AVX-512F with `KK` rows of columns: one
-/// accumulator per row, 16 positions per vector, so each output-gradient vector feeds `KK`
-/// multiply-adds whose column operands come from L1 at fixed offsets (rows
+/// Output channels and rows of columns per register tile of [`skinny_wgrad_f32`]: 3 x 9
+/// accumulators and 3 output-gradient vectors leave one register for a column vector, and
+/// each vector step then loads 12 vectors for 27 multiply-adds. One accumulator per row of
+/// columns for a single channel (27 of them) loaded one column vector per multiply-add, and
+/// the loads, not the multiply-adds, set its pace.
+const WGRAD_OB: usize = 3;
+const WGRAD_RB: usize = 9;
+
+/// [`super::simd::skinny_wgrad`] for f32 on AVX-512F with `KK` rows of columns (a multiple
+/// of [`WGRAD_RB`]), 16 positions per vector, in register tiles of [`WGRAD_OB`] output
+/// channels x [`WGRAD_RB`] rows: the column operands come from L1 at fixed offsets (rows
 /// [`super::simd::WGRAD_BAND`] apart; with a stride known only at run time LLVM kept the
 /// row addresses as one chain of dependent adds, or spilled them, and either halved the
-/// speed). Per output channel the accumulators are added into `lanes`. With `fetch_next`
-/// the output gradient's next `n` positions of each row are fetched ahead.
+/// speed). Each tile's accumulators are added into `lanes`. With `fetch_next` the output
+/// gradient's next `n` positions of each row are fetched ahead.
 ///
 /// # Safety
 /// The CPU has AVX-512F; `n <= WGRAD_BAND`; `dy` reaches `(og - 1)·dy_rs + n`, `band` holds
@@ -366,43 +374,73 @@ pub unsafe fn skinny_wgrad_f32<const KK: usize>(
     fetch_next: bool,
     lanes: &mut [f32],
 ) {
+    const { assert!(KK.is_multiple_of(WGRAD_RB)) };
+    let full = og / WGRAD_OB * WGRAD_OB;
+    let dy = (dy, dy_rs);
+    for o0 in (0..full).step_by(WGRAD_OB) {
+        for t0 in (0..KK).step_by(WGRAD_RB) {
+            let fetch = fetch_next && t0 == 0;
+            // SAFETY: o0 + WGRAD_OB <= og and t0 + WGRAD_RB <= KK; the rest is the caller's.
+            unsafe { wgrad_tile::<KK, WGRAD_OB, WGRAD_RB>((o0, t0, n), dy, band, fetch, lanes) };
+        }
+    }
+    for o0 in full..og {
+        for t0 in (0..KK).step_by(WGRAD_RB) {
+            let fetch = fetch_next && t0 == 0;
+            // SAFETY: as above, one channel.
+            unsafe { wgrad_tile::<KK, 1, WGRAD_RB>((o0, t0, n), dy, band, fetch, lanes) };
+        }
+    }
+}
+
+/// Output channels `o0..o0 + OB` x rows of columns `t0..t0 + RB` of [`skinny_wgrad_f32`].
+///
+/// # Safety
+/// As [`skinny_wgrad_f32`], with `o0 + OB <= og` and `t0 + RB <= KK`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
+    (o0, t0, n): (usize, usize, usize),
+    (dy, dy_rs): (&[f32], usize),
+    band: &[f32],
+    fetch: bool,
+    lanes: &mut [f32],
+) {
     const W: usize = super::simd::WGRAD_BAND;
     let (dp, bp, lp) = (dy.as_ptr(), band.as_ptr(), lanes.as_mut_ptr());
-    for o in 0..og {
-        let mut acc = [_mm512_setzero_ps(); KK];
-        let row = o * dy_rs;
-        let mut p = 0;
-        while p + 16 <= n {
-            if fetch_next {
+    let mut acc = [[_mm512_setzero_ps(); RB]; OB];
+    let mut step = |p: usize, mask: __mmask16| {
+        let d: [__m512; OB] = std::array::from_fn(|ob| {
+            // SAFETY: p < n, lanes past n masked off: inside dy's row o0 + ob < og.
+            unsafe { _mm512_maskz_loadu_ps(mask, dp.add((o0 + ob) * dy_rs + p)) }
+        });
+        for r in 0..RB {
+            // SAFETY: inside the band's row t0 + r < KK, lanes past n masked off.
+            let x = unsafe { _mm512_maskz_loadu_ps(mask, bp.add((t0 + r) * W + p)) };
+            for (a, &dv) in acc.iter_mut().zip(&d) {
+                a[r] = _mm512_fmadd_ps(dv, x, a[r]);
+            }
+        }
+    };
+    let mut p = 0;
+    while p + 16 <= n {
+        if fetch {
+            for ob in 0..OB {
                 // A hint only, never dereferenced here.
-                _mm_prefetch::<_MM_HINT_T0>(dp.wrapping_add(row + p + n).cast());
-            }
-            // SAFETY: p + 16 <= n, so the reads lie in dy's row o and in the band's rows
-            // (caller's bounds). Plain loads: a masked one also takes a port the
-            // multiply-adds need.
-            unsafe {
-                let d = _mm512_loadu_ps(dp.add(row + p));
-                for (t, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(d, _mm512_loadu_ps(bp.add(t * W + p)), *a);
-                }
-            }
-            p += 16;
-        }
-        if p < n {
-            let mask: __mmask16 = (1u16 << (n - p)) - 1;
-            // SAFETY: as above, lanes past n masked off.
-            unsafe {
-                let d = _mm512_maskz_loadu_ps(mask, dp.add(row + p));
-                for (t, a) in acc.iter_mut().enumerate() {
-                    let x = _mm512_maskz_loadu_ps(mask, bp.add(t * W + p));
-                    *a = _mm512_fmadd_ps(d, x, *a);
-                }
+                _mm_prefetch::<_MM_HINT_T0>(dp.wrapping_add((o0 + ob) * dy_rs + p + n).cast());
             }
         }
-        for (t, a) in acc.iter().enumerate() {
-            // SAFETY: lanes holds og·KK·16 floats and o < og, t < KK.
+        step(p, !0);
+        p += 16;
+    }
+    if p < n {
+        step(p, (1u16 << (n - p)) - 1);
+    }
+    for (ob, row) in acc.iter().enumerate() {
+        for (r, a) in row.iter().enumerate() {
+            // SAFETY: lanes holds og·KK·16 floats, o0 + ob < og and t0 + r < KK.
             unsafe {
-                let at = lp.add((o * KK + t) * 16);
+                let at = lp.add(((o0 + ob) * KK + t0 + r) * 16);
                 _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *a));
             }
         }

@@ -5,7 +5,8 @@
 //! CPU training 10-80x slower than PyTorch (issue 5). This module replaces that on the CPU by
 //! three candle custom ops that share one [`Geom`]:
 //!
-//! - [`Conv2dFwd`]: forward, with `bwd` returning both gradients through the two ops below;
+//! - [`Conv2dFwd`]: forward, with `bwd` returning the weight gradient and, where the input
+//!   is a variable or comes from one, the input gradient, through the two ops below;
 //! - `Conv2dBwdData`: gradient with respect to the input;
 //! - `Conv2dBwdFilter`: gradient with respect to the weight.
 //!
@@ -224,6 +225,22 @@ pub fn conv2d_backward_filter(x: &Tensor, dy: &Tensor, geom: Geom) -> Result<Ten
         .apply_op2_no_bwd(&dy.contiguous()?, &Conv2dBwdFilter(geom))
 }
 
+/// Both gradients of [`conv2d`] on the CPU (f32/f64) given the output gradient `dy`: the input
+/// gradient only when `want_dx`, and the weight gradient. This is what the op's `bwd` runs.
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    geom: Geom,
+    want_dx: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
+    let dy = dy.contiguous()?;
+    let dx = want_dx
+        .then(|| conv2d_backward_data(&dy, w, geom))
+        .transpose()?;
+    Ok((dx, conv2d_backward_filter(x, &dy, geom)?))
+}
+
 /// One computation on two contiguous operands, run for f32 or f64.
 trait Kernel {
     fn name(&self) -> &'static str;
@@ -324,10 +341,10 @@ impl CustomOp2 for Conv2dFwd {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(w, &Conv2dBwdData(self.0))?;
-        let dw = x.apply_op2_no_bwd(&dy, &Conv2dBwdFilter(self.0))?;
-        Ok((Some(dx), Some(dw)))
+        // An input that is no variable and comes from none (the image a stem reads) needs no
+        // gradient: PyTorch skips it too, and for a stem it was half the backward pass.
+        let (dx, dw) = conv2d_backward(x, w, dy, self.0, x.track_op())?;
+        Ok((dx, Some(dw)))
     }
 }
 

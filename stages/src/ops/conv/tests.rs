@@ -677,3 +677,31 @@ fn rejects_mismatched_shapes() {
     let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &dev).unwrap();
     assert!(conv2d(&x, &w, 1, 1, 1).is_err());
 }
+
+/// An input that is no variable and comes from none (the image a stem reads) gets no input
+/// gradient computed: candle then records none for it, while the weight gradient is the one
+/// a variable input gets.
+#[test]
+fn constant_input_gets_no_input_gradient() {
+    let g = Geom::new(&[2, 3, 9, 9], &[8, 3, 3, 3], 2, 1, 1).unwrap();
+    let (x, w, r) = inputs(&g, 77);
+    let dev = Device::Cpu;
+    let xt = Tensor::from_slice(&x, (g.n, g.c, g.h, g.w), &dev).unwrap();
+    let wt = Var::from_tensor(&Tensor::from_slice(&w, (g.o, g.cg(), g.kh, g.kw), &dev).unwrap())
+        .unwrap();
+    let rt = Tensor::from_slice(&r, (g.n, g.o, g.ho, g.wo), &dev).unwrap();
+    let y = conv2d(&xt, wt.as_tensor(), g.stride, g.pad, g.groups).unwrap();
+    let grads = (&y * &rt).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&xt).is_none(), "a constant input got a gradient");
+    let dw: Vec<f64> = grads
+        .get(&wt)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (_, _, dw_var) = ours(&g, &x, &w, &r, DType::F64);
+    assert!(max_abs_diff(&dw, &dw_var) < 1e-12);
+    let (_, rdw) = naive_grads(&g, &x, &w, &r);
+    assert!(max_abs_diff(&dw, &rdw) < 1e-9);
+}
