@@ -355,13 +355,17 @@ unsafe fn skinny_tile<const MT: usize, const V: usize>(
 const WGRAD_OB: usize = 3;
 const WGRAD_RB: usize = 9;
 
+/// Channel blocks ahead whose output gradient [`skinny_wgrad_f32`] fetches.
+const WGRAD_FETCH_BLOCKS: usize = 2;
+
 /// [`super::simd::skinny_wgrad`] for f32 on AVX-512F with `KK` rows of columns (a multiple
 /// of [`WGRAD_RB`]), 16 positions per vector, in register tiles of [`WGRAD_OB`] output
 /// channels x [`WGRAD_RB`] rows: the column operands come from L1 at fixed offsets (rows
 /// [`super::simd::WGRAD_BAND`] apart; with a stride known only at run time LLVM kept the
 /// row addresses as one chain of dependent adds, or spilled them, and either halved the
-/// speed). Each tile's accumulators are added into `lanes`. With `fetch_next` the output
-/// gradient's next `n` positions of each row are fetched ahead.
+/// speed). Each tile's accumulators are added into `lanes`. Each channel block fetches the
+/// output gradient of the block [`WGRAD_FETCH_BLOCKS`] ahead, and with `fetch_next` the last
+/// blocks fetch the first rows of the next band (`n` positions on).
 ///
 /// # Safety
 /// The CPU has AVX-512F; `n <= WGRAD_BAND`; `dy` reaches `(og - 1)·dy_rs + n`, `band` holds
@@ -377,16 +381,27 @@ pub unsafe fn skinny_wgrad_f32<const KK: usize>(
     const { assert!(KK.is_multiple_of(WGRAD_RB)) };
     let full = og / WGRAD_OB * WGRAD_OB;
     let dy = (dy, dy_rs);
+    // The rows two channel blocks ahead in this band, or past the last block the first rows
+    // of the next band: each block's output gradient arrives while an earlier one computes.
+    let ahead = |o: usize| {
+        let o = o + WGRAD_FETCH_BLOCKS * WGRAD_OB;
+        if o + WGRAD_OB <= og {
+            Some(o * dy_rs)
+        } else {
+            let o = o.saturating_sub(og);
+            (fetch_next && o + WGRAD_OB <= og).then(|| o * dy_rs + n)
+        }
+    };
     for o0 in (0..full).step_by(WGRAD_OB) {
         for t0 in (0..KK).step_by(WGRAD_RB) {
-            let fetch = fetch_next && t0 == 0;
+            let fetch = ahead(o0).filter(|_| t0 == 0);
             // SAFETY: o0 + WGRAD_OB <= og and t0 + WGRAD_RB <= KK; the rest is the caller's.
             unsafe { wgrad_tile::<KK, WGRAD_OB, WGRAD_RB>((o0, t0, n), dy, band, fetch, lanes) };
         }
     }
     for o0 in full..og {
         for t0 in (0..KK).step_by(WGRAD_RB) {
-            let fetch = fetch_next && t0 == 0;
+            let fetch = ahead(o0).filter(|_| t0 == 0);
             // SAFETY: as above, one channel.
             unsafe { wgrad_tile::<KK, 1, WGRAD_RB>((o0, t0, n), dy, band, fetch, lanes) };
         }
@@ -403,7 +418,7 @@ unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
     (o0, t0, n): (usize, usize, usize),
     (dy, dy_rs): (&[f32], usize),
     band: &[f32],
-    fetch: bool,
+    fetch: Option<usize>,
     lanes: &mut [f32],
 ) {
     const W: usize = super::simd::WGRAD_BAND;
@@ -424,10 +439,10 @@ unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
     };
     let mut p = 0;
     while p + 16 <= n {
-        if fetch {
+        if let Some(f) = fetch {
             for ob in 0..OB {
                 // A hint only, never dereferenced here.
-                _mm_prefetch::<_MM_HINT_T0>(dp.wrapping_add((o0 + ob) * dy_rs + p + n).cast());
+                _mm_prefetch::<_MM_HINT_T0>(dp.wrapping_add(f + ob * dy_rs + p).cast());
             }
         }
         step(p, !0);
