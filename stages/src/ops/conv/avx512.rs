@@ -462,6 +462,44 @@ unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
     }
 }
 
+/// [`super::simd::add_assign`] for f32 on AVX-512F: four vectors a step, the tail masked.
+///
+/// # Safety
+/// The CPU has AVX-512F; `dst.len() == src.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn add_assign_f32(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len().min(src.len());
+    let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+    let mut i = 0;
+    while i + 64 <= n {
+        for v in 0..4 {
+            // SAFETY: i + 64 <= n, inside both slices.
+            unsafe {
+                let at = i + 16 * v;
+                let x = _mm512_add_ps(_mm512_loadu_ps(d.add(at)), _mm512_loadu_ps(s.add(at)));
+                _mm512_storeu_ps(d.add(at), x);
+            }
+        }
+        i += 64;
+    }
+    while i < n {
+        let mask: __mmask16 = if n - i >= 16 {
+            !0
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        // SAFETY: lanes past n are masked off.
+        unsafe {
+            let x = _mm512_add_ps(
+                _mm512_maskz_loadu_ps(mask, d.add(i)),
+                _mm512_maskz_loadu_ps(mask, s.add(i)),
+            );
+            _mm512_mask_storeu_ps(d.add(i), mask, x);
+        }
+        i += 16;
+    }
+}
+
 /// [`super::simd::stream_copy`] for f32 on AVX-512F: the 64-byte aligned lines of `dst`
 /// stored non-temporally, the ends before and after them ordinarily.
 ///

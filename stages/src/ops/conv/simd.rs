@@ -473,6 +473,27 @@ pub fn add_lanes<T: Elem>(lanes: &[T], dw: &mut [T]) {
     }
 }
 
+/// `dst[i] += src[i]`: the banded col2im's inner loop. The crate is built for baseline
+/// x86_64, where LLVM gives this loop 4-lane SSE; f32 runs 16 lanes on AVX-512, 8 on AVX2
+/// (iresnet's stem's input gradient 0.0071-0.0073 -> 0.0067-0.0070 s).
+pub fn add_assign<T: Elem>(dst: &mut [T], src: &[T]) {
+    assert_eq!(dst.len(), src.len(), "add_assign: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Base {
+        if let (Some(d), Some(s)) = (as_f32_mut(dst), as_f32(src)) {
+            if level() == Level::Avx512 {
+                // SAFETY: AVX-512F detected; the lengths are equal (asserted above).
+                return unsafe { super::avx512::add_assign_f32(d, s) };
+            }
+            // SAFETY: `level()` detected AVX2; the lengths are equal.
+            return unsafe { x86::add_assign_f32(d, s) };
+        }
+    }
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d += v;
+    }
+}
+
 /// `dst.copy_from_slice(src)` with non-temporal stores where the CPU has AVX-512: for a
 /// large output written once and not read soon, whose lines then need not be read first.
 pub fn stream_copy<T: Elem>(src: &[T], dst: &mut [T]) {
@@ -976,6 +997,28 @@ pub(super) mod x86 {
             _mm256_permute2f128_ps::<0x31>(u2, u6),
             _mm256_permute2f128_ps::<0x31>(u3, u7),
         ]
+    }
+
+    /// [`super::add_assign`] for f32 on AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `dst.len() == src.len()`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn add_assign_f32(dst: &mut [f32], src: &[f32]) {
+        let n = dst.len().min(src.len());
+        let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, inside both slices.
+            unsafe {
+                let v = _mm256_add_ps(_mm256_loadu_ps(d.add(i)), _mm256_loadu_ps(s.add(i)));
+                _mm256_storeu_ps(d.add(i), v);
+            }
+            i += 8;
+        }
+        for k in i..n {
+            dst[k] += src[k];
+        }
     }
 
     /// [`super::transpose`] for f32 on AVX2: 8x8 tiles through registers, scalar edges.

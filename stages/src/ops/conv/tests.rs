@@ -26,6 +26,8 @@ const CASES: &[Case] = &[
     (2, 3, 7, 6, 4, 3, 1, 1, 1), // dense 3x3, odd sizes, several images per chunk
     (2, 3, 17, 17, 4, 3, 1, 1, 1), // dense, one image per chunk (289 outputs)
     (1, 3, 40, 37, 8, 3, 2, 1, 1), // 3-channel stride-2 stem: the skinny kernels, both ways
+    (1, 3, 40, 40, 8, 3, 1, 1, 1), // stride-1 stem: input gradient in two bands of rows
+    (1, 2, 40, 40, 8, 4, 1, 1, 1), // 32 rows of columns, output 39x39: bands, not "same"
     (2, 4, 9, 8, 6, 3, 2, 1, 1), // dense stride 2
     (3, 8, 5, 5, 16, 1, 1, 0, 1), // 1x1 as plain GEMM, batched
     (2, 8, 17, 16, 4, 1, 1, 0, 1), // 1x1 as plain GEMM, one image per chunk
@@ -511,6 +513,54 @@ fn stream_copy_copies_exactly() {
                 buf[start + len..].iter().all(|&v| v == -1.0),
                 "after, {len} at {shift}"
             );
+        }
+    }
+}
+
+/// `simd::add_assign` and each of its vector versions the CPU has, on every length to 100
+/// from every offset in a line: the sums exactly, nothing written outside `dst`.
+#[test]
+fn add_assign_adds_exactly() {
+    let src: Vec<f32> = (0..100).map(|i| i as f32 * 0.5).collect();
+    type AddFn = Box<dyn Fn(&mut [f32], &[f32])>;
+    let mut versions: Vec<(&str, AddFn)> = vec![("dispatch", Box::new(simd::add_assign::<f32>))];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 detected; the lengths are equal below.
+            versions.push((
+                "avx2",
+                Box::new(|d, s| unsafe { simd::x86::add_assign_f32(d, s) }),
+            ));
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F detected; the lengths are equal below.
+            versions.push((
+                "avx512",
+                Box::new(|d, s| unsafe { super::avx512::add_assign_f32(d, s) }),
+            ));
+        }
+    }
+    for (name, add) in &versions {
+        for len in 0..100 {
+            for shift in 0..16 {
+                let mut buf = vec![-1f32; 160];
+                let start = buf.as_ptr().align_offset(64) + shift;
+                add(&mut buf[start..start + len], &src[..len]);
+                let want: Vec<f32> = src[..len].iter().map(|&v| v - 1.0).collect();
+                assert_eq!(
+                    &buf[start..start + len],
+                    &want[..],
+                    "{name}: {len} at {shift}"
+                );
+                assert!(
+                    buf[..start]
+                        .iter()
+                        .chain(&buf[start + len..])
+                        .all(|&v| v == -1.0),
+                    "{name}: wrote outside, {len} at {shift}"
+                );
+            }
         }
     }
 }
