@@ -650,7 +650,7 @@ fn skinny_bands_apply(g: &Geom) -> bool {
 /// [`simd::skinny_matmul`], a band of output rows at a time, each band's columns added onto
 /// `planes` (`g.cg()` input planes) while they and the rows of the planes they reach are in
 /// cache. `col2im` over the whole image made eight read-add-write passes over each 50 KB
-/// plane in L2: iresnet's stem 0.0073-0.0075 -> 0.0066-0.0068 s. `col` is scratch. Returns
+/// plane in L2: iresnet's stem 0.0075-0.0078 -> 0.0067-0.0068 s. `col` is scratch. Returns
 /// false, having touched nothing, where the skinny kernel does not apply or `col` is short.
 fn dgrad_skinny_bands<T: Elem>(
     g: &Geom,

@@ -429,8 +429,8 @@ pub fn skinny_wgrad_applies<T: Elem>(kk: usize) -> bool {
 /// into `dW`. The GEMM ran these 27 rows as tiles of 32 and read the output gradient in 64
 /// concurrent streams; this kernel reads it three rows at a time (register tiles of 3
 /// channels x 9 rows of columns), fetching the rows two blocks ahead as it goes, and with
-/// `fetch_next` the first rows of the next band (`n` positions on). Returns false, touching nothing,
-/// where [`skinny_wgrad_applies`] is false.
+/// `fetch_next` the first rows of the next band (`n` positions on). Returns false, touching
+/// nothing, where [`skinny_wgrad_applies`] is false.
 pub fn skinny_wgrad<T: Elem>(
     (og, kk, n): (usize, usize, usize),
     (dy, dy_rs): (&[T], usize),
