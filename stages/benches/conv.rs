@@ -172,17 +172,17 @@ fn main() -> candle_core::Result<()> {
         let x = Tensor::randn(0f32, 1.0, (BATCH, c, hw, hw), &dev)?;
         let w = Tensor::randn(0f32, 0.1, (o, c / groups, k, k), &dev)?;
         let dy = Tensor::randn(0f32, 1.0, (BATCH, o, g.ho, g.wo), &dev)?;
-        // The two gradients are timed apart (input = "dgrad", weight = "wgrad"); the
-        // backward pass is their sum.
-        let [fwd, dgrad, wgrad] = time_each(
+        // The backward pass is what training runs (both gradients, `conv2d_backward`); the
+        // two gradients are also timed apart (input = "dgrad", weight = "wgrad").
+        let [fwd, bwd, dgrad, wgrad] = time_each(
             args.reps,
             [
                 &mut || conv::conv2d(&x, &w, s, p, groups).map(|_| ()),
+                &mut || conv::conv2d_backward(&x, &w, &dy, g, true).map(|_| ()),
                 &mut || conv::conv2d_backward_data(&dy, &w, g).map(|_| ()),
                 &mut || conv::conv2d_backward_filter(&x, &dy, g).map(|_| ()),
             ],
         )?;
-        let bwd = dgrad + wgrad;
         let flops = 2.0 * g.macs() as f64;
         let mut line = format!(
             "{name:<34} {fwd:>9.4} {:>9.1} {bwd:>9.4} {:>9.1} {dgrad:>9.4} {wgrad:>9.4}",

@@ -571,6 +571,14 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                 matmul((kk, ohw, og), dst, ohw, false, wt, dyg, par);
                 continue;
             }
+            if b == 1 && spread_dgrad_applies(g) {
+                let dxg = &mut dxc[grp * kk * g.in_hw()..][..kk * g.in_hw()];
+                let dyg = &dyc[grp * og * ohw..][..og * ohw];
+                let wg = (&w[grp * og * kk..][..og * kk], kk);
+                if simd::spread_dgrad((kk, og, g.ho, g.wo), wg, dyg, dxg, Some(2), &[]) {
+                    continue;
+                }
+            }
             // The columns of a band of input channels at a time: they are added back onto
             // those channels' planes alone, and a band stays in cache between the GEMM that
             // writes it and col2im.
@@ -633,6 +641,12 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
         }
     });
     dx
+}
+
+/// Whether `g` is an unpadded 1x1 stride-2 convolution whose output covers its input
+/// (even input sizes): [`simd::spread_dgrad`]'s geometry.
+fn spread_dgrad_applies(g: &Geom) -> bool {
+    g.kh == 1 && g.kw == 1 && g.stride == 2 && g.pad == 0 && g.h == 2 * g.ho && g.w == 2 * g.wo
 }
 
 /// Output positions per band of [`dgrad_skinny_bands`] (42 of `skinny_matmul`'s 32-column
@@ -728,10 +742,91 @@ fn wgrad_skinny<T: Elem>(g: &Geom, xg: &[T], dyg: &[T], lanes: &mut [T]) {
     });
 }
 
+/// Adds the weight gradient of images `n0..n0 + b` (one chunk) into `dw`; `lanes` holds
+/// [`simd::skinny_wgrad`]'s partial sums (allocated on first use), which the caller folds
+/// into `dw` with [`simd::add_lanes`].
+#[allow(clippy::too_many_arguments)]
+fn filter_chunk<T: Elem>(
+    g: &Geom,
+    (n0, b): (usize, usize),
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    lanes: &mut Vec<T>,
+    par: Parallelism,
+) {
+    let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
+    let pitch = b * ohw;
+    let dyc = &dy[n0 * g.o * ohw..][..b * g.o * ohw];
+    for grp in 0..g.groups {
+        let dwg = &mut dw[grp * og * kk..][..og * kk];
+        if g.is_pointwise() && b == 1 {
+            let xg = (&x[n0 * chw + grp * kk * ohw..][..kk * ohw], 1, ohw);
+            let dyg = (&dyc[grp * og * ohw..][..og * ohw], ohw, 1);
+            matmul((og, kk, ohw), dwg, kk, true, dyg, xg, par);
+            continue;
+        }
+        if b == 1 && simd::skinny_wgrad_applies::<T>(kk) && g.wo <= simd::WGRAD_BAND {
+            if lanes.is_empty() {
+                *lanes = vec![T::ZERO; g.o * kk * 16];
+            }
+            let lg = &mut lanes[grp * og * kk * 16..][..og * kk * 16];
+            let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
+            let dyg = &dyc[grp * og * ohw..][..og * ohw];
+            wgrad_skinny(g, xg, dyg, lg);
+            continue;
+        }
+        let rows = rows_per_col_band(g);
+        if b == 1 && rows < g.ho {
+            let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
+            let pitch = rows * g.wo;
+            for_col_bands(g, xg, (rows, pitch), |r0, cols, col| {
+                let dyg = (&dyc[grp * og * ohw + r0 * g.wo..], ohw, 1);
+                matmul((og, kk, cols), dwg, kk, true, dyg, (col, 1, pitch), par);
+            });
+            continue;
+        }
+        let tmp_len = if b > 1 { og * pitch } else { 0 };
+        T::with_scratch(kk * pitch + tmp_len, |scr| {
+            let (col, tmp) = scr.split_at_mut(kk * pitch);
+            for bi in 0..b {
+                let xg = &x[(n0 + bi) * chw + grp * g.cg() * g.in_hw()..];
+                im2col(g, &xg[..g.cg() * g.in_hw()], col, pitch, bi * ohw);
+            }
+            let dyg: &[T] = if b == 1 {
+                &dyc[grp * og * ohw..][..og * ohw]
+            } else {
+                gather_out(g, dyc, grp, b, tmp);
+                tmp
+            };
+            // colᵀ: element (f, kk) sits at col[kk·pitch + f].
+            matmul(
+                (og, kk, pitch),
+                dwg,
+                kk,
+                true,
+                (dyg, pitch, 1),
+                (col, 1, pitch),
+                par,
+            );
+        });
+    }
+}
+
+/// Sums the workers' weight gradients into the first.
+fn sum_partials<T: Elem>(mut partials: Vec<Vec<T>>) -> Vec<T> {
+    let mut dw = partials.swap_remove(0);
+    for other in &partials {
+        for (a, &b) in dw.iter_mut().zip(other) {
+            *a += b;
+        }
+    }
+    dw
+}
+
 /// Weight gradient: each worker sums `dy·colᵀ` over its share of the batch into its own
 /// buffer; the buffers are added at the end.
 pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
-    let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
     let (nb, parallel, par) = plan(g);
     let chunks = g.n.div_ceil(nb);
     let parts = if parallel {
@@ -740,83 +835,91 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
         1
     };
     let part = |p: usize| -> Vec<T> {
-        let mut dw = vec![T::ZERO; g.o * kk];
-        // Partial sums of `simd::skinny_wgrad`, 16 per weight, folded into `dw` at the end.
+        let mut dw = vec![T::ZERO; g.o * g.k()];
         let mut lanes: Vec<T> = Vec::new();
         for chunk in (p * chunks / parts)..((p + 1) * chunks / parts) {
             let n0 = chunk * nb;
             let b = nb.min(g.n - n0);
-            let pitch = b * ohw;
-            let dyc = &dy[n0 * g.o * ohw..][..b * g.o * ohw];
-            for grp in 0..g.groups {
-                let dwg = &mut dw[grp * og * kk..][..og * kk];
-                if g.is_pointwise() && b == 1 {
-                    let xg = (&x[n0 * chw + grp * kk * ohw..][..kk * ohw], 1, ohw);
-                    let dyg = (&dyc[grp * og * ohw..][..og * ohw], ohw, 1);
-                    matmul((og, kk, ohw), dwg, kk, true, dyg, xg, par);
-                    continue;
-                }
-                if b == 1 && simd::skinny_wgrad_applies::<T>(kk) && g.wo <= simd::WGRAD_BAND {
-                    if lanes.is_empty() {
-                        lanes = vec![T::ZERO; g.o * kk * 16];
-                    }
-                    let lg = &mut lanes[grp * og * kk * 16..][..og * kk * 16];
-                    let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
-                    let dyg = &dyc[grp * og * ohw..][..og * ohw];
-                    wgrad_skinny(g, xg, dyg, lg);
-                    continue;
-                }
-                let rows = rows_per_col_band(g);
-                if b == 1 && rows < g.ho {
-                    let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
-                    let pitch = rows * g.wo;
-                    for_col_bands(g, xg, (rows, pitch), |r0, cols, col| {
-                        let dyg = (&dyc[grp * og * ohw + r0 * g.wo..], ohw, 1);
-                        matmul((og, kk, cols), dwg, kk, true, dyg, (col, 1, pitch), par);
-                    });
-                    continue;
-                }
-                let tmp_len = if b > 1 { og * pitch } else { 0 };
-                T::with_scratch(kk * pitch + tmp_len, |scr| {
-                    let (col, tmp) = scr.split_at_mut(kk * pitch);
-                    for bi in 0..b {
-                        let xg = &x[(n0 + bi) * chw + grp * g.cg() * g.in_hw()..];
-                        im2col(g, &xg[..g.cg() * g.in_hw()], col, pitch, bi * ohw);
-                    }
-                    let dyg: &[T] = if b == 1 {
-                        &dyc[grp * og * ohw..][..og * ohw]
-                    } else {
-                        gather_out(g, dyc, grp, b, tmp);
-                        tmp
-                    };
-                    // colᵀ: element (f, kk) sits at col[kk·pitch + f].
-                    matmul(
-                        (og, kk, pitch),
-                        dwg,
-                        kk,
-                        true,
-                        (dyg, pitch, 1),
-                        (col, 1, pitch),
-                        par,
-                    );
-                });
-            }
+            filter_chunk(g, (n0, b), x, dy, &mut dw, &mut lanes, par);
         }
         if !lanes.is_empty() {
             simd::add_lanes(&lanes, &mut dw);
         }
         dw
     };
-    let mut partials: Vec<Vec<T>> = if parts > 1 {
+    sum_partials(if parts > 1 {
         (0..parts).into_par_iter().map(part).collect()
     } else {
         vec![part(0)]
-    };
-    let mut dw = partials.swap_remove(0);
-    for other in &partials {
-        for (a, &b) in dw.iter_mut().zip(other) {
-            *a += b;
-        }
+    })
+}
+
+/// Whether [`backward_spread`] takes `g` for `T` on this CPU.
+pub fn backward_spread_applies<T: Elem>(g: &Geom) -> bool {
+    !g.use_direct()
+        && spread_dgrad_applies(g)
+        && simd::spread_dgrad_applies::<T>((g.k(), g.ho, g.wo))
+}
+
+/// Both gradients of a convolution [`simd::spread_dgrad`] takes (iresnet's strided
+/// shortcuts), one image at a time on each worker: the image's weight gradient, then its
+/// input gradient, which reads the output gradient the weight gradient's GEMM has just
+/// brought into cache. Each worker takes a contiguous share of the batch and sums its own
+/// weight gradient. Returns `[dx | dw]` in one buffer (the caller views the two parts), or
+/// `None`, having computed nothing, where the kernel does not apply.
+pub fn backward_spread<T: Elem>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Option<Vec<T>> {
+    let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
+    if !backward_spread_applies::<T>(g) {
+        return None;
     }
-    dw
+    // SAFETY: every image's planes are written whole by `spread_dgrad` below (checked to
+    // apply; it writes the odd rows and columns too), and the weight gradient after them.
+    let mut out = unsafe { output_vec::<T>(g.n * chw + g.o * kk) };
+    let (dx, dw) = out.split_at_mut(g.n * chw);
+    let parts = rayon::current_num_threads().clamp(1, g.n.max(1));
+    let per = g.n.div_ceil(parts).max(1);
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(per * chw)
+        .enumerate()
+        .map(|(p, dxp)| {
+            let mut dw = vec![T::ZERO; g.o * kk];
+            let mut lanes: Vec<T> = Vec::new();
+            let images = dxp.len() / chw;
+            for (i, dxi) in dxp.chunks_exact_mut(chw).enumerate() {
+                let n = p * per + i;
+                filter_chunk(g, (n, 1), x, dy, &mut dw, &mut lanes, Parallelism::None);
+                let dyi = &dy[n * g.o * ohw..][..g.o * ohw];
+                for grp in 0..g.groups {
+                    let dxg = &mut dxi[grp * kk * g.in_hw()..][..kk * g.in_hw()];
+                    let dyg = &dyi[grp * og * ohw..][..og * ohw];
+                    let wg = (&w[grp * og * kk..][..og * kk], kk);
+                    // The next image's output gradient and the even rows of its input,
+                    // for its weight gradient (and then this kernel) to find in L2.
+                    let next = (i + 1 < images && grp + 1 == g.groups).then(|| {
+                        [
+                            simd::Background {
+                                data: &dy[(n + 1) * g.o * ohw..][..g.o * ohw],
+                                run: g.o * ohw,
+                                stride: g.o * ohw,
+                            },
+                            simd::Background {
+                                data: &x[(n + 1) * chw..][..chw],
+                                run: g.w,
+                                stride: 2 * g.w,
+                            },
+                        ]
+                    });
+                    let bg = next.as_ref().map_or(&[][..], |b| &b[..]);
+                    let applied = simd::spread_dgrad((kk, og, g.ho, g.wo), wg, dyg, dxg, None, bg);
+                    debug_assert!(applied, "spread_dgrad_applies said yes");
+                }
+            }
+            if !lanes.is_empty() {
+                simd::add_lanes(&lanes, &mut dw);
+            }
+            dw
+        })
+        .collect();
+    dw.copy_from_slice(&sum_partials(partials));
+    Some(out)
 }

@@ -235,10 +235,77 @@ pub fn conv2d_backward(
     want_dx: bool,
 ) -> Result<(Option<Tensor>, Tensor)> {
     let dy = dy.contiguous()?;
+    if want_dx && Conv2dBwdBoth::applies(&geom, x) {
+        // One buffer `[dx | dw]`: dx is a view of its head, dw a copy of its tail (so the
+        // weight gradient, kept until the optimiser step, does not keep dx's memory).
+        let both = x
+            .contiguous()?
+            .apply_op3_no_bwd(&w.contiguous()?, &dy, &Conv2dBwdBoth(geom))?;
+        let nx = geom.x_shape().elem_count();
+        let dx = both.narrow(0, 0, nx)?.reshape(geom.x_shape())?;
+        // `to_vec1` copies the view alone (`Tensor::copy` would clone the whole buffer).
+        let dw = both
+            .narrow(0, nx, geom.w_shape().elem_count())?
+            .to_vec1::<f32>()?;
+        let dw = Tensor::from_vec(dw, geom.w_shape(), x.device())?;
+        return Ok((Some(dx), dw));
+    }
     let dx = want_dx
         .then(|| conv2d_backward_data(&dy, w, geom))
         .transpose()?;
     Ok((dx, conv2d_backward_filter(x, &dy, geom)?))
+}
+
+/// Both gradients in one op, `(x, w, dy) -> [dx | dw]` flattened, for the convolutions
+/// whose input gradient shares a pass over the batch with the weight gradient
+/// (`dense::backward_spread`: unpadded 1x1 stride-2, f32 on AVX-512).
+#[derive(Clone, Copy, Debug)]
+struct Conv2dBwdBoth(Geom);
+
+impl Conv2dBwdBoth {
+    fn applies(geom: &Geom, x: &Tensor) -> bool {
+        x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && dense::backward_spread_applies::<f32>(geom)
+    }
+}
+
+impl candle_core::CustomOp3 for Conv2dBwdBoth {
+    fn name(&self) -> &'static str {
+        "fpipe-conv2d-bwd-both"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let shapes = [(l1, g.x_shape()), (l2, g.w_shape()), (l3, g.out_shape())];
+        for (l, want) in &shapes {
+            if l.shape() != want {
+                candle_core::bail!(
+                    "{}: operand {:?}, expected {want:?}",
+                    self.name(),
+                    l.shape()
+                );
+            }
+        }
+        let name = candle_core::CustomOp3::name(self);
+        let (x, w, dy) = (
+            contiguous::<f32>(s1, l1, name)?,
+            contiguous::<f32>(s2, l2, name)?,
+            contiguous::<f32>(s3, l3, name)?,
+        );
+        let Some(out) = dense::backward_spread(g, x, w, dy) else {
+            candle_core::bail!("{name}: geometry {g:?} not taken on this CPU");
+        };
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
 }
 
 /// One computation on two contiguous operands, run for f32 or f64.

@@ -405,6 +405,114 @@ pub fn skinny_matmul<T: Elem>(
     false
 }
 
+/// Output rows per register tile of [`spread_dgrad`] for output rows `wo` wide: as many
+/// whole rows as fill two vectors with a multiple of 4 positions (then a tile's input rows
+/// are whole cache lines), or `None`.
+fn spread_rows(wo: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::avx512::SPREAD_TILE;
+        (1..=SPREAD_TILE / wo.max(1))
+            .rev()
+            .find(|r| (r * wo).is_multiple_of(4))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = wo;
+        None
+    }
+}
+
+/// Whether [`spread_dgrad`] runs for `T` and `(cg, ho, wo)` here: f32 on AVX-512, `cg` a
+/// multiple of 8, output rows at most 32 wide and `ho·wo` a multiple of 4.
+pub fn spread_dgrad_applies<T: Elem>((cg, ho, wo): (usize, usize, usize)) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && cg > 0
+        && cg.is_multiple_of(super::avx512::SPREAD_MT)
+        && (ho * wo).is_multiple_of(4)
+        && spread_rows(wo).is_some()
+    {
+        return true;
+    }
+    let _ = (cg, ho, wo);
+    false
+}
+
+/// The input gradient `dx` (`cg` planes of `2ho × 2wo`) of one image's group of an
+/// unpadded 1x1 stride-2 convolution from its output gradient `dy` (`og` planes of
+/// `ho × wo`) and weights `a[ci, oc] = w[oc·w_cs + ci]`, written whole: the product at the
+/// even rows and columns, zeros elsewhere; non-temporally where `dx` is 64-byte aligned.
+/// Returns false, touching nothing, where [`spread_dgrad_applies`] says no.
+pub fn spread_dgrad<T: Elem>(
+    (cg, og, ho, wo): (usize, usize, usize, usize),
+    (w, w_cs): (&[T], usize),
+    dy: &[T],
+    dx: &mut [T],
+    ahead: Option<usize>,
+    background: &[Background<T>],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if og > 0 && spread_dgrad_applies::<T>((cg, ho, wo)) {
+        if let (Some(rows), Some(w), Some(dy), Some(dx)) =
+            (spread_rows(wo), as_f32(w), as_f32(dy), as_f32_mut(dx))
+        {
+            assert!(
+                (og - 1) * w_cs + cg <= w.len()
+                    && og * ho * wo <= dy.len()
+                    && cg * 4 * ho * wo <= dx.len(),
+                "spread_dgrad: runs out of bounds"
+            );
+            let stream = (dx.as_ptr() as usize).is_multiple_of(64);
+            let mut regions = [super::avx512::Region {
+                start: std::ptr::null(),
+                run: 0,
+                stride: 0,
+                runs: 0,
+            }; 4];
+            for (r, b) in regions.iter_mut().zip(background) {
+                let runs = if b.run == 0 || b.data.len() < b.run {
+                    0
+                } else {
+                    (b.data.len() - b.run) / b.stride.max(1) + 1
+                };
+                *r = super::avx512::Region {
+                    start: b.data.as_ptr().cast(),
+                    run: b.run,
+                    stride: b.stride,
+                    runs,
+                };
+            }
+            // SAFETY: AVX-512F detected; the shape conditions are checked by
+            // `spread_dgrad_applies` and the bounds asserted.
+            unsafe {
+                super::avx512::spread_dgrad_f32(
+                    (cg, og, ho, wo),
+                    rows,
+                    (w, w_cs),
+                    dy,
+                    dx,
+                    stream,
+                    ahead,
+                    &regions[..background.len().min(4)],
+                )
+            };
+            return true;
+        }
+    }
+    let _ = ((cg, og, ho, wo), (w, w_cs), dy, dx, ahead, background);
+    false
+}
+
+/// Memory a kernel brings into L2 while it computes, for the next one to find there: runs
+/// of `run` elements `stride` apart over `data` (as many as fit).
+pub struct Background<'a, T> {
+    pub data: &'a [T],
+    pub run: usize,
+    pub stride: usize,
+}
+
 /// Rows of columns [`skinny_wgrad`] takes: a 3-channel 3x3 stem's.
 pub const SKINNY_WGRAD_ROWS: usize = 27;
 

@@ -34,6 +34,11 @@ const CASES: &[Case] = &[
     (1, 8, 9, 7, 8, 1, 2, 0, 1), // 1x1 stride 2 (shortcut)
     (2, 4, 9, 38, 8, 1, 2, 0, 1), // the same, rows long enough for the vector take and spread
     (1, 4, 10, 37, 8, 1, 2, 0, 1), // the same, odd rows (a scalar tail), an even height
+    (2, 16, 56, 56, 8, 1, 2, 0, 1), // the same at iresnet's 56x56: spread from registers
+    (3, 8, 28, 28, 5, 1, 2, 0, 1), // spread, two output rows per tile, 3 images on 2 workers
+    (2, 8, 12, 20, 4, 1, 2, 0, 1), // spread, rows of 10: two per tile
+    (2, 8, 10, 8, 3, 1, 2, 0, 1), // spread, rows of 4: one tile of 5 rows (a partial tile)
+    (1, 64, 8, 8, 16, 1, 2, 0, 2), // spread per group (32 channels each)
     (1, 4, 11, 11, 8, 7, 2, 3, 1), // dense 7x7 stride 2
     (5, 3, 5, 5, 2, 3, 1, 2, 1), // padding larger than a tap reaches
     (2, 3, 6, 7, 4, 5, 1, 2, 1), // dense 5x5 "same": im2col's one-run copy, taps 2 rows off
@@ -754,4 +759,59 @@ fn constant_input_gets_no_input_gradient() {
     assert!(max_abs_diff(&dw, &dw_var) < 1e-12);
     let (_, rdw) = naive_grads(&g, &x, &w, &r);
     assert!(max_abs_diff(&dw, &rdw) < 1e-9);
+}
+
+/// The strided shortcut's geometry (`dense::backward_spread`, f32 on AVX-512): both
+/// gradients in one op (what training runs) and each on its own must agree with the naive
+/// reference, wherever the kernel applies or not.
+#[test]
+fn shortcut_gradients_together_and_apart_match_reference() {
+    use super::{conv2d_backward, conv2d_backward_data, conv2d_backward_filter};
+    let dev = Device::Cpu;
+    for (i, case) in [
+        (2, 16, 56, 56, 8, 1, 2, 0, 1),
+        (3, 8, 28, 28, 5, 1, 2, 0, 1),
+        (2, 8, 10, 8, 3, 1, 2, 0, 1),
+        (1, 64, 8, 8, 16, 1, 2, 0, 2),
+        (1, 8, 14, 14, 8, 1, 2, 0, 1), // 7x7 output: 49 positions, not taken
+        (1, 12, 8, 8, 4, 1, 2, 0, 1),  // 12 channels: not taken
+    ]
+    .iter()
+    .enumerate()
+    {
+        let g = geom(case);
+        let (x, w, r) = inputs(&g, 500 + i as u64);
+        let f32t = |v: &[f64], shape: &[usize]| {
+            Tensor::from_slice(v, shape, &dev)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .unwrap()
+        };
+        let xt = f32t(&x, &[g.n, g.c, g.h, g.w]);
+        let wt = f32t(&w, &[g.o, g.cg(), g.kh, g.kw]);
+        let dyt = f32t(&r, &[g.n, g.o, g.ho, g.wo]);
+        let flat = |t: &Tensor| -> Vec<f64> {
+            t.to_dtype(DType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .unwrap()
+        };
+        let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
+        let tol = 1e-5 * g.k().max(g.n * g.out_hw()) as f64;
+        let (dx, dw) = conv2d_backward(&xt, &wt, &dyt, g, true).unwrap();
+        let dx = dx.expect("input gradient asked for");
+        assert_eq!(dx.dims(), &[g.n, g.c, g.h, g.w], "{case:?}");
+        assert_eq!(dw.dims(), &[g.o, g.cg(), g.kh, g.kw], "{case:?}");
+        assert!(
+            max_abs_diff(&flat(&dx), &rdx) < tol,
+            "together: dx {case:?}"
+        );
+        assert!(
+            max_abs_diff(&flat(&dw), &rdw) < tol,
+            "together: dw {case:?}"
+        );
+        let dx = conv2d_backward_data(&dyt, &wt, g).unwrap();
+        let dw = conv2d_backward_filter(&xt, &dyt, g).unwrap();
+        assert!(max_abs_diff(&flat(&dx), &rdx) < tol, "apart: dx {case:?}");
+        assert!(max_abs_diff(&flat(&dw), &rdw) < tol, "apart: dw {case:?}");
+    }
 }
