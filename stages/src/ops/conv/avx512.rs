@@ -685,7 +685,7 @@ pub unsafe fn spread_dgrad_f32(
     let span = og.div_ceil(row_tiles);
     let every = (og / span.max(1)).max(1);
     let tile = rows * wo;
-    let mut bg = Background::new(background, ho.div_ceil(rows) * row_tiles * og);
+    let mut bg = Background::new(background, ho.div_ceil(rows) * row_tiles * (og / 2));
     let mut staged = Staged {
         lines: [_mm512_setzero_ps(); SPREAD_OUT],
         at: [std::ptr::null_mut(); SPREAD_OUT],
@@ -789,19 +789,7 @@ unsafe fn spread_tile(
     let mut acc = [[_mm512_setzero_ps(); 2]; SPREAD_MT];
     let (wp, bp) = (w.as_ptr(), dy.as_ptr());
     let (mut next, mut count) = (fetch.map_or(0, |f| f.rows.0), 0);
-    let pending = staged.len;
-    // Locals, so the loop keeps them in registers (through the `&mut`s it stored them back
-    // every step, and the accumulators with them).
-    let mut bgl = *bg;
-    for k in 0..og {
-        // SAFETY: dy holds og planes of ohw; lanes past the tile are masked off (not read).
-        let (x0, x1) = unsafe {
-            let at = bp.add(k * ohw + p0);
-            (
-                _mm512_maskz_loadu_ps(m0, at),
-                _mm512_maskz_loadu_ps(m1, at.add(16)),
-            )
-        };
+    let mut fetch_step = || {
         if let Some(f) = fetch {
             count += 1;
             if count == f.every && next < f.rows.1 {
@@ -814,19 +802,50 @@ unsafe fn spread_tile(
                 next += 1;
             }
         }
-        bgl.step();
-        if k & 1 == 0 && k / 2 < pending {
-            // SAFETY: staged addresses are lines inside dx.
-            unsafe { staged.store(k / 2) };
-        }
+    };
+    let step = |k: usize, acc: &mut [[__m512; 2]; SPREAD_MT]| {
+        // SAFETY: dy holds og planes of ohw; lanes past the tile are masked off (not read).
+        let (x0, x1) = unsafe {
+            let at = bp.add(k * ohw + p0);
+            (
+                _mm512_maskz_loadu_ps(m0, at),
+                _mm512_maskz_loadu_ps(m1, at.add(16)),
+            )
+        };
         for (r, row) in acc.iter_mut().enumerate() {
             // SAFETY: w reaches (og - 1)·w_cs + cg and c0 + r < cg.
             let av = _mm512_set1_ps(unsafe { *wp.add(k * w_cs + c0 + r) });
             row[0] = _mm512_fmadd_ps(x0, av, row[0]);
             row[1] = _mm512_fmadd_ps(x1, av, row[1]);
         }
+    };
+    let pending = staged.len;
+    // Locals, so the loop keeps them in registers (through the `&mut`s it stored them back
+    // every step, and the accumulators with them).
+    let mut bgl = *bg;
+    let mut stored = 0;
+    // Two steps a round: one staged line and one background line per round, and half the
+    // loop's own instructions per multiply-add.
+    let mut k = 0;
+    while k + 2 <= og {
+        if fetch.is_some() {
+            fetch_step();
+            fetch_step();
+        }
+        bgl.step();
+        if stored < pending {
+            // SAFETY: staged addresses are lines inside dx.
+            unsafe { staged.store(stored) };
+            stored += 1;
+        }
+        step(k, &mut acc);
+        step(k + 1, &mut acc);
+        k += 2;
     }
-    for i in og.div_ceil(2).min(pending)..pending {
+    if k < og {
+        step(k, &mut acc);
+    }
+    for i in stored..pending {
         // SAFETY: as above.
         unsafe { staged.store(i) };
     }
