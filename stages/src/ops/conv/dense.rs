@@ -526,7 +526,9 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
                     let dst = &mut yc[grp * og * ohw..][..og * ohw];
                     // Streamed: the output is large and the next op reads it from memory.
                     let cols = (&col[..], pitch);
-                    if simd::skinny_matmul((og, ohw, kk), wg, cols, (dst, ohw), true, false) {
+                    let bg = next_input_rows(g, x, n0, grp);
+                    let bg = bg.as_ref().map_or(&[][..], |b| &b[..]);
+                    if simd::skinny_matmul((og, ohw, kk), wg, cols, (dst, ohw), true, false, bg) {
                         return;
                     }
                     matmul((og, ohw, kk), dst, ohw, false, wg, (col, pitch, 1), par);
@@ -543,6 +545,26 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         }
     });
     y
+}
+
+/// For a strided shortcut (the geometry of [`spread_dgrad_applies`]), the even input rows
+/// of image `n + 1`'s group `grp`, which the kernels working on image `n` bring into L2 for
+/// the next image's im2col (a worker usually takes the next image next). Its im2col reads
+/// every other row, a pattern the hardware prefetchers follow poorly.
+fn next_input_rows<'a, T: Elem>(
+    g: &Geom,
+    x: &'a [T],
+    n: usize,
+    grp: usize,
+) -> Option<[simd::Background<'a, T>; 1]> {
+    let planes = g.cg() * g.in_hw();
+    (spread_dgrad_applies(g) && n + 1 < g.n).then(|| {
+        [simd::Background {
+            data: &x[(n + 1) * g.c * g.in_hw() + grp * planes..][..planes],
+            run: g.w,
+            stride: 2 * g.w,
+        }]
+    })
 }
 
 /// Input gradient.
@@ -620,6 +642,7 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                             (col, pitch),
                             false,
                             true,
+                            &[],
                         );
                     if !skinny {
                         matmul(
@@ -685,7 +708,15 @@ fn dgrad_skinny_bands<T: Elem>(
         let n = (r1 - r0) * g.wo;
         // The output gradient comes from memory, so it is fetched ahead (`from_memory`).
         let dyb = (&dyg[r0 * g.wo..], ohw);
-        if !simd::skinny_matmul((rows, n, og), wt, dyb, (&mut col[..], pitch), false, true) {
+        if !simd::skinny_matmul(
+            (rows, n, og),
+            wt,
+            dyb,
+            (&mut col[..], pitch),
+            false,
+            true,
+            &[],
+        ) {
             // Its answer depends on the shapes alone, the same for every band.
             debug_assert_eq!(r0, 0, "skinny_matmul refused a later band");
             return false;

@@ -355,7 +355,8 @@ pub const SKINNY_MAX_K: usize = 128;
 /// forward took the sum of the two). With `stream` this kernel stores whole lines
 /// non-temporally where `c` allows it (64-byte aligned rows); use it for outputs nothing
 /// reads soon. Set `from_memory` where `b` is not in cache: it is then read a few rows at a
-/// time, which the hardware prefetcher can follow, and fetched ahead.
+/// time, which the hardware prefetcher can follow, and fetched ahead. The kernel brings
+/// `background` into L2 as it goes.
 /// Returns false, touching nothing, where it does not apply: not f32 on AVX-512, `k` over
 /// [`SKINNY_MAX_K`], or `m` a multiple of neither 8 nor 9.
 pub fn skinny_matmul<T: Elem>(
@@ -365,6 +366,7 @@ pub fn skinny_matmul<T: Elem>(
     (c, c_rs): (&mut [T], usize),
     stream: bool,
     from_memory: bool,
+    background: &[Background<T>],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if level() == Level::Avx512 && m > 0 && n > 0 && (1..=SKINNY_MAX_K).contains(&k) {
@@ -378,17 +380,19 @@ pub fn skinny_matmul<T: Elem>(
             let stream =
                 stream && (c.as_ptr() as usize).is_multiple_of(64) && c_rs.is_multiple_of(16);
             let (a, b, c) = ((a, a_rs, a_cs), (b, pitch), (c, c_rs));
+            let (regions, nr) = regions(background);
+            let bg = &regions[..nr];
             // SAFETY: AVX-512F detected; the bounds the kernel relies on were asserted
             // above, `m` is a multiple of the tile's rows, and `stream` only with an aligned
             // `c` and row stride.
             unsafe {
                 use super::avx512::skinny_matmul_f32 as kernel;
                 if m % 8 == 0 {
-                    kernel::<8, 3>((m, n, k), a, b, c, stream, from_memory);
+                    kernel::<8, 3>((m, n, k), a, b, c, stream, from_memory, bg);
                     return true;
                 }
                 if m % 9 == 0 {
-                    kernel::<9, 2>((m, n, k), a, b, c, stream, from_memory);
+                    kernel::<9, 2>((m, n, k), a, b, c, stream, from_memory, bg);
                     return true;
                 }
             }
@@ -401,6 +405,7 @@ pub fn skinny_matmul<T: Elem>(
         (c, c_rs),
         stream,
         from_memory,
+        background,
     );
     false
 }
@@ -465,25 +470,7 @@ pub fn spread_dgrad<T: Elem>(
                 "spread_dgrad: runs out of bounds"
             );
             let stream = (dx.as_ptr() as usize).is_multiple_of(64);
-            let mut regions = [super::avx512::Region {
-                start: std::ptr::null(),
-                run: 0,
-                stride: 0,
-                runs: 0,
-            }; 4];
-            for (r, b) in regions.iter_mut().zip(background) {
-                let runs = if b.run == 0 || b.data.len() < b.run {
-                    0
-                } else {
-                    (b.data.len() - b.run) / b.stride.max(1) + 1
-                };
-                *r = super::avx512::Region {
-                    start: b.data.as_ptr().cast(),
-                    run: b.run,
-                    stride: b.stride,
-                    runs,
-                };
-            }
+            let (regions, nr) = regions(background);
             // SAFETY: AVX-512F detected; the shape conditions are checked by
             // `spread_dgrad_applies` and the bounds asserted.
             unsafe {
@@ -495,7 +482,7 @@ pub fn spread_dgrad<T: Elem>(
                     dx,
                     stream,
                     ahead,
-                    &regions[..background.len().min(4)],
+                    &regions[..nr],
                 )
             };
             return true;
@@ -503,6 +490,31 @@ pub fn spread_dgrad<T: Elem>(
     }
     let _ = ((cg, og, ho, wo), (w, w_cs), dy, dx, ahead, background);
     false
+}
+
+/// The kernels' form of up to 4 [`Background`]s, and how many there are.
+#[cfg(target_arch = "x86_64")]
+fn regions<T: Elem>(background: &[Background<T>]) -> ([super::avx512::Region; 4], usize) {
+    let mut regions = [super::avx512::Region {
+        start: std::ptr::null(),
+        run: 0,
+        stride: 0,
+        runs: 0,
+    }; 4];
+    for (r, b) in regions.iter_mut().zip(background) {
+        let runs = if b.run == 0 || b.data.len() < b.run {
+            0
+        } else {
+            (b.data.len() - b.run) / b.stride.max(1) + 1
+        };
+        *r = super::avx512::Region {
+            start: b.data.as_ptr().cast(),
+            run: b.run,
+            stride: b.stride,
+            runs,
+        };
+    }
+    (regions, background.len().min(4))
 }
 
 /// Memory a kernel brings into L2 while it computes, for the next one to find there: runs

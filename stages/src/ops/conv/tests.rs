@@ -404,6 +404,7 @@ fn skinny_matmul_matches_definition() {
                 (c, c_rs),
                 true,
                 from_memory,
+                &[],
             );
             #[cfg(target_arch = "x86_64")]
             let avx512 = simd::level() == simd::Level::Avx512;
