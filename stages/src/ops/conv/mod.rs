@@ -3,12 +3,15 @@
 //! candle 0.11 runs grouped convolutions as a loop of per-group convolutions and computes the
 //! input gradient through a direct `conv_transpose2d` loop (NaN for groups > 1), which makes
 //! CPU training 10-80x slower than PyTorch (issue 5). This module replaces that on the CPU by
-//! three candle custom ops that share one [`Geom`]:
+//! candle custom ops that share one [`Geom`]:
 //!
 //! - [`Conv2dFwd`]: forward, with `bwd` returning the weight gradient and, where the input
 //!   is a variable or comes from one, the input gradient, through the two ops below;
 //! - `Conv2dBwdData`: gradient with respect to the input;
-//! - `Conv2dBwdFilter`: gradient with respect to the weight.
+//! - `Conv2dBwdFilter`: gradient with respect to the weight;
+//! - `Conv2dBwdBoth`: both in one pass over the batch, for the geometry where sharing the
+//!   pass pays (iresnet's unpadded 1x1 stride-2 shortcuts, f32 on AVX-512; see
+//!   `dense::backward_spread`).
 //!
 //! Each op picks one of two algorithms ([`Geom::use_direct`]):
 //! - `dense`: im2col/col2im on the `gemm` crate that candle itself uses, for ordinary and
