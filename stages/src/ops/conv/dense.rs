@@ -887,7 +887,10 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
 
 /// Whether [`backward_spread`] takes `g` for `T` on this CPU.
 pub fn backward_spread_applies<T: Elem>(g: &Geom) -> bool {
-    !g.use_direct()
+    // An empty batch or no output channels: the general path's loops simply do nothing.
+    g.n > 0
+        && g.og() > 0
+        && !g.use_direct()
         && spread_dgrad_applies(g)
         && simd::spread_dgrad_applies::<T>((g.k(), g.ho, g.wo))
 }
