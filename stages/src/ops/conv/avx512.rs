@@ -201,8 +201,8 @@ pub unsafe fn skinny_matmul_f32<const MT: usize, const V: usize>(
     } else {
         (n, k)
     };
-    // One call of `bg.step` per tile of columns (all row tiles).
-    let tiles = n.div_ceil(band.max(1)) * k.div_ceil(kb.max(1)) * (band.min(n) / w + 2);
+    // One call of `bg.steps` per full tile of columns (for all its row tiles) and pass.
+    let tiles = (n / w) * k.div_ceil(kb.max(1));
     let mut bg = Background::new(background, tiles);
     for n0 in (0..n).step_by(band.max(1)) {
         let n1 = (n0 + band).min(n);
@@ -575,9 +575,10 @@ struct Background<'a> {
 impl<'a> Background<'a> {
     /// Spreads the regions' lines over `steps` calls of [`Self::step`].
     fn new(regions: &'a [Region], steps: usize) -> Self {
+        // At most: a run that does not start on a line touches one line more.
         let lines: usize = regions
             .iter()
-            .map(|r| r.runs * (r.run * 4).div_ceil(64))
+            .map(|r| r.runs * ((r.run * 4).div_ceil(64) + 1))
             .sum();
         let steps = steps.max(1);
         let mut b = Background {
@@ -692,7 +693,8 @@ impl Staged {
 /// `a[ci, oc] = w[oc·w_cs + ci]`; `dy` holds `og` planes of `ho·wo`, `dx` `cg` planes of
 /// `4·ho·wo`. With `ahead`, each tile fetches the output gradient of the tile that many
 /// tiles on (for a `dy` in memory), its rows shared out among the tile's row tiles. The
-/// steps also fetch the lines of `background` into L2, spread evenly over the call.
+/// steps also fetch the lines of `background` into L2, one every few rounds of steps (as
+/// many as there are rounds at most).
 ///
 /// # Safety
 /// The CPU has AVX-512F; `cg` is a multiple of `SPREAD_MT`; `1 <= rows`,
@@ -719,6 +721,8 @@ pub unsafe fn spread_dgrad_f32(
     let every = (og / span.max(1)).max(1);
     let tile = rows * wo;
     let mut bg = Background::new(background, ho.div_ceil(rows) * row_tiles * (og / 2));
+    // One pointer for every store, the staged ones included, which outlive a tile's call.
+    let dp = dx.as_mut_ptr();
     let mut staged = Staged {
         lines: [_mm512_setzero_ps(); SPREAD_OUT],
         at: [std::ptr::null_mut(); SPREAD_OUT],
@@ -743,7 +747,7 @@ pub unsafe fn spread_dgrad_f32(
                     p0,
                     (w, w_cs),
                     dy,
-                    dx,
+                    dp,
                     t,
                     fetch,
                     &mut staged,
@@ -795,8 +799,8 @@ impl SpreadTable {
 }
 
 /// One register tile of [`spread_dgrad_f32`]: input channels `c0..c0 + SPREAD_MT`, the
-/// output positions `p0..p0 + t.n`. Stores the previous tile's `staged` lines during its
-/// steps and leaves its own there.
+/// output positions `p0..p0 + t.n`, into `dp` (the start of `dx`). Stores the previous
+/// tile's `staged` lines during its steps and leaves its own there.
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -805,7 +809,7 @@ unsafe fn spread_tile(
     p0: usize,
     (w, w_cs): (&[f32], usize),
     dy: &[f32],
-    dx: &mut [f32],
+    dp: *mut f32,
     t: &SpreadTable,
     fetch: Option<Ahead>,
     staged: &mut Staged,
@@ -842,7 +846,9 @@ unsafe fn spread_tile(
             let at = bp.add(k * ohw + p0);
             (
                 _mm512_maskz_loadu_ps(m0, at),
-                _mm512_maskz_loadu_ps(m1, at.add(16)),
+                // Not `add`: with 16 positions or fewer this lies past the tile (and may lie
+                // past `dy`); the mask reads nothing there.
+                _mm512_maskz_loadu_ps(m1, at.wrapping_add(16)),
             )
         };
         for (r, row) in acc.iter_mut().enumerate() {
@@ -883,7 +889,6 @@ unsafe fn spread_tile(
         unsafe { staged.store(i) };
     }
     *bg = bgl;
-    let dp = dx.as_mut_ptr();
     let mut i = 0;
     let out = acc;
     for (r, row) in out.iter().enumerate() {

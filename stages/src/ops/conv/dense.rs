@@ -945,7 +945,9 @@ pub fn backward_spread<T: Elem>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Option<
                     });
                     let bg = next.as_ref().map_or(&[][..], |b| &b[..]);
                     let applied = simd::spread_dgrad((kk, og, g.ho, g.wo), wg, dyg, dxg, None, bg);
-                    debug_assert!(applied, "spread_dgrad_applies said yes");
+                    // Not a debug assertion: had it declined, `dx` would hold
+                    // uninitialised memory.
+                    assert!(applied, "spread_dgrad declined what it said it takes");
                 }
             }
             if !lanes.is_empty() {

@@ -6,7 +6,8 @@
 //! candle custom ops that share one [`Geom`]:
 //!
 //! - [`Conv2dFwd`]: forward, with `bwd` returning the weight gradient and, where the input
-//!   is a variable or comes from one, the input gradient, through the two ops below;
+//!   is a variable or comes from one, the input gradient, through the ops below
+//!   ([`conv2d_backward`]);
 //! - `Conv2dBwdData`: gradient with respect to the input;
 //! - `Conv2dBwdFilter`: gradient with respect to the weight;
 //! - `Conv2dBwdBoth`: both in one pass over the batch, for the geometry where sharing the
@@ -238,7 +239,7 @@ pub fn conv2d_backward(
     want_dx: bool,
 ) -> Result<(Option<Tensor>, Tensor)> {
     let dy = dy.contiguous()?;
-    if want_dx && Conv2dBwdBoth::applies(&geom, x) {
+    if want_dx && Conv2dBwdBoth::applies(&geom, [x, w, &dy]) {
         // One buffer `[dx | dw]`: dx is a view of its head, dw a copy of its tail (so the
         // weight gradient, kept until the optimiser step, does not keep dx's memory).
         let both = x
@@ -266,9 +267,9 @@ pub fn conv2d_backward(
 struct Conv2dBwdBoth(Geom);
 
 impl Conv2dBwdBoth {
-    fn applies(geom: &Geom, x: &Tensor) -> bool {
+    fn applies(geom: &Geom, [x, w, dy]: [&Tensor; 3]) -> bool {
         x.device().is_cpu()
-            && x.dtype() == DType::F32
+            && [x, w, dy].iter().all(|t| t.dtype() == DType::F32)
             && dense::backward_spread_applies::<f32>(geom)
     }
 }

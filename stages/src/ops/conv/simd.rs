@@ -429,7 +429,9 @@ fn spread_rows(wo: usize) -> Option<usize> {
 }
 
 /// Whether [`spread_dgrad`] runs for `T` and `(cg, ho, wo)` here: f32 on AVX-512, `cg` a
-/// multiple of 8, output rows at most 32 wide and `ho·wo` a multiple of 4.
+/// multiple of 8, `ho·wo` a multiple of 4, and some number of whole output rows `wo` wide
+/// making at most 32 positions, a multiple of 4 (so 28, 14, 7, 12, 10, 8, 4 take it; 9, 11
+/// or over 32 do not).
 pub fn spread_dgrad_applies<T: Elem>((cg, ho, wo): (usize, usize, usize)) -> bool {
     #[cfg(target_arch = "x86_64")]
     if level() == Level::Avx512
@@ -502,10 +504,11 @@ fn regions<T: Elem>(background: &[Background<T>]) -> ([super::avx512::Region; 4]
         runs: 0,
     }; 4];
     for (r, b) in regions.iter_mut().zip(background) {
+        // A zero stride is one run.
         let runs = if b.run == 0 || b.data.len() < b.run {
             0
         } else {
-            (b.data.len() - b.run) / b.stride.max(1) + 1
+            (b.data.len() - b.run).checked_div(b.stride).unwrap_or(0) + 1
         };
         *r = super::avx512::Region {
             start: b.data.as_ptr().cast(),

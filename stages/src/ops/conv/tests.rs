@@ -35,10 +35,12 @@ const CASES: &[Case] = &[
     (2, 4, 9, 38, 8, 1, 2, 0, 1), // the same, rows long enough for the vector take and spread
     (1, 4, 10, 37, 8, 1, 2, 0, 1), // the same, odd rows (a scalar tail), an even height
     (2, 16, 56, 56, 8, 1, 2, 0, 1), // the same at iresnet's 56x56: spread from registers
-    (3, 8, 28, 28, 5, 1, 2, 0, 1), // spread, two output rows per tile, 3 images on 2 workers
+    (3, 8, 28, 28, 5, 1, 2, 0, 1), // spread, two output rows per tile, 3 images: uneven shares
     (2, 8, 12, 20, 4, 1, 2, 0, 1), // spread, rows of 10: two per tile
     (2, 8, 10, 8, 3, 1, 2, 0, 1), // spread, rows of 4: one tile of 5 rows (a partial tile)
     (1, 64, 8, 8, 16, 1, 2, 0, 2), // spread per group (32 channels each)
+    (1, 8, 20, 8, 4, 1, 2, 0, 1), // spread, a tile of 8 rows of 4, then one of 2
+    (1, 8, 6, 24, 4, 1, 2, 0, 1), // spread, rows of 12: a tile of 2, then one of 12 positions
     (1, 4, 11, 11, 8, 7, 2, 3, 1), // dense 7x7 stride 2
     (5, 3, 5, 5, 2, 3, 1, 2, 1), // padding larger than a tap reaches
     (2, 3, 6, 7, 4, 5, 1, 2, 1), // dense 5x5 "same": im2col's one-run copy, taps 2 rows off
@@ -774,8 +776,10 @@ fn shortcut_gradients_together_and_apart_match_reference() {
         (3, 8, 28, 28, 5, 1, 2, 0, 1),
         (2, 8, 10, 8, 3, 1, 2, 0, 1),
         (1, 64, 8, 8, 16, 1, 2, 0, 2),
+        (1, 8, 20, 8, 4, 1, 2, 0, 1),
+        (1, 8, 6, 8, 4, 1, 2, 0, 1), // 12 positions: a tile under one vector
         (1, 8, 14, 14, 8, 1, 2, 0, 1), // 7x7 output: 49 positions, not taken
-        (1, 12, 8, 8, 4, 1, 2, 0, 1),  // 12 channels: not taken
+        (1, 12, 8, 8, 4, 1, 2, 0, 1), // 12 channels: not taken
     ]
     .iter()
     .enumerate()
@@ -814,5 +818,93 @@ fn shortcut_gradients_together_and_apart_match_reference() {
         let dw = conv2d_backward_filter(&xt, &dyt, g).unwrap();
         assert!(max_abs_diff(&flat(&dx), &rdx) < tol, "apart: dx {case:?}");
         assert!(max_abs_diff(&flat(&dw), &rdw) < tol, "apart: dw {case:?}");
+    }
+}
+
+/// `simd::spread_dgrad` against its definition, into a 64-byte aligned input gradient (the
+/// non-temporal stores) and one a float off (ordinary stores), with a background list that
+/// has an empty run, a zero stride and a real region: every element written, none outside,
+/// the even rows and columns the product and the rest zero. Where the kernel does not apply
+/// it must say so and write nothing.
+#[test]
+fn spread_dgrad_matches_definition() {
+    for (cg, og, ho, wo) in [(8, 3, 5, 4), (16, 5, 4, 28), (8, 2, 3, 12), (8, 4, 3, 4)] {
+        let w = values(og * cg, 11)
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>();
+        let dy = values(og * ho * wo, 12)
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>();
+        let (ih, iw) = (2 * ho, 2 * wo);
+        let len = cg * ih * iw;
+        let other = vec![0f32; 100];
+        let background = [
+            simd::Background {
+                data: &other[..],
+                run: 0,
+                stride: 4,
+            },
+            simd::Background {
+                data: &other[..],
+                run: 10,
+                stride: 0,
+            },
+            simd::Background {
+                data: &dy[..],
+                run: wo,
+                stride: 2 * wo,
+            },
+        ];
+        for aligned in [true, false] {
+            let mut buf = vec![f32::NAN; len + 32];
+            let start = buf.as_ptr().align_offset(64) + usize::from(!aligned);
+            let applied = simd::spread_dgrad(
+                (cg, og, ho, wo),
+                (&w, cg),
+                &dy,
+                &mut buf[start..start + len],
+                Some(2),
+                &background,
+            );
+            #[cfg(target_arch = "x86_64")]
+            let avx512 = simd::level() == simd::Level::Avx512;
+            #[cfg(not(target_arch = "x86_64"))]
+            let avx512 = false;
+            if !avx512 {
+                assert!(
+                    !applied && buf.iter().all(|v| v.is_nan()),
+                    "wrote without applying"
+                );
+                continue;
+            }
+            assert!(applied, "{cg}x{og} {ho}x{wo} not taken");
+            assert!(
+                buf[..start]
+                    .iter()
+                    .chain(&buf[start + len..])
+                    .all(|v| v.is_nan()),
+                "{cg}x{og} {ho}x{wo}: wrote outside dx"
+            );
+            for ci in 0..cg {
+                for y in 0..ih {
+                    for x in 0..iw {
+                        let got = buf[start + (ci * ih + y) * iw + x];
+                        let want = if y % 2 == 0 && x % 2 == 0 {
+                            (0..og)
+                                .map(|o| w[o * cg + ci] * dy[(o * ho + y / 2) * wo + x / 2])
+                                .sum::<f32>()
+                        } else {
+                            0.0
+                        };
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{cg}x{og} {ho}x{wo} aligned {aligned}: ({ci}, {y}, {x}) {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
