@@ -218,6 +218,14 @@ fn inputs(g: &Geom, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     (x, w, r)
 }
 
+/// Whether this machine runs the AVX-512 kernels (which must say where they do not apply).
+fn avx512_here() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return simd::level() == simd::Level::Avx512;
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Runs our op with autograd on `Σ y·r`; returns (y, dx, dw).
 fn ours(g: &Geom, x: &[f64], w: &[f64], r: &[f64], dtype: DType) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     run_with(conv2d, g, x, w, r, dtype)
@@ -408,11 +416,7 @@ fn skinny_matmul_matches_definition() {
                 from_memory,
                 &[],
             );
-            #[cfg(target_arch = "x86_64")]
-            let avx512 = simd::level() == simd::Level::Avx512;
-            #[cfg(not(target_arch = "x86_64"))]
-            let avx512 = false;
-            if !avx512 {
+            if !avx512_here() {
                 assert!(
                     !applied && c.iter().all(|v| v.is_nan()),
                     "wrote without applying"
@@ -471,10 +475,7 @@ fn skinny_wgrad_matches_definition() {
             "26 rows taken"
         );
         assert!(other.iter().all(|&v| v == 0.0), "26 rows written");
-        #[cfg(target_arch = "x86_64")]
-        let avx512 = simd::level() == simd::Level::Avx512;
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx512 = false;
+        let avx512 = avx512_here();
         assert_eq!(applied, avx512, "applies without AVX-512, or not with it");
         assert!(!simd::skinny_wgrad_applies::<f64>(kk), "applies to f64");
         if !applied {
@@ -868,11 +869,7 @@ fn spread_dgrad_matches_definition() {
                 Some(2),
                 &background,
             );
-            #[cfg(target_arch = "x86_64")]
-            let avx512 = simd::level() == simd::Level::Avx512;
-            #[cfg(not(target_arch = "x86_64"))]
-            let avx512 = false;
-            if !avx512 {
+            if !avx512_here() {
                 assert!(
                     !applied && buf.iter().all(|v| v.is_nan()),
                     "wrote without applying"
