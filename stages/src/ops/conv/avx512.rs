@@ -13,6 +13,16 @@
 
 use std::arch::x86_64::*;
 
+/// The mask of the first `n` lanes of a vector (all 16 from `n = 16` on).
+#[inline(always)]
+fn first_lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        !0
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// Output pixels per register block of the forward kernel (one accumulator each).
 const FP: usize = 12;
 
@@ -240,11 +250,7 @@ pub unsafe fn skinny_matmul_f32<const MT: usize, const V: usize>(
                 p0 += w;
             }
             while p0 < n1 {
-                let mask: __mmask16 = if n1 - p0 >= 16 {
-                    !0
-                } else {
-                    (1u16 << (n1 - p0)) - 1
-                };
+                let mask = first_lanes(n1 - p0);
                 for r0 in (0..m).step_by(MT) {
                     // SAFETY: as above; lanes past n1 are masked off.
                     unsafe {
@@ -455,7 +461,7 @@ unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
         p += 16;
     }
     if p < n {
-        step(p, (1u16 << (n - p)) - 1);
+        step(p, first_lanes(n - p));
     }
     for (ob, row) in acc.iter().enumerate() {
         for (r, a) in row.iter().enumerate() {
@@ -489,11 +495,7 @@ pub unsafe fn add_assign_f32(dst: &mut [f32], src: &[f32]) {
         i += 64;
     }
     while i < n {
-        let mask: __mmask16 = if n - i >= 16 {
-            !0
-        } else {
-            (1u16 << (n - i)) - 1
-        };
+        let mask = first_lanes(n - i);
         // SAFETY: lanes past n are masked off.
         unsafe {
             let x = _mm512_add_ps(
@@ -815,14 +817,7 @@ unsafe fn spread_tile(
     staged: &mut Staged,
     bg: &mut Background,
 ) {
-    let lanes = |n: usize| -> __mmask16 {
-        if n >= 16 {
-            !0
-        } else {
-            (1u16 << n) - 1
-        }
-    };
-    let (m0, m1) = (lanes(t.n), lanes(t.n.saturating_sub(16)));
+    let (m0, m1) = (first_lanes(t.n), first_lanes(t.n.saturating_sub(16)));
     let mut acc = [[_mm512_setzero_ps(); 2]; SPREAD_MT];
     let (wp, bp) = (w.as_ptr(), dy.as_ptr());
     let (mut next, mut count) = (fetch.map_or(0, |f| f.rows.0), 0);
@@ -890,6 +885,8 @@ unsafe fn spread_tile(
     }
     *bg = bgl;
     let mut i = 0;
+    // A copy: indexed by a run-time row below, `acc` itself would live in memory, and with
+    // the stores in the loop above the compiler wrote it back every step.
     let out = acc;
     for (r, row) in out.iter().enumerate() {
         // SAFETY: the tile's input rows lie in plane c0 + r at 4·p0 floats on, 4·t.n

@@ -527,7 +527,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
                     // Streamed: the output is large and the next op reads it from memory.
                     let cols = (&col[..], pitch);
                     let bg = next_input_rows(g, x, n0, grp);
-                    let bg = bg.as_ref().map_or(&[][..], |b| &b[..]);
+                    let bg = bg.as_slice();
                     if simd::skinny_matmul((og, ohw, kk), wg, cols, (dst, ohw), true, false, bg) {
                         return;
                     }
@@ -547,7 +547,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     y
 }
 
-/// For a strided shortcut (the geometry of [`spread_dgrad_applies`]), the even input rows
+/// For a strided shortcut ([`is_strided_shortcut`]), the even input rows
 /// of image `n + 1`'s group `grp`, which the kernels working on image `n` bring into L2 for
 /// the next image's im2col (a worker usually takes the next image next). Its im2col reads
 /// every other row, a pattern the hardware prefetchers follow poorly.
@@ -556,15 +556,29 @@ fn next_input_rows<'a, T: Elem>(
     x: &'a [T],
     n: usize,
     grp: usize,
-) -> Option<[simd::Background<'a, T>; 1]> {
+) -> Option<simd::Background<'a, T>> {
     let planes = g.cg() * g.in_hw();
-    (spread_dgrad_applies(g) && n + 1 < g.n).then(|| {
-        [simd::Background {
-            data: &x[(n + 1) * g.c * g.in_hw() + grp * planes..][..planes],
-            run: g.w,
-            stride: 2 * g.w,
-        }]
+    (is_strided_shortcut(g) && n + 1 < g.n).then(|| simd::Background {
+        data: &x[(n + 1) * g.c * g.in_hw() + grp * planes..][..planes],
+        run: g.w,
+        stride: 2 * g.w,
     })
+}
+
+/// Group `grp` of one image's input gradient `dxi` from its output gradient `dyi` on
+/// [`simd::spread_dgrad`] (`ahead` and `background` as there); false where that declines.
+fn spread_group<T: Elem>(
+    g: &Geom,
+    grp: usize,
+    (w, dyi, dxi): (&[T], &[T], &mut [T]),
+    ahead: Option<usize>,
+    background: &[simd::Background<T>],
+) -> bool {
+    let (og, kk, ohw) = (g.og(), g.k(), g.out_hw());
+    let dxg = &mut dxi[grp * kk * g.in_hw()..][..kk * g.in_hw()];
+    let dyg = &dyi[grp * og * ohw..][..og * ohw];
+    let wg = (&w[grp * og * kk..][..og * kk], kk);
+    simd::spread_dgrad((kk, og, g.ho, g.wo), wg, dyg, dxg, ahead, background)
 }
 
 /// Input gradient.
@@ -593,13 +607,9 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                 matmul((kk, ohw, og), dst, ohw, false, wt, dyg, par);
                 continue;
             }
-            if b == 1 && spread_dgrad_applies(g) {
-                let dxg = &mut dxc[grp * kk * g.in_hw()..][..kk * g.in_hw()];
-                let dyg = &dyc[grp * og * ohw..][..og * ohw];
-                let wg = (&w[grp * og * kk..][..og * kk], kk);
-                if simd::spread_dgrad((kk, og, g.ho, g.wo), wg, dyg, dxg, Some(2), &[]) {
-                    continue;
-                }
+            if b == 1 && is_strided_shortcut(g) && spread_group(g, grp, (w, dyc, dxc), Some(2), &[])
+            {
+                continue;
             }
             // The columns of a band of input channels at a time: they are added back onto
             // those channels' planes alone, and a band stays in cache between the GEMM that
@@ -667,8 +677,9 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
 }
 
 /// Whether `g` is an unpadded 1x1 stride-2 convolution whose output covers its input
-/// (even input sizes): [`simd::spread_dgrad`]'s geometry.
-fn spread_dgrad_applies(g: &Geom) -> bool {
+/// (even input sizes), as iresnet's shortcuts: [`simd::spread_dgrad`]'s geometry (which
+/// also has conditions on the shapes, [`simd::spread_dgrad_applies`]).
+fn is_strided_shortcut(g: &Geom) -> bool {
     g.kh == 1 && g.kw == 1 && g.stride == 2 && g.pad == 0 && g.h == 2 * g.ho && g.w == 2 * g.wo
 }
 
@@ -891,7 +902,7 @@ pub fn backward_spread_applies<T: Elem>(g: &Geom) -> bool {
     g.n > 0
         && g.og() > 0
         && !g.use_direct()
-        && spread_dgrad_applies(g)
+        && is_strided_shortcut(g)
         && simd::spread_dgrad_applies::<T>((g.k(), g.ho, g.wo))
 }
 
@@ -924,27 +935,26 @@ pub fn backward_spread<T: Elem>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Option<
                 filter_chunk(g, (n, 1), x, dy, &mut dw, &mut lanes, Parallelism::None);
                 let dyi = &dy[n * g.o * ohw..][..g.o * ohw];
                 for grp in 0..g.groups {
-                    let dxg = &mut dxi[grp * kk * g.in_hw()..][..kk * g.in_hw()];
-                    let dyg = &dyi[grp * og * ohw..][..og * ohw];
-                    let wg = (&w[grp * og * kk..][..og * kk], kk);
-                    // The next image's output gradient and the even rows of its input,
-                    // for its weight gradient (and then this kernel) to find in L2.
-                    let next = (i + 1 < images && grp + 1 == g.groups).then(|| {
-                        [
-                            simd::Background {
-                                data: &dy[(n + 1) * g.o * ohw..][..g.o * ohw],
-                                run: g.o * ohw,
-                                stride: g.o * ohw,
-                            },
-                            simd::Background {
-                                data: &x[(n + 1) * chw..][..chw],
-                                run: g.w,
-                                stride: 2 * g.w,
-                            },
-                        ]
-                    });
+                    // The group's output gradient and even input rows in the next image
+                    // (when this worker takes it), for its weight gradient (and then this
+                    // kernel) to find in L2.
+                    let next = (i + 1 < images)
+                        .then(|| next_input_rows(g, x, n, grp))
+                        .flatten()
+                        .map(|rows| {
+                            let dyg = &dy[((n + 1) * g.groups + grp) * og * ohw..][..og * ohw];
+                            let run = dyg.len();
+                            [
+                                simd::Background {
+                                    data: dyg,
+                                    run,
+                                    stride: run,
+                                },
+                                rows,
+                            ]
+                        });
                     let bg = next.as_ref().map_or(&[][..], |b| &b[..]);
-                    let applied = simd::spread_dgrad((kk, og, g.ho, g.wo), wg, dyg, dxg, None, bg);
+                    let applied = spread_group(g, grp, (w, dyi, &mut *dxi), None, bg);
                     // Not a debug assertion: had it declined, `dx` would hold
                     // uninitialised memory.
                     assert!(applied, "spread_dgrad declined what it said it takes");

@@ -287,18 +287,11 @@ impl candle_core::CustomOp3 for Conv2dBwdBoth {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let shapes = [(l1, g.x_shape()), (l2, g.w_shape()), (l3, g.out_shape())];
-        for (l, want) in &shapes {
-            if l.shape() != want {
-                candle_core::bail!(
-                    "{}: operand {:?}, expected {want:?}",
-                    self.name(),
-                    l.shape()
-                );
-            }
-        }
-        let name = candle_core::CustomOp3::name(self);
+        let (g, name) = (&self.0, candle_core::CustomOp3::name(self));
+        check_operands(
+            name,
+            &[(l1, g.x_shape()), (l2, g.w_shape()), (l3, g.out_shape())],
+        )?;
         let (x, w, dy) = (
             contiguous::<f32>(s1, l1, name)?,
             contiguous::<f32>(s2, l2, name)?,
@@ -310,6 +303,24 @@ impl candle_core::CustomOp3 for Conv2dBwdBoth {
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+}
+
+/// An error naming op `name` unless every operand's layout has its expected shape.
+fn check_operands(name: &str, operands: &[(&Layout, Shape)]) -> Result<()> {
+    if operands.iter().all(|(l, want)| l.shape() == want) {
+        return Ok(());
+    }
+    let list = |shapes: Vec<String>| shapes.join(" and ");
+    candle_core::bail!(
+        "{name}: operands {}, expected {}",
+        list(
+            operands
+                .iter()
+                .map(|(l, _)| format!("{:?}", l.shape()))
+                .collect()
+        ),
+        list(operands.iter().map(|(_, s)| format!("{s:?}")).collect())
+    )
 }
 
 /// One computation on two contiguous operands, run for f32 or f64.
@@ -336,14 +347,7 @@ fn cpu_apply<K: Kernel>(
     l2: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
     let (sa, sb) = k.arg_shapes();
-    if l1.shape() != &sa || l2.shape() != &sb {
-        candle_core::bail!(
-            "{}: operands {:?} and {:?}, expected {sa:?} and {sb:?}",
-            k.name(),
-            l1.shape(),
-            l2.shape()
-        );
-    }
+    check_operands(k.name(), &[(l1, sa), (l2, sb)])?;
     let out = match (s1, s2) {
         (CpuStorage::F32(_), CpuStorage::F32(_)) => {
             let (a, b) = (
@@ -369,7 +373,8 @@ fn cpu_apply<K: Kernel>(
     Ok((out, k.out_shape()))
 }
 
-/// Forward convolution op: `(x, w) -> y`, with `bwd` giving both gradients.
+/// Forward convolution op: `(x, w) -> y`, with `bwd` giving the gradients
+/// ([`conv2d_backward`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Conv2dFwd(pub Geom);
 
