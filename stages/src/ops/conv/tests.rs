@@ -231,6 +231,29 @@ fn ours(g: &Geom, x: &[f64], w: &[f64], r: &[f64], dtype: DType) -> (Vec<f64>, V
     run_with(conv2d, g, x, w, r, dtype)
 }
 
+/// The input, weight and output-gradient tensors of `g` in `dtype` from their f64 values.
+fn operands(g: &Geom, (x, w, r): (&[f64], &[f64], &[f64]), dtype: DType) -> [Tensor; 3] {
+    let dev = Device::Cpu;
+    let tensor = |v: &[f64], shape: &[usize]| {
+        Tensor::from_slice(v, shape, &dev)
+            .and_then(|t| t.to_dtype(dtype))
+            .unwrap()
+    };
+    [
+        tensor(x, &[g.n, g.c, g.h, g.w]),
+        tensor(w, &[g.o, g.cg(), g.kh, g.kw]),
+        tensor(r, &[g.n, g.o, g.ho, g.wo]),
+    ]
+}
+
+/// A tensor's elements as f64, flattened.
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .unwrap()
+}
+
 /// [`ours`] for any convolution entry point.
 fn run_with(
     conv: ConvFn,
@@ -240,37 +263,15 @@ fn run_with(
     r: &[f64],
     dtype: DType,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let dev = Device::Cpu;
-    let xt = Var::from_tensor(
-        &Tensor::from_slice(x, (g.n, g.c, g.h, g.w), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap(),
-    )
-    .unwrap();
-    let wt = Var::from_tensor(
-        &Tensor::from_slice(w, (g.o, g.cg(), g.kh, g.kw), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap(),
-    )
-    .unwrap();
-    let rt = Tensor::from_slice(r, (g.n, g.o, g.ho, g.wo), &dev)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
+    let [xt, wt, rt] = operands(g, (x, w, r), dtype);
+    let (xt, wt) = (
+        Var::from_tensor(&xt).unwrap(),
+        Var::from_tensor(&wt).unwrap(),
+    );
     let y = conv(xt.as_tensor(), wt.as_tensor(), g.stride, g.pad, g.groups).unwrap();
     assert_eq!(y.dims(), &[g.n, g.o, g.ho, g.wo]);
     let loss = (&y * &rt).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
-    let flat = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
     (
         flat(&y),
         flat(grads.get(&xt).unwrap()),
@@ -771,7 +772,6 @@ fn constant_input_gets_no_input_gradient() {
 #[test]
 fn shortcut_gradients_together_and_apart_match_reference() {
     use super::{conv2d_backward, conv2d_backward_data, conv2d_backward_filter};
-    let dev = Device::Cpu;
     for (i, case) in [
         (2, 16, 56, 56, 8, 1, 2, 0, 1),
         (3, 8, 28, 28, 5, 1, 2, 0, 1),
@@ -787,20 +787,7 @@ fn shortcut_gradients_together_and_apart_match_reference() {
     {
         let g = geom(case);
         let (x, w, r) = inputs(&g, 500 + i as u64);
-        let f32t = |v: &[f64], shape: &[usize]| {
-            Tensor::from_slice(v, shape, &dev)
-                .and_then(|t| t.to_dtype(DType::F32))
-                .unwrap()
-        };
-        let xt = f32t(&x, &[g.n, g.c, g.h, g.w]);
-        let wt = f32t(&w, &[g.o, g.cg(), g.kh, g.kw]);
-        let dyt = f32t(&r, &[g.n, g.o, g.ho, g.wo]);
-        let flat = |t: &Tensor| -> Vec<f64> {
-            t.to_dtype(DType::F64)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1())
-                .unwrap()
-        };
+        let [xt, wt, dyt] = operands(&g, (&x, &w, &r), DType::F32);
         let (rdx, rdw) = naive_grads(&g, &x, &w, &r);
         let tol = 1e-5 * g.k().max(g.n * g.out_hw()) as f64;
         let (dx, dw) = conv2d_backward(&xt, &wt, &dyt, g, true).unwrap();
