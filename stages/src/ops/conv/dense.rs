@@ -488,7 +488,7 @@ fn for_chunks<T: Elem>(
 
 /// Forward pass.
 pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
-    let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
+    let (og, kk, ohw) = (g.og(), g.k(), g.out_hw());
     // SAFETY: every chunk writes all of its groups' output rows below, through the GEMM
     // (which does not read `dst` when not accumulating) or the copy out of `tmp`.
     let mut y = unsafe { output_vec::<T>(g.n * g.o * ohw) };
@@ -500,14 +500,14 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         for grp in 0..g.groups {
             let wg = (&w[grp * og * kk..][..og * kk], kk, 1);
             if g.is_pointwise() && b == 1 {
-                let xg = &x[n0 * chw + grp * kk * ohw..][..kk * ohw];
+                let xg = group_planes(g, x, n0, grp);
                 let dst = &mut yc[grp * og * ohw..][..og * ohw];
                 matmul((og, ohw, kk), dst, ohw, false, wg, (xg, ohw, 1), par);
                 continue;
             }
             let rows = rows_per_col_band(g);
             if b == 1 && rows < g.ho {
-                let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
+                let xg = group_planes(g, x, n0, grp);
                 let pitch = rows * g.wo;
                 for_col_bands(g, xg, (rows, pitch), |r0, cols, col| {
                     let dst = &mut yc[grp * og * ohw + r0 * g.wo..];
@@ -519,8 +519,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             T::with_scratch(kk * pitch + tmp_len, |scr| {
                 let (col, tmp) = scr.split_at_mut(kk * pitch);
                 for bi in 0..b {
-                    let xg = &x[(n0 + bi) * chw + grp * g.cg() * g.in_hw()..];
-                    im2col(g, &xg[..g.cg() * g.in_hw()], col, pitch, bi * ohw);
+                    im2col(g, group_planes(g, x, n0 + bi, grp), col, pitch, bi * ohw);
                 }
                 if b == 1 {
                     let dst = &mut yc[grp * og * ohw..][..og * ohw];
@@ -557,12 +556,17 @@ fn next_input_rows<'a, T: Elem>(
     n: usize,
     grp: usize,
 ) -> Option<simd::Background<'a, T>> {
-    let planes = g.cg() * g.in_hw();
     (is_strided_shortcut(g) && n + 1 < g.n).then(|| simd::Background {
-        data: &x[(n + 1) * g.c * g.in_hw() + grp * planes..][..planes],
+        data: group_planes(g, x, n + 1, grp),
         run: g.w,
         stride: 2 * g.w,
     })
+}
+
+/// The input planes of image `n`'s group `grp` in the `(n, c, h, w)` tensor `x`.
+fn group_planes<'a, T>(g: &Geom, x: &'a [T], n: usize, grp: usize) -> &'a [T] {
+    let planes = g.cg() * g.in_hw();
+    &x[(n * g.groups + grp) * planes..][..planes]
 }
 
 /// Group `grp` of one image's input gradient `dxi` from its output gradient `dyi` on
@@ -797,13 +801,13 @@ fn filter_chunk<T: Elem>(
     lanes: &mut Vec<T>,
     par: Parallelism,
 ) {
-    let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
+    let (og, kk, ohw) = (g.og(), g.k(), g.out_hw());
     let pitch = b * ohw;
     let dyc = &dy[n0 * g.o * ohw..][..b * g.o * ohw];
     for grp in 0..g.groups {
         let dwg = &mut dw[grp * og * kk..][..og * kk];
         if g.is_pointwise() && b == 1 {
-            let xg = (&x[n0 * chw + grp * kk * ohw..][..kk * ohw], 1, ohw);
+            let xg = (group_planes(g, x, n0, grp), 1, ohw);
             let dyg = (&dyc[grp * og * ohw..][..og * ohw], ohw, 1);
             matmul((og, kk, ohw), dwg, kk, true, dyg, xg, par);
             continue;
@@ -813,14 +817,14 @@ fn filter_chunk<T: Elem>(
                 *lanes = vec![T::ZERO; g.o * kk * 16];
             }
             let lg = &mut lanes[grp * og * kk * 16..][..og * kk * 16];
-            let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
+            let xg = group_planes(g, x, n0, grp);
             let dyg = &dyc[grp * og * ohw..][..og * ohw];
             wgrad_skinny(g, xg, dyg, lg);
             continue;
         }
         let rows = rows_per_col_band(g);
         if b == 1 && rows < g.ho {
-            let xg = &x[n0 * chw + grp * g.cg() * g.in_hw()..][..g.cg() * g.in_hw()];
+            let xg = group_planes(g, x, n0, grp);
             let pitch = rows * g.wo;
             for_col_bands(g, xg, (rows, pitch), |r0, cols, col| {
                 let dyg = (&dyc[grp * og * ohw + r0 * g.wo..], ohw, 1);
@@ -832,8 +836,7 @@ fn filter_chunk<T: Elem>(
         T::with_scratch(kk * pitch + tmp_len, |scr| {
             let (col, tmp) = scr.split_at_mut(kk * pitch);
             for bi in 0..b {
-                let xg = &x[(n0 + bi) * chw + grp * g.cg() * g.in_hw()..];
-                im2col(g, &xg[..g.cg() * g.in_hw()], col, pitch, bi * ohw);
+                im2col(g, group_planes(g, x, n0 + bi, grp), col, pitch, bi * ohw);
             }
             let dyg: &[T] = if b == 1 {
                 &dyc[grp * og * ohw..][..og * ohw]
