@@ -78,25 +78,70 @@ pub fn hash_file(path: &Path) -> Result<[u8; 32]> {
     Ok(*h.finalize().as_bytes())
 }
 
-/// Lists a tree's files and empty directories, sorted by relative path. Symbolic links are
-/// followed; a link that loops or dangles is an error naming it.
+/// Lists an artifact tree's files and empty directories, sorted by relative path. A symbolic
+/// link anywhere in it is an error naming it: an artifact holds only files and folders, so
+/// nothing that reads, hashes or makes read-only an artifact ever goes through a link to
+/// somewhere else (producers copy in what their links point to before they publish).
 pub fn walk(root: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
     // (relative path, absolute path, is_dir_entry)
     let mut out = Vec::new();
-    walk_into(root, root, &mut out)?;
+    walk_into(root, root, Links::Refuse, &mut out)?;
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
-fn walk_into(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf, bool)>) -> Result<()> {
+/// Like [`walk`] for the user's own files (a data folder named by a pipeline), where links are
+/// followed: a data set laid out with links hashes as the files they point to. A link that
+/// loops or dangles is an error naming it.
+pub(crate) fn walk_following(root: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
+    let mut out = Vec::new();
+    walk_into(root, root, Links::Follow, &mut out)?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// What a walk does with a symbolic link.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Links {
+    Follow,
+    Refuse,
+}
+
+fn walk_into(
+    root: &Path,
+    dir: &Path,
+    links: Links,
+    out: &mut Vec<(String, PathBuf, bool)>,
+) -> Result<()> {
     let mut any = false;
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         any = true;
         let path = entry.path();
-        let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
+        let link = entry.file_type().map_err(io_err(&path))?.is_symlink();
+        if link && links == Links::Refuse {
+            let target = std::fs::read_link(&path)
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            return Err(CacheError::Invalid {
+                path,
+                message: format!(
+                    "is a symbolic link (to {target}); artifacts hold only files and folders"
+                ),
+            });
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            if link {
+                CacheError::Invalid {
+                    path: path.clone(),
+                    message: format!("symbolic link that dangles or loops: {e}"),
+                }
+            } else {
+                io_err(&path)(e)
+            }
+        })?;
         if meta.is_dir() {
-            walk_into(root, &path, out)?;
+            walk_into(root, &path, links, out)?;
         } else if meta.is_file() {
             out.push((rel(root, &path)?, path, false));
         } else {
@@ -141,7 +186,7 @@ pub(crate) fn is_executable(_meta: &std::fs::Metadata) -> bool {
 
 /// Hashes every file under `root` (in parallel) and returns the tree's id and entries.
 pub fn tree_id(root: &Path) -> Result<(ArtifactId, Vec<TreeEntry>)> {
-    let entries = tree_entries(root, |abs, _| hash_file(abs))?;
+    let entries = tree_entries(root, Links::Refuse, |abs, _| hash_file(abs))?;
     Ok((id_of_entries(&entries), entries))
 }
 
@@ -149,9 +194,14 @@ pub fn tree_id(root: &Path) -> Result<(ArtifactId, Vec<TreeEntry>)> {
 /// file's path and metadata (so a caller may answer from a memo instead of reading it).
 pub(crate) fn tree_entries(
     root: &Path,
+    links: Links,
     hash: impl Fn(&Path, &std::fs::Metadata) -> Result<[u8; 32]> + Sync,
 ) -> Result<Vec<TreeEntry>> {
-    walk(root)?
+    let files = match links {
+        Links::Refuse => walk(root)?,
+        Links::Follow => walk_following(root)?,
+    };
+    files
         .par_iter()
         .map(|(rel, abs, is_dir)| {
             if *is_dir {
@@ -232,6 +282,40 @@ mod tests {
         let (with_dir, e) = tree_id(a.path()).unwrap();
         assert_ne!(empty, with_dir);
         assert_eq!(e[0].hash, None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn links_are_refused_in_artifacts_and_followed_in_user_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"mine").unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let store = crate::ArtifactStore::open(cache.path()).unwrap();
+        let staged = store.staging().unwrap();
+        std::fs::write(staged.path().join("a"), b"1").unwrap();
+        std::os::unix::fs::symlink(outside.path(), staged.path().join("out")).unwrap();
+        let err = store.commit(staged).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert!(err.contains("out"), "names the link: {err}");
+        // Nothing outside was made read-only, and nothing was published.
+        let mode = std::fs::metadata(outside.path().join("secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_ne!(mode & 0o200, 0, "the outside file stays writable");
+        assert!(store.objects().unwrap().is_empty());
+        // A user's data folder laid out with links hashes as the files they point to.
+        let data = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), data.path().join("s")).unwrap();
+        let hasher = crate::PathHasher::without_memo();
+        let linked = hasher.hash_path(data.path()).unwrap();
+        let plain = tempfile::tempdir().unwrap();
+        std::fs::write(plain.path().join("s"), b"mine").unwrap();
+        assert_eq!(linked, hasher.hash_path(plain.path()).unwrap());
+        std::os::unix::fs::symlink("missing", data.path().join("dangling")).unwrap();
+        let err = hasher.hash_path(data.path()).unwrap_err().to_string();
+        assert!(err.contains("dangling") && err.contains("dangles"), "{err}");
     }
 
     #[test]

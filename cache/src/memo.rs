@@ -92,7 +92,9 @@ impl PathHasher {
                 message: "neither a file nor a directory".into(),
             });
         }
-        let entries = crate::hash::tree_entries(path, |abs, meta| self.file_hash(abs, meta))?;
+        let entries = crate::hash::tree_entries(path, crate::hash::Links::Follow, |abs, meta| {
+            self.file_hash(abs, meta)
+        })?;
         Ok(id_of_entries(&entries))
     }
 
