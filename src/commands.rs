@@ -77,9 +77,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ..RunOptions::default()
             };
             if let Some(j) = jobs {
-                opts.jobs = j.max(1);
+                opts.jobs = j as usize;
             }
-            opts.gpus = gpus.unwrap_or_else(default_gpus);
+            opts.gpus = gpus.map_or_else(default_gpus, |g| g as usize);
             if dry_run {
                 print_status(&engine.status(&plan, &opts)?, false);
                 return Ok(ExitCode::SUCCESS);
@@ -87,33 +87,33 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             let c = cancel.clone();
             let _ = ctrlc::set_handler(move || {
                 if !c.swap(true, Ordering::SeqCst) {
-                    eprintln!("\nstopping: waiting for running stages to end (their partial outputs are discarded)");
+                    say_err!("\nstopping: waiting for running stages to end (their partial outputs are discarded)");
                 }
             });
             let reporter: Arc<dyn Reporter> = Arc::new(crate::term::Terminal::new(verbose));
             let summary = engine.run(&plan, &opts, &reporter)?;
             for s in &summary.record.stages {
                 if s.state == StageState::Failed {
-                    eprintln!(
+                    say_err!(
                         "\nstage `{}` failed: {}",
                         s.name,
-                        s.error.as_deref().unwrap_or("")
+                        fpipe_engine::text::visible(s.error.as_deref().unwrap_or(""), true)
                     );
                     if let Some(log) = &s.log {
-                        eprintln!("  log: {}", log.display());
+                        say_err!("  log: {}", log.display());
                     }
                 }
             }
             if summary.skipped > 0 {
-                eprintln!(
+                say_err!(
                     "{} stage(s) not run because an input failed",
                     summary.skipped
                 );
             }
             if summary.interrupted {
-                eprintln!("run interrupted; recorded as such. Rerun to continue: finished stages are cached.");
+                say_err!("run interrupted; recorded as such. Rerun to continue: finished stages are cached.");
             }
-            println!("{}", summary.line());
+            say!("{}", summary.line());
             Ok(if summary.interrupted {
                 ExitCode::from(130)
             } else if summary.failed > 0 {
@@ -148,31 +148,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Validate { pipeline } => {
             let plan = load(&pipeline, &registry)?;
-            let mut kinds = BTreeSet::new();
-            let mut commands = Vec::new();
-            for s in &plan.stages {
-                kinds.insert(s.def.uses.clone());
-                for c in s.kind.commands(&s.params) {
-                    commands.push((s.name().to_string(), c));
-                }
-            }
-            println!(
-                "{}: ok, {} stages ({})",
-                pipeline.file.display(),
-                plan.stages.len(),
-                kinds.into_iter().collect::<Vec<_>>().join(", ")
-            );
-            if commands.is_empty() {
-                println!("runs no shell commands");
-            } else {
-                println!("shell commands it would run ({}):", commands.len());
-                for (stage, c) in commands {
-                    println!("  [{stage}]");
-                    for line in c.lines() {
-                        println!("    $ {line}");
-                    }
-                }
-            }
+            print!("{}", validation_report(&pipeline.file, &plan));
             Ok(ExitCode::SUCCESS)
         }
         Command::Dag { pipeline, format } => {
@@ -318,6 +294,102 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// What `fpipe validate` prints: every program the pipeline would start, with its arguments,
+/// the environment it gets and the files linked in beside it, and every file or folder the
+/// stages read by path, all with control characters made visible, so a pipeline received
+/// from someone else can be reviewed before it runs.
+fn validation_report(file: &Path, plan: &Plan) -> String {
+    use fpipe_engine::text::{visible, visible_line};
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut kinds = BTreeSet::new();
+    let mut commands = Vec::new();
+    let mut reads = Vec::new();
+    for s in &plan.stages {
+        kinds.insert(s.def.uses.clone());
+        for c in s.kind.commands(&s.params, &s.def.base_dir) {
+            commands.push((s.name(), c));
+        }
+        for (param, paths) in &s.path_params {
+            for p in paths {
+                reads.push((s.name(), param.as_str(), p));
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{}: ok, {} stages ({})",
+        visible_line(&file.display().to_string()),
+        plan.stages.len(),
+        kinds.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    if commands.is_empty() {
+        let _ = writeln!(out, "runs no shell commands");
+    } else {
+        let _ = writeln!(out, "shell commands it would run ({}):", commands.len());
+        for (stage, c) in &commands {
+            let _ = writeln!(out, "  [{stage}]");
+            let script = c.args.last().map(String::as_str).unwrap_or_default();
+            for line in visible(script, true).lines() {
+                let _ = writeln!(out, "    $ {line}");
+            }
+            let mut argv: Vec<String> = std::iter::once(c.program.as_str())
+                .chain(c.args.iter().map(String::as_str))
+                .map(|a| shell_word(&visible_line(a)))
+                .collect();
+            if let Some(last) = argv.last_mut() {
+                if c.args.len() > 1 {
+                    *last = "<the command above>".into();
+                }
+            }
+            let _ = writeln!(out, "    program: {}", argv.join(" "));
+            for (k, v) in &c.env {
+                let _ = writeln!(
+                    out,
+                    "    env: {}={}",
+                    visible_line(k),
+                    shell_word(&visible_line(v))
+                );
+            }
+            for (at, from) in &c.links {
+                let _ = writeln!(
+                    out,
+                    "    links in: {} -> {}",
+                    visible_line(at),
+                    visible_line(&from.display().to_string())
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "each also gets FPIPE_STAGE, FPIPE_METRICS, FPIPE_DEVICE, FPIPE_THREADS, CUDA_VISIBLE_DEVICES (with GPU slots) and the environment fpipe runs in"
+        );
+    }
+    if !reads.is_empty() {
+        let _ = writeln!(out, "files and folders it reads by path ({}):", reads.len());
+        for (stage, param, p) in reads {
+            let _ = writeln!(
+                out,
+                "  [{stage}] {param}: {}",
+                visible_line(&p.display().to_string())
+            );
+        }
+    }
+    out
+}
+
+/// A word as a shell would need it quoted to mean the same (for display).
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 fn print_kind(k: &dyn fpipe_engine::Stage) {
     let sig = k.signature();
     println!("{} (v{}): {}", k.kind(), k.version(), k.doc());
@@ -353,7 +425,11 @@ fn print_status(st: &[fpipe_engine::StageStatus], all: bool) {
     for s in st {
         if s.will_run {
             to_run += 1;
-            println!("  {:<width$}  will run: {}", s.name, s.reason);
+            println!(
+                "  {:<width$}  will run: {}",
+                s.name,
+                fpipe_engine::text::visible_line(&s.reason)
+            );
         } else if all {
             println!("  {:<width$}  cached", s.name);
         }

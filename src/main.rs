@@ -2,6 +2,23 @@
 //!
 //! Thin glue: parses arguments, builds the stage registry, calls the engine, prints.
 
+/// `println!` for a long run: a reader that went away (`fpipe run F | head -1`) must not
+/// stop the run or make it panic, so a failed write is ignored.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed stderr; see [`say!`].
+macro_rules! say_err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod commands;
 mod term;
 
@@ -41,6 +58,12 @@ pub struct PipelineArgs {
     pub params_files: Vec<PathBuf>,
 }
 
+/// The most job slots `-j` takes: far above any machine's cores, and a bound on what the
+/// scheduler sets aside for them.
+const MAX_JOBS: u64 = 4096;
+/// The most GPU slots `--gpus` takes (the largest nodes hold 8 to 16 GPUs).
+const MAX_GPUS: u64 = 256;
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline: only stages whose key changed are computed.
@@ -56,12 +79,12 @@ enum Command {
         /// Show what would run, run nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Parallel job slots (default: CPU count).
-        #[arg(short = 'j', long)]
-        jobs: Option<usize>,
-        /// GPU slots for stages declaring `resources: {gpu: N}` (default: CUDA_VISIBLE_DEVICES count, else 0).
-        #[arg(long)]
-        gpus: Option<usize>,
+        /// Parallel job slots (default: CPU count; 1 to 4096).
+        #[arg(short = 'j', long, value_parser = clap::value_parser!(u64).range(1..=MAX_JOBS))]
+        jobs: Option<u64>,
+        /// GPU slots for stages declaring `resources: {gpu: N}` (default: CUDA_VISIBLE_DEVICES count, else 0; at most 256).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_GPUS))]
+        gpus: Option<u64>,
         /// Device for training stages: cpu or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -178,13 +201,26 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A command whose output is piped into `head` ends quietly when the reader goes
+        // away, as other Unix tools do, instead of panicking on the broken pipe. `run`
+        // keeps going instead (see `say!`): its stages must finish and be recorded.
+        #[cfg(unix)]
+        // SAFETY: setting a signal's disposition to the default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match commands::dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             let bad_input = e
                 .downcast_ref::<fpipe_engine::EngineError>()
                 .is_some_and(|e| e.is_bad_input());
-            eprintln!("error: {e:#}");
+            say_err!(
+                "error: {}",
+                fpipe_engine::text::visible(&format!("{e:#}"), true)
+            );
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }

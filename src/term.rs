@@ -30,12 +30,15 @@ impl Terminal {
         }
     }
 
+    /// Prints one event line. Control characters from pipeline files and stage logs are
+    /// made visible first, so they cannot rewrite what the terminal shows.
     fn line(&self, s: String) {
+        let s = fpipe_engine::text::visible(&s, true).into_owned();
         match &self.multi {
             Some(m) => {
                 let _ = m.println(s);
             }
-            None => eprintln!("{s}"),
+            None => say_err!("{s}"),
         }
     }
 }
@@ -82,7 +85,7 @@ impl Reporter for Terminal {
                             );
                         }
                         bar.set_position(done);
-                        bar.set_message(message.to_string());
+                        bar.set_message(fpipe_engine::text::visible_line(message).into_owned());
                     }
                 } else {
                     // Logs and CI: a line every 30 s per stage at most.

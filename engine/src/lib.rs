@@ -18,6 +18,7 @@ pub mod records;
 pub mod registry;
 pub mod shell;
 pub mod stage;
+pub mod text;
 mod util;
 mod yamlpos;
 
@@ -28,8 +29,8 @@ pub use pipeline::{load, Overrides, Pipeline};
 pub use plan::{plan, Plan};
 pub use registry::Registry;
 pub use stage::{
-    ParamSpec, ParamType, PortSpec, PortType, ProgressSink, Stage, StageContext, StageError,
-    StageSignature, ANY,
+    Invocation, ParamSpec, ParamType, PortSpec, PortType, ProgressSink, Stage, StageContext,
+    StageError, StageSignature, ANY,
 };
 
 /// Loads and checks a pipeline file in one step.

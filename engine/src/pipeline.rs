@@ -194,8 +194,8 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
             text: rendered,
             stage_lines,
         });
-        let doc: serde_yaml::Value =
-            serde_yaml::from_str(&source.text).map_err(|e| yaml_err(&raw.file, &e))?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(&source.text)
+            .map_err(|e| rendered_yaml_err(raw, &source.text, &e, overrides))?;
         let doc = match doc {
             serde_yaml::Value::Mapping(m) => m,
             serde_yaml::Value::Null => serde_yaml::Mapping::new(),
@@ -391,8 +391,69 @@ fn render(file: &Path, text: &str, params: &Value) -> Result<String, PipelineErr
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env.set_keep_trailing_newline(true);
+    // Bounded work: a template that loops too long runs out of fuel instead of spinning.
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_recursion_limit(TEMPLATE_RECURSION);
     let ctx = minijinja::context! { params => minijinja::Value::from_serialize(params) };
-    env.render_str(text, ctx).map_err(|e| {
+    let limit_err = |what: String| {
+        PipelineError::new(file, format!("the template did too much work: {what}"))
+            .hint("templates are for parameters and short loops over them; generate very large pipelines with a script instead")
+    };
+    let template = env
+        .template_from_str(text)
+        .map_err(|e| template_err(file, e))?;
+    let mut out = CappedText::default();
+    match template.render_captured_to(ctx, &mut out) {
+        Ok(_) => {}
+        Err(_) if out.overflowed => {
+            return Err(limit_err(format!(
+                "it rendered more than {} MB of text",
+                TEMPLATE_OUTPUT_BYTES >> 20
+            )))
+        }
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+            return Err(
+                limit_err(format!("it ran out of its budget of {TEMPLATE_FUEL} steps"))
+                    .at(e.line()),
+            )
+        }
+        Err(e) => return Err(template_err(file, e)),
+    }
+    String::from_utf8(out.bytes)
+        .map_err(|_| PipelineError::new(file, "the template rendered text that is not UTF-8"))
+}
+
+/// Template steps one file may take: about a million loop iterations, far beyond any
+/// pipeline's parameter loops.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Nesting of macro calls.
+const TEMPLATE_RECURSION: usize = 64;
+/// Rendered text of one file.
+pub const TEMPLATE_OUTPUT_BYTES: usize = 16 << 20;
+
+/// The rendered text, refusing to grow past [`TEMPLATE_OUTPUT_BYTES`].
+#[derive(Default)]
+struct CappedText {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > TEMPLATE_OUTPUT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered text too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn template_err(file: &Path, e: minijinja::Error) -> PipelineError {
+    {
         let mut msg = format!("template error: {}", e.kind());
         if let Some(d) = e.detail() {
             msg.push_str(": ");
@@ -401,7 +462,54 @@ fn render(file: &Path, text: &str, params: &Value) -> Result<String, PipelineErr
         PipelineError::new(file, msg)
             .at(e.line())
             .hint("templates see `params` only, e.g. {{ params.epochs }}; set missing ones with -p NAME=VALUE")
-    })
+    }
+}
+
+/// A YAML error in a file after its templates ran. When templates changed the text, the line
+/// the parser saw is not the line in the file, and the usual cause is a parameter value (often
+/// one given with `-p`) that is not valid YAML where it was inserted: say so, and show the
+/// rendered line.
+fn rendered_yaml_err(
+    raw: &RawFile,
+    rendered: &str,
+    e: &serde_yaml::Error,
+    overrides: &Overrides,
+) -> PipelineError {
+    let mut pe = yaml_err(&raw.file, e);
+    if rendered == raw.text {
+        return pe;
+    }
+    if let Some(line) = pe
+        .line
+        .and_then(|l| rendered.lines().nth(l.saturating_sub(1)))
+    {
+        let line = crate::text::visible_line(line.trim());
+        pe.message = format!(
+            "{} (after templates, line {} reads `{line}`)",
+            pe.message,
+            pe.line.unwrap_or(0)
+        );
+    }
+    let from_cli: Vec<String> = overrides
+        .pairs
+        .iter()
+        .filter_map(|p| p.split_once('='))
+        .filter(|(k, _)| {
+            let top = k.trim().split('.').next().unwrap_or_default();
+            mentions(&raw.text, &format!("params.{top}"))
+        })
+        .map(|(k, v)| format!("-p {}={}", k.trim(), crate::text::visible_line(v)))
+        .collect();
+    if from_cli.is_empty() {
+        pe.hint(
+            "a parameter's value inserted by a template is not valid YAML there; quote the template (\"{{ params.NAME }}\") or give a plain value",
+        )
+    } else {
+        pe.hint(format!(
+            "the value given with {} is inserted here by a template and is not valid YAML there; give a plain value, or quote the template (\"{{{{ params.NAME }}}}\")",
+            from_cli.join(", ")
+        ))
+    }
 }
 
 fn check_version(source: &Source, doc: &serde_yaml::Mapping) -> Result<(), PipelineError> {
@@ -540,9 +648,9 @@ fn expand_stage(
 ) -> Result<(), PipelineError> {
     let line = source.stage_lines.get(name).copied();
     let err = |msg: String| PipelineError::new(&source.file, msg).at(line).stage(name);
-    if !valid_name(name) || name.contains('@') {
-        return Err(err("invalid stage name".into()).hint(
-            "use letters, digits, `_` and `-` (`@` is reserved for family items, `.` for ports)",
+    if !valid_stage_name(name) {
+        return Err(err(format!("invalid stage name `{}`", crate::text::visible_line(name))).hint(
+            "a stage name is letters, digits, `_` and `-`, and does not start with `-` (`@` is reserved for family items, `.` for ports)",
         ));
     }
     let serde_yaml::Value::Mapping(spec) = spec else {
@@ -596,8 +704,8 @@ fn expand_stage(
         (Some(_), Some(_)) => {
             return Err(err("use either `foreach:` or `matrix:`, not both".into()))
         }
-        (Some(f), None) => Some(foreach_items(f).map_err(err)?),
-        (None, Some(m)) => Some(matrix_items(m).map_err(err)?),
+        (Some(f), None) => Some(foreach_items(f, room(pipeline)).map_err(err)?),
+        (None, Some(m)) => Some(matrix_items(m, room(pipeline)).map_err(err)?),
         (None, None) => None,
     };
 
@@ -611,6 +719,9 @@ fn expand_stage(
                 ))),
             })
             .collect::<Result<_, _>>()?;
+        if room(pipeline) == 0 {
+            return Err(err(too_many_stages()));
+        }
         pipeline.stages.push(StageDef {
             name: name.to_string(),
             family: None,
@@ -688,6 +799,20 @@ fn expand_stage(
     Ok(())
 }
 
+/// The most stages one pipeline may expand to. Far above any real experiment (the seed
+/// pipelines have tens), low enough that planning a hostile `foreach: 100000000000` fails at
+/// once instead of allocating until the machine runs out of memory.
+pub const MAX_STAGES: usize = 20_000;
+
+/// How many more stages the pipeline may grow by.
+fn room(pipeline: &Pipeline) -> usize {
+    MAX_STAGES.saturating_sub(pipeline.stages.len())
+}
+
+fn too_many_stages() -> String {
+    format!("the pipeline expands to more than {MAX_STAGES} stages")
+}
+
 fn parse_resources(v: Option<&Value>) -> Result<Resources, String> {
     let mut r = Resources::default();
     let Some(v) = v else { return Ok(r) };
@@ -717,10 +842,22 @@ fn scalar_suffix(v: &Value) -> Option<String> {
     }
 }
 
-fn foreach_items(f: &Value) -> Result<Vec<Item>, String> {
+fn foreach_items(f: &Value, room: usize) -> Result<Vec<Item>, String> {
     // `foreach: "{{ params.n }}"` renders to the string "3": read it as the number.
     if let Some(n) = f.as_str().and_then(|s| s.trim().parse::<u64>().ok()) {
-        return foreach_items(&Value::from(n));
+        return foreach_items(&Value::from(n), room);
+    }
+    let count = match f {
+        Value::Number(n) => n.as_u64().unwrap_or(0),
+        Value::Array(a) => a.len() as u64,
+        Value::Object(m) => m.len() as u64,
+        _ => 0,
+    };
+    if count > room as u64 {
+        return Err(format!(
+            "`foreach:` has {count} items and {}; split the experiment into several pipelines",
+            too_many_stages()
+        ));
     }
     match f {
         Value::Number(n) => {
@@ -768,13 +905,23 @@ fn foreach_items(f: &Value) -> Result<Vec<Item>, String> {
     }
 }
 
-fn matrix_items(m: &Value) -> Result<Vec<Item>, String> {
+fn matrix_items(m: &Value, room: usize) -> Result<Vec<Item>, String> {
     let Value::Object(m) = m else {
         return Err(
             "`matrix:` maps names to lists of values, e.g. {lr: [0.1, 0.01], arch: [r18, r50]}"
                 .into(),
         );
     };
+    let combinations = m.values().try_fold(1u64, |acc, v| {
+        acc.checked_mul(v.as_array().map_or(1, |a| a.len() as u64))
+    });
+    if combinations.is_none_or(|c| c > room as u64) {
+        return Err(format!(
+            "`matrix:` has {} combinations and {}; split the experiment into several pipelines",
+            combinations.map_or("too many".to_string(), |c| c.to_string()),
+            too_many_stages()
+        ));
+    }
     let mut combos: Vec<(Vec<String>, Map<String, Value>)> = vec![(vec![], Map::new())];
     for (k, vals) in m {
         let Value::Array(vals) = vals else {
@@ -802,6 +949,14 @@ fn matrix_items(m: &Value) -> Result<Vec<Item>, String> {
             key: None,
         })
         .collect())
+}
+
+/// Letters, digits, `_` and `-`, not starting with `-`: a name that is never a path (`.`,
+/// `..`), never reads as `stage.port`, and never as a command-line flag.
+fn valid_stage_name(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        && s.chars().next().is_some_and(|c| c != '-')
 }
 
 fn valid_name(s: &str) -> bool {

@@ -260,13 +260,15 @@ fn check_stage(def: &StageDef, registry: &Registry) -> Result<PlannedStage, Pipe
             }
         };
         let (value, paths) = check_value(def, spec, &spec.ty, value)?;
-        if !paths.is_empty() || matches!(spec.ty, ParamType::Path { .. }) {
+        if !paths.is_empty() || matches!(spec.ty, ParamType::Path { .. } | ParamType::LocalPath) {
             path_params.insert(spec.name.to_string(), paths);
         }
         let comp = match &spec.ty {
             ParamType::Path { companions } => Some(*companions),
+            ParamType::LocalPath => Some(&[][..]),
             ParamType::List(inner) => match inner.as_ref() {
                 ParamType::Path { companions } => Some(*companions),
+                ParamType::LocalPath => Some(&[][..]),
                 _ => None,
             },
             _ => None,
@@ -378,6 +380,32 @@ fn check_value(
             let abs = std::path::absolute(&p).unwrap_or(p);
             Ok((Value::String(abs.to_string_lossy().to_string()), vec![abs]))
         }
+        ParamType::LocalPath => {
+            let Some(s) = v.as_str() else {
+                return Err(bad(format!(
+                    "parameter `{}` must be a path, got {}",
+                    spec.name,
+                    shown(&v)
+                )));
+            };
+            let rel = inside_folder(s).map_err(|why| {
+                def.err_at(&["with", spec.name], format!("parameter `{}`: `{s}` {why}", spec.name))
+                    .hint("name a file or folder inside the pipeline file's folder, relative to it (copy it there if it lives elsewhere), so the stage can place it inside its own working directory")
+            })?;
+            let abs = def.base_dir.join(&rel);
+            if std::fs::symlink_metadata(&abs).is_err() {
+                return Err(def
+                    .err_at(
+                        &["with", spec.name],
+                        format!("parameter `{}`: `{s}` does not exist", spec.name),
+                    )
+                    .hint(format!(
+                        "paths are relative to the pipeline file; looked for {}",
+                        abs.display()
+                    )));
+            }
+            Ok((Value::String(abs.to_string_lossy().to_string()), vec![abs]))
+        }
         _ => Err(bad(format!(
             "parameter `{}` must be {}, got {}",
             spec.name,
@@ -385,6 +413,33 @@ fn check_value(
             shown(&v)
         ))),
     }
+}
+
+/// `s` as a relative path that stays inside the folder it is relative to, with `.` and `..`
+/// resolved (`a/../b` is `b`); otherwise why not.
+pub(crate) fn inside_folder(s: &str) -> Result<PathBuf, &'static str> {
+    use std::path::Component;
+    let p = std::path::Path::new(s);
+    if p.is_absolute() || s.starts_with('~') {
+        return Err("is an absolute path");
+    }
+    let mut out: Vec<&std::ffi::OsStr> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if out.pop().is_none() {
+                    return Err("leaves the pipeline file's folder (`..`)");
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return Err("is an absolute path"),
+        }
+    }
+    if out.is_empty() {
+        return Err("names the pipeline file's folder itself");
+    }
+    Ok(out.iter().collect())
 }
 
 fn wire(

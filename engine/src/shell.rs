@@ -43,9 +43,9 @@ impl Stage for ShellStage {
                 ),
                 ParamSpec::with_default(
                     "deps",
-                    ParamType::List(Box::new(ParamType::Path { companions: &[] })),
+                    ParamType::List(Box::new(ParamType::LocalPath)),
                     json!([]),
-                    "files or folders the command reads (scripts, data), relative to the pipeline file; hashed into the key",
+                    "files or folders the command reads (scripts, data), inside the pipeline file's folder and relative to it; hashed into the key",
                 ),
                 ParamSpec::with_default("env", ParamType::Any, json!({}), "extra environment variables (a mapping of strings)"),
                 ParamSpec::with_default("shell", ParamType::String, json!("sh"), "the shell that runs `run`"),
@@ -56,31 +56,85 @@ impl Stage for ShellStage {
         true
     }
     fn check_params(&self, params: &BTreeMap<String, Value>) -> Result<(), String> {
-        if let Some(Value::Array(outs)) = params.get("outputs") {
-            for o in outs {
-                let s = o.as_str().unwrap_or_default();
-                check_output_path(s)?;
-            }
+        let outputs = strings(params.get("outputs"));
+        for o in &outputs {
+            check_output_path(o)?;
         }
+        check_output_overlap(&outputs)?;
         match params.get("env") {
             Some(Value::Object(m)) => {
                 for (k, v) in m {
+                    if k.is_empty() || k.contains(['=', '\0']) {
+                        return Err(format!(
+                            "env `{k}` is not a variable name (it must be non-empty, without `=`)"
+                        ));
+                    }
                     if !v.is_string() && !v.is_number() && !v.is_boolean() {
                         return Err(format!("env `{k}` must be a string"));
+                    }
+                    if env_value(v).contains('\0') {
+                        return Err(format!("env `{k}` holds a NUL character"));
                     }
                 }
             }
             Some(_) => return Err("`env` must be a mapping of names to strings".into()),
             None => {}
         }
+        if params
+            .get("shell")
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            return Err("`shell` is empty; name a shell such as sh or bash".into());
+        }
+        // Deps arrive as absolute paths inside the pipeline's folder (checked by the plan).
+        let deps = strings(params.get("deps"));
+        for (i, a) in deps.iter().enumerate() {
+            for b in &deps[i + 1..] {
+                let (pa, pb) = (Path::new(a), Path::new(b));
+                if pa == pb {
+                    return Err(format!("dep `{a}` is listed twice"));
+                }
+                if pa.starts_with(pb) || pb.starts_with(pa) {
+                    let (inner, outer) = if pa.starts_with(pb) { (a, b) } else { (b, a) };
+                    return Err(format!(
+                        "dep `{inner}` lies inside dep `{outer}`; list only `{outer}`"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
-    fn commands(&self, params: &BTreeMap<String, Value>) -> Vec<String> {
-        params
-            .get("run")
-            .and_then(|v| v.as_str())
-            .map(|s| vec![s.to_string()])
-            .unwrap_or_default()
+    fn commands(&self, params: &BTreeMap<String, Value>, base_dir: &Path) -> Vec<Invocation> {
+        let Some(run) = params.get("run").and_then(Value::as_str) else {
+            return vec![];
+        };
+        let program = params
+            .get("shell")
+            .and_then(Value::as_str)
+            .unwrap_or("sh")
+            .to_string();
+        let env = match params.get("env") {
+            Some(Value::Object(m)) => m.iter().map(|(k, v)| (k.clone(), env_value(v))).collect(),
+            _ => vec![],
+        };
+        let links = strings(params.get("deps"))
+            .into_iter()
+            .map(|abs| {
+                let abs = PathBuf::from(abs);
+                let at = abs
+                    .strip_prefix(base_dir)
+                    .map(|r| r.to_string_lossy().to_string())
+                    .unwrap_or_else(|_| abs.to_string_lossy().to_string());
+                (at, abs)
+            })
+            .collect();
+        vec![Invocation {
+            program,
+            args: vec!["-c".into(), run.to_string()],
+            env,
+            links,
+        }]
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         // A fresh directory per attempt, so a command orphaned by a killed earlier attempt
@@ -101,32 +155,39 @@ impl Stage for ShellStage {
         for (port, dir) in &ctx.inputs {
             link(dir, &work.join("in").join(port))?;
         }
-        if let Some(Value::Array(deps)) = ctx.params.get("deps") {
-            for d in deps {
-                let abs = PathBuf::from(d.as_str().unwrap_or_default());
-                let rel = abs.strip_prefix(&ctx.base_dir).map_err(|_| {
+        for dep in strings(ctx.params.get("deps")) {
+            let abs = PathBuf::from(&dep);
+            // The plan resolved deps inside the pipeline's folder; check again, since a link
+            // made at a path with `..` would land outside the working directory.
+            let rel = abs
+                .strip_prefix(&ctx.base_dir)
+                .ok()
+                .filter(|r| r.components().all(|c| matches!(c, Component::Normal(_))))
+                .ok_or_else(|| {
                     StageError::msg(format!(
-                        "dep `{}` is outside the pipeline's folder; deps must live beside the pipeline file",
-                        abs.display()
+                        "dep `{}` is not inside the pipeline's folder {}; deps must live beside the pipeline file",
+                        abs.display(),
+                        ctx.base_dir.display()
                     ))
                 })?;
-                let at = work.join(rel);
-                if let Some(p) = at.parent() {
-                    std::fs::create_dir_all(p)?;
-                }
-                link(&abs, &at)?;
+            if rel.components().next() == Some(Component::Normal("in".as_ref())) {
+                return Err(StageError::msg(format!(
+                    "dep `{}` would be placed under in/, where the stage's inputs are; move it to another folder beside the pipeline",
+                    rel.display()
+                )));
             }
+            let at = work.join(rel);
+            if let Some(p) = at.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            link(&abs, &at).map_err(|e| {
+                StageError::msg(format!(
+                    "cannot place dep `{}` in the working directory: {e}",
+                    rel.display()
+                ))
+            })?;
         }
-        let outputs: Vec<String> = ctx
-            .params
-            .get("outputs")
-            .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let outputs = strings(ctx.params.get("outputs"));
         for o in &outputs {
             check_output_path(o).map_err(StageError::msg)?;
             if let Some(p) = work.join(o).parent() {
@@ -157,11 +218,7 @@ impl Stage for ShellStage {
         }
         if let Some(Value::Object(env)) = ctx.params.get("env") {
             for (k, v) in env {
-                let v = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                cmd.env(k, v);
+                cmd.env(k, env_value(v));
             }
         }
         #[cfg(unix)]
@@ -219,11 +276,7 @@ impl Stage for ShellStage {
             if let Some(p) = dest.parent() {
                 std::fs::create_dir_all(p)?;
             }
-            if std::fs::symlink_metadata(&src)?.file_type().is_symlink() {
-                copy_following(&src, &dest)?;
-            } else {
-                std::fs::rename(&src, &dest)?;
-            }
+            publish(&src, &dest, o, &canon_work)?;
         }
         if let Ok(text) = std::fs::read_to_string(&metrics_file) {
             match serde_json::from_str::<Value>(&text) {
@@ -280,22 +333,146 @@ fn link(target: &Path, at: &Path) -> std::io::Result<()> {
     }
     #[cfg(not(unix))]
     {
-        copy_following(target, at)
+        let _ = (target, at);
+        Err(std::io::Error::other(
+            "deps and inputs need symbolic links (unix)",
+        ))
     }
 }
 
-fn copy_following(src: &Path, dest: &Path) -> std::io::Result<()> {
-    let meta = std::fs::metadata(src)?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(dest)?;
-        for e in std::fs::read_dir(src)? {
-            let e = e?;
-            copy_following(&e.path(), &dest.join(e.file_name()))?;
-        }
-        Ok(())
-    } else {
-        std::fs::copy(src, dest).map(|_| ())
+/// Moves output `name` from `src` in the working directory to `dest` in its staging folder.
+/// An artifact holds only files and folders, so links are replaced by what they point to;
+/// a link that resolves outside the working directory (or into `in/`, the store) is refused
+/// and never read through.
+fn publish(src: &Path, dest: &Path, name: &str, work: &Path) -> Result<(), StageError> {
+    if !holds_links(src)? {
+        std::fs::rename(src, dest)?;
+        return Ok(());
     }
+    let mut open_dirs = Vec::new();
+    copy_resolving(src, dest, name, work, &mut open_dirs)
+}
+
+fn holds_links(path: &Path) -> std::io::Result<bool> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(true);
+    }
+    if meta.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            if holds_links(&e?.path())? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+fn copy_resolving(
+    src: &Path,
+    dest: &Path,
+    shown: &str,
+    work: &Path,
+    open_dirs: &mut Vec<PathBuf>,
+) -> Result<(), StageError> {
+    let meta = std::fs::symlink_metadata(src)?;
+    let real = if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(src)
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        let real = std::fs::canonicalize(src).map_err(|e| {
+            StageError::msg(format!(
+                "output `{shown}` is a link to `{target}` that dangles or loops ({e}); create the file itself"
+            ))
+        })?;
+        if !real.starts_with(work) || real.starts_with(work.join("in")) {
+            return Err(StageError::msg(format!(
+                "output `{shown}` is a link to `{target}`, outside the stage's working directory; \
+                 links in outputs must point inside it (copy the file in instead)"
+            )));
+        }
+        real
+    } else {
+        src.to_path_buf()
+    };
+    let meta = std::fs::metadata(&real)?;
+    if meta.is_file() {
+        std::fs::copy(&real, dest).map_err(|e| {
+            StageError::msg(format!("copying output `{shown}` into the artifact: {e}"))
+        })?;
+        return Ok(());
+    }
+    if !meta.is_dir() {
+        return Err(StageError::msg(format!(
+            "output `{shown}` is neither a file nor a folder; outputs hold only files and folders"
+        )));
+    }
+    let canon = std::fs::canonicalize(&real)?;
+    if open_dirs.contains(&canon) {
+        return Err(StageError::msg(format!(
+            "output `{shown}` is a link to a folder that contains it (a loop)"
+        )));
+    }
+    open_dirs.push(canon);
+    std::fs::create_dir_all(dest)?;
+    for e in std::fs::read_dir(&real)? {
+        let e = e?;
+        let name = e.file_name();
+        let shown = format!("{shown}/{}", name.to_string_lossy());
+        copy_resolving(&e.path(), &dest.join(&name), &shown, work, open_dirs)?;
+    }
+    open_dirs.pop();
+    Ok(())
+}
+
+/// The strings of a list parameter.
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An `env:` value as the child sees it.
+fn env_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Two outputs may not name the same path, or one lie inside the other.
+fn check_output_overlap(outputs: &[String]) -> Result<(), String> {
+    let norm: Vec<PathBuf> = outputs
+        .iter()
+        .map(|o| {
+            Path::new(o)
+                .components()
+                .filter(|c| !matches!(c, Component::CurDir))
+                .collect()
+        })
+        .collect();
+    for (i, a) in norm.iter().enumerate() {
+        for (j, b) in norm.iter().enumerate().skip(i + 1) {
+            if a == b {
+                return Err(format!(
+                    "output `{}` is listed twice; list each output once",
+                    outputs[j]
+                ));
+            }
+            if a.starts_with(b) || b.starts_with(a) {
+                let (inner, outer) = if a.starts_with(b) { (i, j) } else { (j, i) };
+                return Err(format!(
+                    "output `{}` lies inside output `{}`; list only `{}` (it keeps everything under it)",
+                    outputs[inner], outputs[outer], outputs[outer]
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn kill_group(child: &mut std::process::Child) {
@@ -352,5 +529,17 @@ mod tests {
         assert!(check_output_path("/etc/passwd").is_err());
         assert!(check_output_path("in/msg/x").is_err());
         assert!(check_output_path("").is_err());
+    }
+
+    #[test]
+    fn outputs_may_not_repeat_or_nest() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(super::check_output_overlap(&v(&["a", "b/c", "bc"])).is_ok());
+        let e = super::check_output_overlap(&v(&["x", "./x"])).unwrap_err();
+        assert!(e.contains("`./x` is listed twice"), "{e}");
+        let e = super::check_output_overlap(&v(&["d/x", "d"])).unwrap_err();
+        assert!(e.contains("`d/x` lies inside output `d`"), "{e}");
+        let e = super::check_output_overlap(&v(&["d", "d/x"])).unwrap_err();
+        assert!(e.contains("`d/x` lies inside output `d`"), "{e}");
     }
 }

@@ -67,6 +67,10 @@ pub enum ParamType {
     Path {
         companions: &'static [&'static str],
     },
+    /// A file or folder inside the pipeline file's folder: relative, with no `..` that leaves
+    /// it (checked at plan time). Hashed into the key like [`ParamType::Path`]. For what a
+    /// stage places at the same relative path in its own working directory (`shell`'s `deps`).
+    LocalPath,
     /// Any YAML value (a map of options, say); checked by the stage itself.
     Any,
 }
@@ -82,6 +86,7 @@ impl ParamType {
             ParamType::Enum(v) => format!("one of {}", v.join(", ")),
             ParamType::List(t) => format!("a list of {}", t.describe()),
             ParamType::Path { .. } => "a path (relative to the pipeline file)".into(),
+            ParamType::LocalPath => "a path inside the pipeline file's folder".into(),
             ParamType::Any => "any value".into(),
         }
     }
@@ -131,6 +136,19 @@ impl ParamSpec {
         self.volatile = true;
         self
     }
+}
+
+/// A program a stage would start, as `fpipe validate` shows it before anything runs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Invocation {
+    /// The program, as it will be looked up (a name on `PATH`, or a path).
+    pub program: String,
+    /// Its arguments, in order.
+    pub args: Vec<String>,
+    /// Variables the stage sets for it, beyond the environment fpipe itself runs in.
+    pub env: Vec<(String, String)>,
+    /// Files or folders made visible in its working directory: (path there, what it links to).
+    pub links: Vec<(String, PathBuf)>,
 }
 
 /// Everything a stage kind declares about itself.
@@ -331,9 +349,11 @@ pub trait Stage: Send + Sync {
     fn check_params(&self, _params: &BTreeMap<String, Value>) -> Result<(), String> {
         Ok(())
     }
-    /// Shell commands this stage would run with these parameters, listed by `fpipe validate`
-    /// so that a received pipeline can be reviewed before it runs.
-    fn commands(&self, _params: &BTreeMap<String, Value>) -> Vec<String> {
+    /// Every program this stage would start with these parameters (its arguments, the
+    /// environment it sets and the files it links in), listed by `fpipe validate` so that a
+    /// received pipeline can be reviewed before it runs. `base_dir` is the pipeline file's
+    /// folder. Kinds that run only fpipe's own code start nothing.
+    fn commands(&self, _params: &BTreeMap<String, Value>, _base_dir: &Path) -> Vec<Invocation> {
         vec![]
     }
     /// True for kinds that take inputs under any port name (of any type), like `shell`.
