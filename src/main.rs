@@ -221,7 +221,18 @@ fn main() -> ExitCode {
                 "error: {}",
                 fpipe_engine::text::visible(&format!("{e:#}"), true)
             );
+            if disk_full(&e) {
+                say_err!("  hint: the disk holding the cache is full; free space (`fpipe gc` removes artifacts no recent run uses) or point --cache elsewhere, then run again: stages that finished are cached, and nothing half-written is used");
+            }
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }
+}
+
+/// Whether an error comes from a full disk (ENOSPC) anywhere in its chain.
+fn disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+    })
 }

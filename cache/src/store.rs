@@ -39,7 +39,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
     let tmp = dir.join(unique_name(&format!(".{name}.tmp.")));
-    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        // A full disk leaves a partial temporary file: remove it rather than leave litter.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io_err(path)(e)
