@@ -8,6 +8,29 @@
 //! stage that reruns and produces the same bytes invalidates nothing after it.
 //!
 //! It knows nothing of faces: stage kinds come from a [`Registry`] that the binary fills.
+//!
+//! A stage kind declares its ports and parameters and writes its outputs where it is told:
+//!
+//! ```
+//! use fpipe_engine::*;
+//! struct Hello;
+//! impl Stage for Hello {
+//!     fn kind(&self) -> &'static str { "hello" }
+//!     fn version(&self) -> u32 { 1 }
+//!     fn signature(&self) -> StageSignature {
+//!         let name = ParamSpec::with_default("name", ParamType::String, "world".into(), "who");
+//!         StageSignature { inputs: vec![], outputs: vec![PortSpec::new("text", "files", "a greeting")], params: vec![name] }
+//!     }
+//!     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+//!         let text = format!("hello {}\n", ctx.param_str("name")?);
+//!         std::fs::write(ctx.output("text")?.join("hello.txt"), text)?;
+//!         Ok(())
+//!     }
+//! }
+//! let mut registry = Registry::with_builtins();
+//! registry.register(std::sync::Arc::new(Hello));
+//! assert!(registry.get("hello").is_some());
+//! ```
 
 pub mod error;
 pub mod exec;
