@@ -109,3 +109,22 @@ fn a_cli_value_that_breaks_the_yaml_is_named() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn deep_flow_nesting_is_refused_before_the_yaml_parser_sees_it() {
+    let deep = format!(
+        "stages:\n  a:\n    uses: shell\n    with:\n      run: \"[[[ # not counted\"\n      env: {}\n",
+        "[".repeat(100_000)
+    );
+    assert_eq!(error(&deep), "6: -: `[`/`{` nested more than 128 deep");
+    // Brackets in quotes and comments do not count; 128 levels are allowed (and then the
+    // YAML parser decides).
+    let ok = format!(
+        "stages:\n  a:  # {}\n    uses: shell\n    with: {{run: '{}', env: {}{}}}\n",
+        "[".repeat(500),
+        "{".repeat(500),
+        "{a: ".repeat(20),
+        "}".repeat(20)
+    );
+    assert!(!error(&ok).contains("nested more than"), "{}", error(&ok));
+}

@@ -154,6 +154,7 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
             text: rendered,
             stage_lines,
         });
+        check_nesting(&raw.file, &source.text)?;
         let doc: serde_yaml::Value = serde_yaml::from_str(&source.text)
             .map_err(|e| rendered_yaml_err(raw, &source.text, &e, overrides))?;
         let doc = match doc {
@@ -250,6 +251,7 @@ fn read_with_includes(
             "includes nested more than 16 deep",
         ));
     }
+    check_nesting(file, &text)?;
     let params = literal_block(file, &text, "params")?.unwrap_or(Value::Object(Map::new()));
     if !params.is_object() {
         return Err(
@@ -343,6 +345,57 @@ fn key_str(
         )
         .at(key_line(&source.text, parent))),
     }
+}
+
+/// Deepest nesting of flow collections (`[...]`, `{...}`) a file may have: the YAML parser's
+/// own recursion limit, checked first because its scanner takes time quadratic in the
+/// depth (100 KB of `[` took minutes).
+const MAX_FLOW_DEPTH: usize = 128;
+
+/// Refuses text whose flow collections nest deeper than [`MAX_FLOW_DEPTH`], naming the line.
+/// Quoted strings and comments are skipped; brackets inside plain scalars are counted, which
+/// can only make balanced text look deeper than it is by the unbalanced brackets it holds.
+fn check_nesting(file: &Path, text: &str) -> Result<(), PipelineError> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut chars = text.chars().peekable();
+    let mut prev = '\n';
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => line += 1,
+            '#' if prev.is_whitespace() => {
+                while chars.peek().is_some_and(|&n| n != '\n') {
+                    chars.next();
+                }
+            }
+            '"' | '\'' => {
+                while let Some(n) = chars.next() {
+                    match n {
+                        '\n' => line += 1,
+                        '\\' if c == '"' => {
+                            chars.next();
+                        }
+                        n if n == c => break,
+                        _ => {}
+                    }
+                }
+            }
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Err(PipelineError::new(
+                        file,
+                        format!("`[`/`{{` nested more than {MAX_FLOW_DEPTH} deep"),
+                    )
+                    .at(Some(line))
+                    .hint("flatten the value; no pipeline needs such depth"));
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    Ok(())
 }
 
 fn yaml_err(file: &Path, e: &serde_yaml::Error) -> PipelineError {

@@ -104,6 +104,7 @@ pub(super) fn merged_params(
     for pf in &overrides.files {
         let text = std::fs::read_to_string(pf)
             .map_err(|e| PipelineError::new(pf, format!("cannot read parameter file: {e}")))?;
+        check_nesting(pf, &text)?;
         let v: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| yaml_err(pf, &e))?;
         let mut v = to_json(pf, v)?;
         if let Some(inner) = v.get("params").cloned() {
@@ -145,8 +146,12 @@ pub(super) fn merged_params(
                 suggest_hint(top, &names)
             }));
         }
-        let v: serde_yaml::Value =
-            serde_yaml::from_str(v).unwrap_or_else(|_| serde_yaml::Value::String(v.to_string()));
+        let v: serde_yaml::Value = match check_nesting(file, v) {
+            Ok(()) => {
+                serde_yaml::from_str(v).unwrap_or_else(|_| serde_yaml::Value::String(v.to_string()))
+            }
+            Err(_) => serde_yaml::Value::String(v.to_string()),
+        };
         let v = to_json(file, v)?;
         set_dotted(&mut params, k.trim(), v);
     }
