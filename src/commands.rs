@@ -648,13 +648,16 @@ fn show(store: &ArtifactStore, file: Option<&Path>, last: usize, json: bool) -> 
         .map(|c| {
             table
                 .iter()
-                .map(|r| r[c].chars().count())
+                .map(|r| fpipe_engine::text::visible_line(&r[c]).chars().count())
                 .max()
                 .unwrap_or(0)
         })
         .collect();
     for row in &table {
         let cells: Vec<String> = row
+            .iter()
+            .map(|c| fpipe_engine::text::visible_line(c).into_owned())
+            .collect::<Vec<_>>()
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))

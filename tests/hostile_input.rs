@@ -149,6 +149,16 @@ fn control_characters_are_shown_escaped() {
     let r = p.fpipe(&["status", "f.yaml"]).ok();
     assert!(r.stdout.contains("\\u{202e}"), "{}", r.stdout);
     assert!(!r.stdout.contains('\u{202e}'), "{}", r.stdout);
+    // Metric names a command reports, and the pipeline's name, reach `show` escaped.
+    p.write(
+        "m.yaml",
+        "name: \"exp\\e[2J\"\nstages:\n  s:\n    uses: shell\n    with: {run: \"printf '{\\\"acc\\\\u001b[31m\\\": 1.5}' > $FPIPE_METRICS\"}\n",
+    );
+    p.fpipe(&["run", "m.yaml"]).ok();
+    let r = p.fpipe(&["show", "m.yaml"]).ok();
+    assert!(r.stdout.contains("acc\\x1b[31m"), "{}", r.stdout);
+    assert!(r.stdout.contains("exp\\x1b[2J"), "{}", r.stdout);
+    assert!(!r.stdout.contains('\x1b'), "{}", r.stdout);
 }
 
 #[cfg(unix)]
