@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 5 benchmark: fpipe's CPU convolution against PyTorch CPU with the same thread count,
-# per layer (iresnet / MobileFaceNet / VarGFaceNet shapes, batch 32) and, with --steps,
-# whole training steps. Installs the PyTorch peer into .venv-peers/ when it is missing.
+# Convolution benchmark (docs/benchmarks.md, "Convolution and training step"): fpipe's CPU
+# convolution against PyTorch CPU with the same thread count, per layer (iresnet /
+# MobileFaceNet / VarGFaceNet shapes, batch 32) and, with --steps, whole training steps.
+# Installs the PyTorch peer into .venv-peers/ when it is missing.
 # Usage: scripts/bench-conv.sh [--threads N] [--reps R] [--steps] [--step-reps R]
 # (defaults: 2 threads, 5 reps; --steps adds whole training steps, median of --step-reps
 # after one warm-up step, default 2).

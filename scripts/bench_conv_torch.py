@@ -1,4 +1,5 @@
-"""PyTorch CPU peer of stages/benches/conv.rs (issue 5).
+"""PyTorch CPU peer of stages/benches/conv.rs (docs/benchmarks.md, "Convolution and training
+step").
 
 Reads the JSON the Rust benchmark wrote (same layer shapes, batch, thread count), times
 PyTorch's conv2d forward and backward (both gradients, torch.autograd.grad) the same way

@@ -1,5 +1,5 @@
 """Memory bandwidth of this machine as PyTorch's CPU kernels see it, for the roofline of the
-memory-bound convolution layers in docs/benchmarks.md (issue 5).
+memory-bound convolution layers in docs/benchmarks.md ("Convolution and training step").
 
     .venv-peers/bin/python scripts/bench_membw.py [--threads 2] [--mb 103] [--reps 5]
 

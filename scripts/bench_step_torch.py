@@ -1,4 +1,5 @@
-"""PyTorch CPU peer of stages/benches/train_step.rs (issues 3 and 5); that bench runs it.
+"""PyTorch CPU peer of stages/benches/train_step.rs (docs/benchmarks.md, "Whole training
+steps"); that bench runs it.
 
 Same models (the reference definitions in scripts/make_model_fixtures.py), batch 32 at
 112x112, ArcFace head (s 64, m 0.5, straight-through margin as fpipe's default) over 1000

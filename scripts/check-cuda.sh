@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Type-checks the workspace with the `cuda` feature on a machine without a GPU (issue 5).
+# Type-checks the workspace with the `cuda` feature on a machine without a GPU (outcome in
+# docs/benchmarks.md, "Convolution and training step").
 # candle-kernels needs `nvcc` at build time: installs Debian's nvidia-cuda-toolkit (non-free,
 # ~1.6 GB with --no-install-recommends) when nvcc is missing, then runs
 # `CUDA_COMPUTE_CAP=80 cargo check --features cuda` (no nvidia-smi to ask). CPU-heavy (~7 min

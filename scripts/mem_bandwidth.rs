@@ -1,4 +1,5 @@
-//! What memory costs the strided shortcut's gradients (docs/benchmarks.md, session 11):
+//! What memory costs the strided shortcut's gradients (docs/benchmarks.md, "iresnet's strided
+//! shortcut", commits `55afd83`-`d22f47c`, 2026-12-06):
 //! two threads, each on half of a 32x64x56x56 f32 buffer (25.7 MB), time a non-temporal
 //! write of all of it, an ordinary write, a read of half and of all of it, and a read of the
 //! even rows of 56-float rows (what the shortcut's im2col takes). Prints the best of 9 runs.

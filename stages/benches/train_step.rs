@@ -1,10 +1,10 @@
-//! Whole training steps (issues 3 and 5), the one train-step benchmark: iresnet18,
-//! MobileFaceNet and VarGFaceNet at 112x112, batch 32, with the ArcFace head over 1000
-//! classes and SGD (momentum 0.9, weight decay 5e-4). Per model it times the forward of a
-//! training step, forward+loss+backward, the full step with the update, and forward-only
-//! inference (eval mode, no gradient); achieved GFLOP/s (2·MACs per image forward, 3x that
-//! for a step) against the same run's measured matmul rate; then, unless `--no-peer`, runs
-//! the PyTorch peer (`scripts/bench_step_torch.py`, same models from
+//! Whole training steps (docs/benchmarks.md, "Whole training steps"), the one train-step
+//! benchmark: iresnet18, MobileFaceNet and VarGFaceNet at 112x112, batch 32, with the ArcFace
+//! head over 1000 classes and SGD (momentum 0.9, weight decay 5e-4). Per model it times the
+//! forward of a training step, forward+loss+backward, the full step with the update, and
+//! forward-only inference (eval mode, no gradient); achieved GFLOP/s (2·MACs per image forward,
+//! 3x that for a step) against the same run's measured matmul rate; then, unless `--no-peer`,
+//! runs the PyTorch peer (`scripts/bench_step_torch.py`, same models from
 //! `scripts/make_model_fixtures.py`) in the same run and prints the ratios.
 //!
 //! `cargo bench -p fpipe-stages --bench train_step -- [--threads N] [--reps R]

@@ -1,5 +1,5 @@
 //! BatchNorm fine-tuning, BatchNorm-input quality features, the gradient-boosted regressor and
-//! the error-versus-reject / drop-lowest definitions (methods.md §5, §6).
+//! the error-versus-reject / drop-lowest definitions (docs/methods.md §5, §6).
 
 use candle_core::{DType, Device, Tensor};
 use fpipe_stages::data::synth::{generate, SynthParams};

@@ -91,7 +91,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     ab / (aa.sqrt() * bb.sqrt())
 }
 
-/// The quality graph of one identity (methods.md section 7): rows of `emb` (`dim` wide) are
+/// The quality graph of one identity (docs/methods.md section 7): rows of `emb` (`dim` wide) are
 /// nodes; `i` and `j` are joined iff `cos(e_i, e_j) >= min(q_i, q_j) - offset`. A sharp,
 /// high-quality pair must agree closely; a blurry image is joined more readily.
 pub fn quality_graph(emb: &[f32], dim: usize, quality: &[f32], offset: f64) -> Graph {

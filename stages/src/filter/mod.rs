@@ -1,4 +1,4 @@
-//! Data set filtering (methods.md section 7): per identity, cluster the images' embeddings
+//! Data set filtering (docs/methods.md section 7): per identity, cluster the images' embeddings
 //! and keep the identity's largest cluster; the rest (noise and smaller clusters) is taken
 //! to be mislabelled or unusable and removed.
 //!

@@ -1,4 +1,4 @@
-//! Error-versus-reject curve for quality scores (methods.md §6; CR-FIQA `ERC/erc.py`).
+//! Error-versus-reject curve for quality scores (docs/methods.md §6; CR-FIQA `ERC/erc.py`).
 //!
 //! Variant used: pair quality = `min(q_a, q_b)`; for each reject fraction `r` the
 //! `floor(r·N)` lowest-quality pairs (all pairs, genuine and impostor; ties by pair index) are

@@ -1,5 +1,5 @@
 //! Face-verification metrics: insightface's 10-fold accuracy, ROC, TPR at fixed FPR, AUC,
-//! EER, IJB-style template pooling, the error-versus-reject curve (methods.md §6, §9) and
+//! EER, IJB-style template pooling, the error-versus-reject curve (docs/methods.md §6, §9) and
 //! 1:N identification (exact k-NN search, CMC, DIR at FPIR).
 //!
 //! Everything here is exact (no binning of scores) and scales to tens of millions of pairs:

@@ -115,7 +115,7 @@ pub fn roc(scores: &[f32], labels: &[bool]) -> Result<Roc, MetricError> {
 
 /// TPR at each target FPR: the ROC point with the smallest `|FPR − target|`; among equally
 /// near points the highest TPR (insightface's `np.argmin` takes the first, which is the
-/// lowest TPR of a vertical run; the rule here is methods.md §9's).
+/// lowest TPR of a vertical run; the rule here is docs/methods.md §9's).
 pub fn tpr_at_fpr(roc: &Roc, targets: &[f64]) -> Vec<f64> {
     targets
         .iter()

@@ -1,5 +1,5 @@
 //! BatchNorm-input statistics of a forward pass: the image features of quality assessment
-//! (methods.md §6, 3DiVi `open_midas/bn_extraction`).
+//! (docs/methods.md §6, 3DiVi `open_midas/bn_extraction`).
 //!
 //! Every BatchNorm forward of the backbones first calls [`observe`] on its input. Outside
 //! [`record_bn_inputs`] that is one thread-local flag test; inside it, each 4-D input

@@ -1,4 +1,5 @@
-//! Tensor operations that candle lacks or runs slowly on the CPU (issue 5).
+//! Tensor operations that candle lacks or runs slowly on the CPU (measured in
+//! docs/benchmarks.md, "Convolution and training step").
 //!
 //! - [`conv2d`]: dense, grouped and depthwise convolution with fpipe's own CPU forward and
 //!   backward kernels (see [`conv`]); candle's convolution on other devices.

@@ -1,4 +1,5 @@
-//! Fused training-mode BatchNorm and PReLU for NCHW tensors on the CPU (issue 5).
+//! Fused training-mode BatchNorm and PReLU for NCHW tensors on the CPU (measured in
+//! docs/benchmarks.md).
 //!
 //! candle_nn builds both from generic element-wise ops: training BatchNorm is about ten
 //! full-size temporaries forward and more backward, PReLU four. On the CPU each temporary is a

@@ -1,5 +1,5 @@
 //! Gradient-boosted regression trees with squared loss, the regressor of quality assessment
-//! (methods.md §6; the reference uses CatBoost with RMSE).
+//! (docs/methods.md §6; the reference uses CatBoost with RMSE).
 //!
 //! The trees are CatBoost's default kind, *oblivious* (symmetric) trees: every level splits
 //! all its nodes on the same `(feature, threshold)`, so a tree of depth `d` is `d` splits and

@@ -1,4 +1,4 @@
-//! Face-image quality assessment (QAA, methods.md §6; 3DiVi `open_midas/bn_extraction`,
+//! Face-image quality assessment (QAA, docs/methods.md §6; 3DiVi `open_midas/bn_extraction`,
 //! `qaa/`): BatchNorm-input statistics of a recognition model ([`crate::models::probe`]) are
 //! regressed by gradient-boosted trees ([`gbt`]) onto the cosine of each training image's
 //! embedding with its class centre; the score is `clip(prediction, 0, 1) · 100`.

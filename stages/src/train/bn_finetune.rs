@@ -1,4 +1,4 @@
-//! `bn-finetune`: BatchNorm fine-tuning (methods.md §5; 3DiVi `open_midas/bn_finetune`).
+//! `bn-finetune`: BatchNorm fine-tuning (docs/methods.md §5; 3DiVi `open_midas/bn_finetune`).
 //!
 //! Every parameter stays frozen; batches go through the backbone in training mode with no
 //! backward pass, so the only thing that moves is each BatchNorm's running mean and variance

@@ -1,4 +1,4 @@
-//! The `filters` stage: activity analysis of a model's first convolution (CRAFT, methods.md
+//! The `filters` stage: activity analysis of a model's first convolution (CRAFT, docs/methods.md
 //! section 4): inactive fraction, unique filters, a PNG grid of the filters, and the per-epoch
 //! history when the model was trained with `reactivation` checks.
 

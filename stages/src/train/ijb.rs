@@ -1,4 +1,4 @@
-//! IJB-B/C 1:1 template verification for `evaluate` (insightface `eval_ijbc.py`, methods.md
+//! IJB-B/C 1:1 template verification for `evaluate` (insightface `eval_ijbc.py`, docs/methods.md
 //! §9): the protocol files, loose crops aligned with their 5 landmarks (`norm_crop`),
 //! per-image feature `f(x) + f(flip x)` (not normalised: its norm is kept, insightface's
 //! `use_norm_score`) times the detector score, media-mean within a template, sum over media,

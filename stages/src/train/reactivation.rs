@@ -1,4 +1,4 @@
-//! Reactivation of inactive first-layer filters (CRAFT, methods.md section 4) and the
+//! Reactivation of inactive first-layer filters (CRAFT, docs/methods.md section 4) and the
 //! directed scaled-random baseline, plus the filter analysis the `filters` stage reports.
 //!
 //! The source describes the method but its body was not available; every constant below is a

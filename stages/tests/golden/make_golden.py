@@ -14,7 +14,7 @@ What each section uses:
   face_align.estimate_norm returns) and cv2.warpAffine (insightface's norm_crop) on generated
   images with landmarks around the template, output sizes 112, 128, 224, 96.
 - metrics: sklearn.metrics.roc_curve / auc on scores with ties; TPR@FPR with insightface's
-  eval_ijbc.py argmin rule and with methods.md's "ties to the highest TPR" rule; the 10-fold
+  eval_ijbc.py argmin rule and with docs/methods.md's "ties to the highest TPR" rule; the 10-fold
   accuracy of insightface's verification.py calculate_roc/calculate_accuracy, transcribed
   below (insightface's pip package does not ship verification.py) on sklearn's KFold.
 - bin: verification .bin files written by Python's pickle (protocols 2, 4, 5; numpy-array

@@ -2,8 +2,8 @@
 //!
 //! candle 0.11 runs grouped convolutions as a loop of per-group convolutions and computes the
 //! input gradient through a direct `conv_transpose2d` loop (NaN for groups > 1), which makes
-//! CPU training 10-80x slower than PyTorch (issue 5). This module replaces that on the CPU by
-//! candle custom ops that share one [`Geom`]:
+//! CPU training 10-80x slower than PyTorch (docs/benchmarks.md). This module replaces that on
+//! the CPU by candle custom ops that share one [`Geom`]:
 //!
 //! - [`Conv2dFwd`]: forward, with `bwd` returning the weight gradient and, where the input
 //!   is a variable or comes from one, the input gradient, through the ops below

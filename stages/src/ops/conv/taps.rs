@@ -3,7 +3,7 @@
 //!
 //! candle's `conv2d` runs `groups > 1` as a loop of one convolution per group followed by a
 //! `cat`: 512 launches for MobileFaceNet's 512-channel depthwise layer, and its backward goes
-//! through the grouped `conv_transpose2d` that returns NaN (issue 5). Here the groups are one
+//! through the grouped `conv_transpose2d` that returns NaN. Here the groups are one
 //! batched GEMM instead: the `kh·kw` shifted (and strided) views of the padded input are
 //! stacked into columns `[n·groups, cg·kh·kw, ho·wo]`, and multiplied by the weights
 //! `[n·groups, og, cg·kh·kw]` (the group's weights repeated over the batch) in a single

@@ -9,7 +9,7 @@ features (`feats.f32`, not normalised) and `expected.json`: the pair scores and 
 insightface's `eval_ijbc.py` steps transcribed below (use_norm_score=True, i.e. features
 not normalised; use_detector_score=True; image2template_feature; verification;
 sklearn roc_curve; TPR at the point with minimal |FPR - target|, ties to the highest TPR as
-methods.md section 9 says).
+docs/methods.md section 9 says).
 """
 import json
 
