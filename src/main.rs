@@ -229,10 +229,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether an error comes from a full disk (ENOSPC) anywhere in its chain.
+/// Whether an error comes from a full disk (ENOSPC) anywhere in its chain. A cache error
+/// carries its OS error in its message rather than as a source, so it is asked directly.
 fn disk_full(e: &anyhow::Error) -> bool {
+    let full = |k: std::io::ErrorKind| k == std::io::ErrorKind::StorageFull;
+    let cache_full = |c: &fpipe_cache::CacheError| c.io_kind().is_some_and(full);
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+            .is_some_and(|io| full(io.kind()))
+            || c.downcast_ref::<fpipe_cache::CacheError>()
+                .is_some_and(cache_full)
+            || matches!(
+                c.downcast_ref::<fpipe_engine::EngineError>(),
+                Some(fpipe_engine::EngineError::Cache(c)) if cache_full(c)
+            )
     })
 }

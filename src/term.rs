@@ -64,6 +64,7 @@ impl Reporter for Terminal {
                     }
                 }
             }
+            Event::Warning { message } => self.line(format!("warning: {message}")),
             Event::Waiting { name } => {
                 self.line(format!("… {name}: another fpipe process is computing this stage; waiting for its result"));
             }

@@ -33,11 +33,12 @@ pub use store::{
 /// Errors of the artifact store. Each names the path it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("{path}: {source}")]
+    /// The message already ends with the OS error, so the error is not also given as a
+    /// `source()`: a chain printer (`anyhow`'s `{:#}`) would repeat it.
+    #[error("{path}: {error}")]
     Io {
         path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid {
@@ -48,6 +49,26 @@ pub enum CacheError {
     HashMismatch { expected: String, actual: String },
 }
 
+impl CacheError {
+    /// The kind of the OS error behind an I/O failure (a full disk, a permission), for callers
+    /// that react to it: the error is part of the message, not a `source()`.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            CacheError::Io { error, .. } => Some(error.kind()),
+            _ => None,
+        }
+    }
+
+    /// True when the error is a refusal to write (permissions, a read-only file system): the
+    /// store is usable for reading but nothing can be stored in it.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, CacheError::Io { error, .. } if matches!(
+            error.kind(),
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+        ))
+    }
+}
+
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, CacheError>;
 
@@ -55,5 +76,5 @@ pub(crate) fn io_err(
     path: impl Into<std::path::PathBuf>,
 ) -> impl FnOnce(std::io::Error) -> CacheError {
     let path = path.into();
-    move |source| CacheError::Io { path, source }
+    move |error| CacheError::Io { path, error }
 }

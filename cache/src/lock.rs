@@ -13,8 +13,14 @@ pub struct StoreLock {
 }
 
 impl StoreLock {
+    /// A shared lock. In a store this process may not write (someone else's, a read-only
+    /// mount), the existing lock file is opened for reading, which is enough to share it.
     pub(crate) fn shared(path: &Path) -> Result<Self> {
-        let file = open(path)?;
+        let file = match open(path) {
+            Ok(f) => f,
+            Err(e) if e.is_read_only() => File::open(path).map_err(|_| e)?,
+            Err(e) => return Err(e),
+        };
         file.lock_shared().map_err(io_err(path))?;
         Ok(StoreLock { _file: file })
     }

@@ -131,7 +131,13 @@ impl ArtifactStore {
             "objects", "actions", "staging", "locks", "scratch", "memo", "runs",
         ] {
             let p = root.join(sub);
-            std::fs::create_dir_all(&p).map_err(io_err(&p))?;
+            match std::fs::create_dir_all(&p).map_err(io_err(&p)) {
+                Ok(()) => {}
+                // A read-only store (someone else's, a read-only mount) is still readable;
+                // what needs writing says so when it is attempted.
+                Err(e) if e.is_read_only() && root.is_dir() => {}
+                Err(e) => return Err(e),
+            }
         }
         let root = std::path::absolute(root).map_err(io_err(root))?;
         Ok(ArtifactStore { root })
@@ -667,6 +673,18 @@ mod tests {
         assert!(!store.contains(&id));
         assert!(store.contains(&good));
         assert!(store.verify(false).unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn io_errors_say_their_cause_once() {
+        let e = io_err("/x/lock")(std::io::Error::from_raw_os_error(13));
+        assert!(e.is_read_only());
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::PermissionDenied));
+        assert!(
+            std::error::Error::source(&e).is_none(),
+            "shown in the message, not again"
+        );
+        assert_eq!(e.to_string().matches("os error 13").count(), 1, "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::records::{
     iso8601, now_unix, PipelineState, RunRecord, RunStatus, StageMemory, StageRecord, StageState,
 };
 use crate::stage::{ProgressSink, StageContext, StageError};
-use fpipe_cache::{ActionRecord, ArtifactId, ArtifactStore, PathHasher};
+use fpipe_cache::{ActionRecord, ArtifactId, ArtifactStore, CacheError, PathHasher};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -42,6 +42,8 @@ pub enum Event<'a> {
         seconds: f64,
         error: Option<&'a str>,
     },
+    /// Something the user should know that does not stop the run (said once per run).
+    Warning { message: &'a str },
 }
 
 /// Receives [`Event`]s (the terminal display, or nothing in tests).
@@ -301,7 +303,19 @@ impl Engine {
         opts: &RunOptions,
         reporter: &Arc<dyn Reporter>,
     ) -> Result<RunSummary> {
-        let _store_lock = self.store.lock_shared()?;
+        let _store_lock = match self.store.lock_shared() {
+            Ok(lock) => Some(lock),
+            // Someone else's cache, or a read-only mount: a fully cached run only reads it.
+            Err(e) if e.is_read_only() => {
+                reporter.event(Event::Warning {
+                    message: &format!(
+                        "cannot lock the cache ({e}); it is not writable, so this run only reads it"
+                    ),
+                });
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (order, force) = self.selected(plan, opts)?;
         let started = now_unix();
         let clock = Instant::now();
@@ -312,8 +326,27 @@ impl Engine {
         );
         let run_dir = RunRecord::dir(&self.store, &run_id);
         let log_dir = run_dir.join("logs");
-        std::fs::create_dir_all(&log_dir)
-            .map_err(|e| EngineError::Other(format!("{}: {e}", log_dir.display())))?;
+        // A cache that cannot be written still serves a fully cached run: warn once that the
+        // run is not recorded, and let a stage that must compute say what to do.
+        let mut recording = true;
+        let not_recorded = |e: &dyn std::fmt::Display| {
+            reporter.event(Event::Warning {
+                message: &format!(
+                    "the cache is not writable ({e}): this run is not recorded (`fpipe show` and `fpipe out` will not see it)"
+                ),
+            });
+            false
+        };
+        if let Err(e) = std::fs::create_dir_all(&log_dir) {
+            let e = CacheError::Io {
+                path: log_dir.clone(),
+                error: e,
+            };
+            if !e.is_read_only() {
+                return Err(e.into());
+            }
+            recording = not_recorded(&e);
+        }
         let mut record = RunRecord {
             id: run_id.clone(),
             pipeline: plan.pipeline.file.clone(),
@@ -327,7 +360,14 @@ impl Engine {
             jobs: opts.jobs,
             stages: vec![],
         };
-        record.save(&self.store)?;
+        if recording {
+            if let Err(e) = record.save(&self.store) {
+                if !e.is_read_only() {
+                    return Err(e.into());
+                }
+                recording = not_recorded(&e);
+            }
+        }
         let hasher = PathHasher::with_memo(&self.store.memo_path());
         let mut memory = PipelineState::load(&self.store, &plan.pipeline.file);
         memory.pipeline = plan.pipeline.file.clone();
@@ -539,7 +579,10 @@ impl Engine {
                             StageState::Failed
                         };
                         known[i] = Some(Known::Failed);
-                        let mut r = stage_record(ps, Some(&key), state, seconds, Some(log));
+                        // A stage stopped before it started (read-only cache) may
+                        // have no log to point at.
+                        let log = log.exists().then_some(log);
+                        let mut r = stage_record(ps, Some(&key), state, seconds, log);
                         r.error = Some(message.clone());
                         recs.insert(i, r);
                         reporter.event(Event::Finish {
@@ -578,8 +621,10 @@ impl Engine {
         } else {
             RunStatus::Ok
         };
-        record.save(&self.store)?;
-        memory.save(&self.store, &plan.pipeline.file)?;
+        if recording {
+            record.save(&self.store)?;
+            memory.save(&self.store, &plan.pipeline.file)?;
+        }
         Ok(RunSummary {
             interrupted: record.status == RunStatus::Interrupted,
             record,
@@ -608,10 +653,10 @@ impl Engine {
                 reporter.event(Event::Waiting { name: ps.name() });
                 match self.store.lock_key(&job.key) {
                     Ok(l) => l,
-                    Err(e) => return fail(e.to_string(), false),
+                    Err(e) => return fail(self.store_error(&e), false),
                 }
             }
-            Err(e) => return fail(e.to_string(), false),
+            Err(e) => return fail(self.store_error(&e), false),
         };
         if !job.forced {
             if let Ok(Some(rec)) = self.store.action(&job.key) {
@@ -650,6 +695,19 @@ impl Engine {
         }
     }
 
+    /// A message for a store error met while preparing to compute a stage; a store that
+    /// cannot be written gets a way out.
+    fn store_error(&self, e: &CacheError) -> String {
+        if !e.is_read_only() {
+            return e.to_string();
+        }
+        let root = self.store.root().display();
+        format!(
+            "it must run, but the cache {root} is not writable ({e}). \
+             Run with `--cache DIR` on a writable copy (e.g. `cp -a {root} DIR`), or make the cache writable"
+        )
+    }
+
     #[allow(clippy::type_complexity)]
     fn compute(
         &self,
@@ -666,14 +724,14 @@ impl Engine {
             let s = self
                 .store
                 .staging()
-                .map_err(|e| StageError::msg(e.to_string()))?;
+                .map_err(|e| StageError::msg(self.store_error(&e)))?;
             outputs.insert(port.name.to_string(), s.path().to_path_buf());
             stagings.push((port.name, s));
         }
         let scratch = self
             .store
             .scratch_dir(&job.key)
-            .map_err(|e| StageError::msg(e.to_string()))?;
+            .map_err(|e| StageError::msg(self.store_error(&e)))?;
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
