@@ -1,10 +1,10 @@
-//! Caches this process cannot write: a fully cached run works on a read-only cache, and an
-//! error names its OS cause once. Only `shell` stages, so these run with and without the face
-//! stages.
+//! A damaged or untrusted cache never reaches a later stage silently: inputs are checked
+//! before a stage computes, and a read-only cache serves cached runs. Only `shell` stages, so
+//! these run with and without the face stages.
 
 mod common;
 use common::Project;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// make -> upper -> after. `tag` only changes `upper`, so changing it reruns `upper` (and
 /// `after`) on the cached output of `make`.
@@ -28,6 +28,167 @@ fn chain() -> Project {
     p.write("p.yaml", CHAIN);
     assert_eq!(p.fpipe(&["run", "p.yaml"]).ok().counts(), (3, 0, 0));
     p
+}
+
+/// The directory of `stage`'s current output.
+fn out(p: &Project, stage: &str, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["out", stage, "-f", "p.yaml"];
+    args.extend_from_slice(extra);
+    PathBuf::from(p.fpipe(&args).ok().stdout.trim())
+}
+
+fn final_text(p: &Project, extra: &[&str]) -> String {
+    std::fs::read_to_string(out(p, "after", extra).join("final.txt")).unwrap()
+}
+
+/// Stored files are read-only; damage needs write permission first.
+fn writable(f: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+/// Rewrites `f` with bytes of the same length, on a later mtime tick.
+fn flip(f: &Path) {
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    writable(f);
+    let mut bytes = std::fs::read(f).unwrap();
+    bytes[0] ^= 0x02; // "hello" -> "jello"
+    std::fs::write(f, bytes).unwrap();
+}
+
+fn cache(p: &Project) -> String {
+    p.path().join(".fpipe").to_string_lossy().to_string()
+}
+
+#[test]
+fn a_damaged_input_is_refused_and_nothing_downstream_runs() {
+    let p = chain();
+    let msg = out(&p, "make", &[]).join("msg.txt");
+    flip(&msg);
+    let r = p.fpipe(&["run", "p.yaml", "-p", "tag=two"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.counts(), (0, 1, 1), "upper refused, make cached");
+    assert!(
+        r.stderr.contains("stage `upper` failed: input `m`"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(&msg.display().to_string()),
+        "names the file: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("content changed"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("fpipe cache verify --repair"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("1 stage(s) not run because an input failed"),
+        "`after` is skipped: {}",
+        r.stderr
+    );
+    // Nothing was cached from the damaged bytes.
+    let st = p.fpipe(&["status", "p.yaml", "-p", "tag=two"]).ok();
+    assert!(
+        st.stdout.contains("2 of 3 stages would run"),
+        "{}",
+        st.stdout
+    );
+    // Repair, rerun: the right answer.
+    p.fpipe(&["--cache", &cache(&p), "cache", "verify", "--repair"])
+        .ok();
+    assert_eq!(
+        p.fpipe(&["run", "p.yaml", "-p", "tag=two"]).ok().counts(),
+        (3, 0, 0)
+    );
+    assert_eq!(final_text(&p, &["-p", "tag=two"]), "HELLO\ntwo\n");
+}
+
+#[test]
+fn a_deleted_or_truncated_input_file_is_named() {
+    let p = chain();
+    let c = cache(&p);
+    // Deleted (artifact folders are writable by their owner; only files are read-only).
+    let b = out(&p, "make", &[]).join("b.txt");
+    std::fs::remove_file(&b).unwrap();
+    let r = p.fpipe(&["run", "p.yaml", "-p", "tag=two"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(&format!("{}: missing", b.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("fpipe cache verify --repair"),
+        "{}",
+        r.stderr
+    );
+    p.fpipe(&["--cache", &c, "cache", "verify", "--repair"])
+        .ok();
+    assert_eq!(
+        p.fpipe(&["run", "p.yaml", "-p", "tag=two"]).ok().counts(),
+        (3, 0, 0)
+    );
+    // Truncated.
+    let msg = out(&p, "make", &[]).join("msg.txt");
+    writable(&msg);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&msg)
+        .unwrap()
+        .set_len(2)
+        .unwrap();
+    let r = p.fpipe(&["run", "p.yaml", "-p", "tag=three"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr
+            .contains(&format!("{}: truncated: 2 bytes, was 6", msg.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("fpipe cache verify --repair"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Damages `make`'s output in a way the stat check cannot see (same size, same inode, the old
+/// mtime put back), as a flipped bit on disk would.
+fn silent_damage(p: &Project) {
+    let msg = out(p, "make", &[]).join("msg.txt");
+    let mtime = std::fs::metadata(&msg).unwrap().modified().unwrap();
+    flip(&msg);
+    std::fs::File::open(&msg)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
+
+#[test]
+fn a_full_input_check_finds_damage_the_stat_check_cannot() {
+    let p = chain();
+    silent_damage(&p);
+    let r = p
+        .cmd(&["run", "p.yaml", "-p", "tag=two"])
+        .env("FPIPE_VERIFY_INPUTS", "full")
+        .output()
+        .unwrap();
+    let r = common::Run::from(r);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.counts(), (0, 1, 1));
+    let msg = out(&p, "make", &[]).join("msg.txt");
+    assert!(
+        r.stderr.contains(&format!(
+            "{}: content changed (6 bytes, as before)",
+            msg.display()
+        )),
+        "{}",
+        r.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------------------

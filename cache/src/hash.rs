@@ -157,6 +157,72 @@ fn walk_into(
     Ok(())
 }
 
+/// Every entry of an artifact tree as (relative path, `f(metadata)`; `None` for an empty
+/// directory), sorted by path; a link is an error, as in [`walk`]. One `stat` per file, made
+/// relative to its open directory: the whole cost of checking a tree against a fingerprint.
+pub(crate) fn walk_stat<T>(
+    root: &Path,
+    f: impl Fn(&std::fs::Metadata) -> T,
+) -> Result<Vec<(String, Option<T>)>> {
+    let mut out = Vec::new();
+    walk_stat_into(root, "", &mut |rel, meta| {
+        out.push((rel, meta.as_ref().map(&f)));
+    })?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn walk_stat_into(
+    dir: &Path,
+    prefix: &str,
+    out: &mut dyn FnMut(String, Option<std::fs::Metadata>),
+) -> Result<()> {
+    let mut any = false;
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        any = true;
+        let path = entry.path();
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            return Err(CacheError::Invalid {
+                path,
+                message: "file name is not valid UTF-8".into(),
+            });
+        };
+        let rel = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        if entry.file_type().map_err(io_err(&path))?.is_symlink() {
+            let target = std::fs::read_link(&path)
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            return Err(CacheError::Invalid {
+                path,
+                message: format!(
+                    "is a symbolic link (to {target}); artifacts hold only files and folders"
+                ),
+            });
+        }
+        let meta = entry.metadata().map_err(io_err(&path))?;
+        if meta.is_dir() {
+            walk_stat_into(&path, &rel, out)?;
+        } else if meta.is_file() {
+            out(rel, Some(meta));
+        } else {
+            return Err(CacheError::Invalid {
+                path,
+                message: "neither a file nor a directory; artifacts hold only files".into(),
+            });
+        }
+    }
+    if !any && !prefix.is_empty() {
+        out(prefix.to_string(), None);
+    }
+    Ok(())
+}
+
 fn rel(root: &Path, path: &Path) -> Result<String> {
     let r = path.strip_prefix(root).map_err(|_| CacheError::Invalid {
         path: path.to_path_buf(),

@@ -12,16 +12,20 @@
 //! - an *action cache* ([`ArtifactStore::put_action`] / [`ArtifactStore::action`]) mapping an
 //!   opaque key to named output ids, written atomically after the outputs exist;
 //! - file locks ([`StoreLock`], [`KeyLock`]) so concurrent processes share one store safely;
+//! - [`ArtifactStore::check_artifact`]: a cheap check (a `stat` per file against a
+//!   fingerprint taken at commit, a rehash when anything differs) before an artifact is read;
 //! - [`ArtifactStore::verify`], [`ArtifactStore::gc`], and [`ArtifactStore::push`] /
 //!   [`ArtifactStore::pull`] between two stores, verified by rehashing on arrival;
 //! - [`PathHasher`]: hashes user files by content, with a size/mtime/inode memo so that an
 //!   unchanged tree of many files is not reread.
 
+mod check;
 mod hash;
 mod lock;
 mod memo;
 mod store;
 
+pub use check::{CheckDepth, Damage};
 pub use hash::{hash_file, tree_id, ArtifactId, TreeEntry};
 pub use lock::{KeyLock, StoreLock};
 pub use memo::PathHasher;

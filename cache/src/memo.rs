@@ -11,14 +11,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// What a `stat` says about a file that changes when its bytes do (in practice).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Stat {
-    size: u64,
-    mtime_ns: i128,
-    ino: u64,
+pub(crate) struct Stat {
+    pub(crate) size: u64,
+    pub(crate) mtime_ns: i128,
+    pub(crate) ino: u64,
 }
 
-fn stat_of(meta: &std::fs::Metadata) -> Stat {
+pub(crate) fn stat_of(meta: &std::fs::Metadata) -> Stat {
     #[cfg(unix)]
     let ino = {
         use std::os::unix::fs::MetadataExt;

@@ -3,6 +3,7 @@
 //! ```text
 //! ROOT/lock                 store lock: shared by runs, exclusive for gc
 //! ROOT/objects/ab/<id>/     committed artifact trees (read-only files)
+//! ROOT/stat/ab/<id>         fingerprint of each artifact's files (local; see `check`)
 //! ROOT/actions/ab/<key>.json  action records: key -> named output ids
 //! ROOT/staging/<unique>/    trees being written; never trusted, removed by gc
 //! ROOT/locks/<key>.lock     per-key locks: one process computes a key at a time
@@ -204,7 +205,7 @@ impl ArtifactStore {
     /// Hashes the staged tree and publishes it under its id by one rename. If the id already
     /// exists (same bytes computed before), the staged copy is discarded.
     pub fn commit(&self, mut staging: Staging) -> Result<ArtifactId> {
-        let (id, _) = tree_id(&staging.path)?;
+        let (id, entries) = tree_id(&staging.path)?;
         let dest = self.object_path(&id);
         if dest.is_dir() {
             return Ok(id); // drop removes the duplicate
@@ -215,6 +216,7 @@ impl ArtifactStore {
         match std::fs::rename(&staging.path, &dest) {
             Ok(()) => {
                 staging.armed = false;
+                self.write_fingerprint(&id, &entries);
                 Ok(id)
             }
             // Another process published the same id between our check and our rename.
@@ -247,6 +249,16 @@ impl ArtifactStore {
             message: e.to_string(),
         })?;
         write_atomic(&path, &bytes)
+    }
+
+    /// Removes artifact `id` and its fingerprint.
+    fn remove_object(&self, id: &ArtifactId) -> Result<()> {
+        remove_tree(&self.object_path(id))?;
+        let fp = self.fingerprint_path(id);
+        match std::fs::remove_file(&fp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&fp)(e)),
+            _ => Ok(()),
+        }
     }
 
     /// The record for `key`, if it exists and all its outputs are present.
@@ -335,7 +347,7 @@ impl ArtifactStore {
         for (id, problem) in bad {
             let path = self.object_path(&id);
             if repair {
-                remove_tree(&path)?;
+                self.remove_object(&id)?;
                 report.repaired += 1;
             }
             report.problems.push(VerifyProblem { path, problem });
@@ -381,7 +393,7 @@ impl ArtifactStore {
             let path = self.object_path(&id);
             report.bytes_freed += tree_size(&path);
             if !dry_run {
-                remove_tree(&path)?;
+                self.remove_object(&id)?;
             }
             gone.insert(id);
             report.objects_removed.push(id);
@@ -414,6 +426,16 @@ impl ArtifactStore {
         if !dry_run {
             for lock in read_dir_sorted(&self.root.join("locks"))? {
                 let _ = std::fs::remove_file(lock);
+            }
+            // Fingerprints of artifacts that are gone.
+            for fp in files_under(&self.root.join("stat"), 2)? {
+                let id = fp
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse().ok());
+                if id.is_none_or(|id| !self.contains(&id)) {
+                    let _ = std::fs::remove_file(fp);
+                }
             }
         }
         Ok(report)

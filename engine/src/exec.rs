@@ -7,7 +7,7 @@ use crate::records::{
     iso8601, now_unix, PipelineState, RunRecord, RunStatus, StageMemory, StageRecord, StageState,
 };
 use crate::stage::{ProgressSink, StageContext, StageError};
-use fpipe_cache::{ActionRecord, ArtifactId, ArtifactStore, CacheError, PathHasher};
+use fpipe_cache::{ActionRecord, ArtifactId, ArtifactStore, CacheError, CheckDepth, PathHasher};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -72,6 +72,23 @@ pub struct RunOptions {
     pub device: String,
     /// Set to stop the run (Ctrl-C).
     pub cancel: Arc<AtomicBool>,
+    /// How the input artifacts of a stage are checked before it computes: a `stat` per file
+    /// against the fingerprint taken when they were stored (rehashing what differs), or a
+    /// full rehash. Default: `Full` when the environment sets `FPIPE_VERIFY_INPUTS` to
+    /// `full` (or `1`, `yes`, `true`), else `Stat`.
+    pub verify_inputs: CheckDepth,
+}
+
+/// The input check asked for by `FPIPE_VERIFY_INPUTS`.
+pub fn verify_inputs_from_env() -> CheckDepth {
+    match std::env::var("FPIPE_VERIFY_INPUTS")
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "full" | "1" | "yes" | "true" | "always" => CheckDepth::Full,
+        _ => CheckDepth::Stat,
+    }
 }
 
 impl Default for RunOptions {
@@ -85,6 +102,7 @@ impl Default for RunOptions {
             force: vec![],
             device: "cpu".into(),
             cancel: Arc::new(AtomicBool::new(false)),
+            verify_inputs: verify_inputs_from_env(),
         }
     }
 }
@@ -368,6 +386,7 @@ impl Engine {
                 recording = not_recorded(&e);
             }
         }
+        let verified = Mutex::new(HashSet::new());
         let hasher = PathHasher::with_memo(&self.store.memo_path());
         let mut memory = PipelineState::load(&self.store, &plan.pipeline.file);
         memory.pipeline = plan.pipeline.file.clone();
@@ -503,6 +522,7 @@ impl Engine {
                         let job = Job {
                             ps,
                             key,
+                            sources: sources(plan, ps, &parts),
                             parts,
                             reason,
                             inputs,
@@ -510,6 +530,7 @@ impl Engine {
                             gpus: gpus.clone(),
                             threads: cpus,
                             forced,
+                            verified: &verified,
                         };
                         scope.spawn(move || {
                             let outcome = self.execute(&job, opts, reporter);
@@ -579,8 +600,8 @@ impl Engine {
                             StageState::Failed
                         };
                         known[i] = Some(Known::Failed);
-                        // A stage stopped before it started (read-only cache) may
-                        // have no log to point at.
+                        // A stage stopped before it started (damaged input, read-only
+                        // cache) may have no log to point at.
                         let log = log.exists().then_some(log);
                         let mut r = stage_record(ps, Some(&key), state, seconds, log);
                         r.error = Some(message.clone());
@@ -672,6 +693,12 @@ impl Engine {
                 };
             }
         }
+        // Never compute from damaged bytes: the wrong result would be cached under a key
+        // that says it came from the right ones.
+        if let Err(message) = self.check_inputs(job, opts.verify_inputs) {
+            log_line(&job.log, &format!("# fpipe: not run: {message}"));
+            return fail(message, false);
+        }
         reporter.event(Event::Start {
             name: ps.name(),
             kind: &ps.def.uses,
@@ -693,6 +720,30 @@ impl Engine {
             Err(StageError::Interrupted) => fail("interrupted".into(), true),
             Err(StageError::Failed(m)) => fail(m, false),
         }
+    }
+
+    /// Checks every input artifact of `job` (see [`ArtifactStore::check_artifact`]). The
+    /// cheap check is made before every stage (a stage that wrote through its `in/` links
+    /// earlier in the run is caught); a full rehash only once per artifact per run.
+    fn check_inputs(&self, job: &Job<'_>, depth: CheckDepth) -> std::result::Result<(), String> {
+        for (port, from, id) in &job.sources {
+            let full = depth == CheckDepth::Full;
+            if full && job.verified.lock().is_ok_and(|v| v.contains(id)) {
+                continue;
+            }
+            if let Err(d) = self.store.check_artifact(id, depth) {
+                return Err(format!(
+                    "input `{port}` ({from}, artifact {}) is damaged in the cache: {d}. \
+                     Not running on it: run `fpipe cache verify --repair` to remove it and \
+                     everything computed from it, then run again",
+                    id.short()
+                ));
+            }
+            if let (true, Ok(mut v)) = (full, job.verified.lock()) {
+                v.insert(*id);
+            }
+        }
+        Ok(())
     }
 
     /// A message for a store error met while preparing to compute a stage; a store that
@@ -818,12 +869,44 @@ struct Job<'a> {
     ps: &'a PlannedStage,
     key: String,
     parts: KeyParts,
+    /// Each input as (port, `stage.port` it comes from, artifact id), for the input check.
+    sources: Vec<(String, String, ArtifactId)>,
     reason: String,
     inputs: BTreeMap<String, PathBuf>,
     log: PathBuf,
     gpus: Vec<usize>,
     threads: usize,
     forced: bool,
+    /// Input artifacts already rehashed in this run.
+    verified: &'a Mutex<HashSet<ArtifactId>>,
+}
+
+/// The inputs of `ps` as (port, `stage.port` it comes from, artifact id).
+fn sources(plan: &Plan, ps: &PlannedStage, parts: &KeyParts) -> Vec<(String, String, ArtifactId)> {
+    parts
+        .inputs
+        .iter()
+        .map(|(port, id)| {
+            let from = ps
+                .wires
+                .iter()
+                .find(|w| &w.port == port)
+                .map(|w| format!("output of {}.{}", plan.stages[w.from].name(), w.from_port))
+                .unwrap_or_else(|| "an upstream output".into());
+            (port.clone(), from, *id)
+        })
+        .collect()
+}
+
+/// Appends a line to a stage's log, if it can.
+fn log_line(log: &std::path::Path, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        let _ = writeln!(f, "{line}");
+    }
 }
 
 enum Outcome {
