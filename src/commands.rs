@@ -226,6 +226,15 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                     for p in &r.problems {
                         println!("{}: {}", p.path.display(), p.problem);
                     }
+                    if !r.invalidated.is_empty() {
+                        println!(
+                            "{} {} record(s) computed from damaged data ({}) and {} artifact(s) they produced",
+                            if repair { "invalidated" } else { "would invalidate" },
+                            r.invalidated.len(),
+                            r.invalidated.join(", "),
+                            r.tainted.len()
+                        );
+                    }
                     println!(
                         "checked {} artifacts and {} action records: {} problem(s){}",
                         r.objects_checked,

@@ -1,6 +1,7 @@
 //! A damaged or untrusted cache never reaches a later stage silently: inputs are checked
-//! before a stage computes, and a read-only cache serves cached runs. Only `shell` stages, so
-//! these run with and without the face stages.
+//! before a stage computes, `cache verify --repair` removes what was computed from damage, and
+//! a read-only cache serves cached runs. Only `shell` stages, so these run with and without the
+//! face stages.
 
 mod common;
 use common::Project;
@@ -189,6 +190,51 @@ fn a_full_input_check_finds_damage_the_stat_check_cannot() {
         "{}",
         r.stderr
     );
+}
+
+#[test]
+fn repair_removes_results_computed_from_damaged_data() {
+    let p = chain();
+    let c = cache(&p);
+    silent_damage(&p);
+    // The default check does not see it: a wrong result is computed and cached.
+    assert_eq!(
+        p.fpipe(&["run", "p.yaml", "-p", "tag=two"]).ok().counts(),
+        (2, 1, 0)
+    );
+    assert_eq!(final_text(&p, &["-p", "tag=two"]), "JELLO\ntwo\n");
+    // verify finds the damage and everything computed from it: both `upper` results (one
+    // computed before the damage, one after: no way to tell) and both `after` results.
+    let v = p.fpipe(&["--cache", &c, "cache", "verify"]);
+    assert_eq!(v.code, 1, "{}", v.all());
+    assert!(
+        v.stdout.contains("would invalidate 4 record(s)"),
+        "{}",
+        v.stdout
+    );
+    for stage in ["upper", "after"] {
+        assert!(
+            v.stdout
+                .contains(&format!("record of stage `{stage}`: computed from")),
+            "{}",
+            v.stdout
+        );
+    }
+    let v = p
+        .fpipe(&["--cache", &c, "cache", "verify", "--repair"])
+        .ok();
+    assert!(v.stdout.contains("invalidated 4 record(s)"), "{}", v.stdout);
+    // Nothing computed from the damaged bytes survives: every stage reruns, right this time.
+    assert_eq!(
+        p.fpipe(&["run", "p.yaml", "-p", "tag=two"]).ok().counts(),
+        (3, 0, 0)
+    );
+    assert_eq!(final_text(&p, &["-p", "tag=two"]), "HELLO\ntwo\n");
+    assert!(p
+        .fpipe(&["--cache", &c, "cache", "verify"])
+        .ok()
+        .stdout
+        .contains(" 0 problem(s)"));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@
 //! - file locks ([`StoreLock`], [`KeyLock`]) so concurrent processes share one store safely;
 //! - [`ArtifactStore::check_artifact`]: a cheap check (a `stat` per file against a
 //!   fingerprint taken at commit, a rehash when anything differs) before an artifact is read;
-//! - [`ArtifactStore::verify`], [`ArtifactStore::gc`], and [`ArtifactStore::push`] /
+//! - [`ArtifactStore::verify`] (which also invalidates what was computed from damaged
+//!   artifacts), [`ArtifactStore::gc`], and [`ArtifactStore::push`] /
 //!   [`ArtifactStore::pull`] between two stores, verified by rehashing on arrival;
 //! - [`PathHasher`]: hashes user files by content, with a size/mtime/inode memo so that an
 //!   unchanged tree of many files is not reread.

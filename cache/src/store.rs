@@ -11,7 +11,7 @@
 //! ROOT/memo/paths           stat memo of user files (local speed-up, never shared)
 //! ```
 
-use crate::hash::{tree_id, walk, ArtifactId};
+use crate::hash::{tree_id, walk, ArtifactId, TreeEntry};
 use crate::lock::{KeyLock, StoreLock};
 use crate::{io_err, CacheError, Result};
 use serde::{Deserialize, Serialize};
@@ -51,12 +51,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// What an action key resolved to: its named output artifacts, plus free-form metadata
-/// (metrics, timings) that the caller wants to keep with it.
+/// What an action key resolved to: its named output artifacts, the artifacts it was computed
+/// from, plus free-form metadata (metrics, timings, where a pulled record came from) that the
+/// caller wants to keep with it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ActionRecord {
     pub key: String,
     pub outputs: BTreeMap<String, ArtifactId>,
+    /// The input artifacts the outputs were computed from. When one of them is found damaged,
+    /// [`ArtifactStore::verify`] invalidates this record and what was computed from it.
+    /// Records written before this field existed load with none.
+    #[serde(default)]
+    pub inputs: Vec<ArtifactId>,
     #[serde(default)]
     pub meta: serde_json::Value,
 }
@@ -95,9 +101,17 @@ pub struct VerifyProblem {
 pub struct VerifyReport {
     pub objects_checked: usize,
     pub actions_checked: usize,
+    /// Everything found wrong: damaged artifacts, records pointing at them, and what was
+    /// computed from damaged data (see [`Self::invalidated`]).
     pub problems: Vec<VerifyProblem>,
     /// Entries removed because `repair` was asked for.
     pub repaired: usize,
+    /// Action records (by `meta.stage` when known, else key) whose inputs were damaged or
+    /// themselves computed from damaged data: their results cannot be trusted.
+    pub invalidated: Vec<String>,
+    /// Intact artifacts that only invalidated records produced: results computed from
+    /// damaged data.
+    pub tainted: Vec<ArtifactId>,
 }
 
 /// Outcome of [`ArtifactStore::gc`].
@@ -117,6 +131,36 @@ pub struct SyncReport {
     pub objects_present: usize,
     pub actions_copied: usize,
     pub bytes_copied: u64,
+}
+
+/// Why [`ArtifactStore::verify`] does not trust an action record.
+enum Verdict {
+    Unreadable,
+    /// This output is damaged or missing.
+    Output(String, ArtifactId),
+    /// Computed from this damaged input ...
+    FromDamaged(ArtifactId),
+    /// ... or from this input, itself computed from damaged data.
+    FromTainted(ArtifactId),
+}
+
+impl Verdict {
+    fn text(&self) -> String {
+        match self {
+            Verdict::Unreadable => "unreadable action record".into(),
+            Verdict::Output(port, id) => {
+                format!("output {port} ({}) missing or damaged", id.short())
+            }
+            Verdict::FromDamaged(id) => format!("computed from damaged input {}", id.short()),
+            Verdict::FromTainted(id) => format!(
+                "computed from {}, itself computed from damaged data",
+                id.short()
+            ),
+        }
+    }
+    fn blames_inputs(&self) -> bool {
+        matches!(self, Verdict::FromDamaged(_) | Verdict::FromTainted(_))
+    }
 }
 
 /// The content-addressed store rooted at one directory.
@@ -251,6 +295,16 @@ impl ArtifactStore {
         write_atomic(&path, &bytes)
     }
 
+    /// Removes the record for `key`; false if there was none.
+    pub fn remove_action(&self, key: &str) -> Result<bool> {
+        let path = self.action_path(key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
     /// Removes artifact `id` and its fingerprint.
     fn remove_object(&self, id: &ArtifactId) -> Result<()> {
         remove_tree(&self.object_path(id))?;
@@ -329,54 +383,161 @@ impl ArtifactStore {
     }
 
     /// Rehashes every artifact and checks every action record. With `repair`, removes
-    /// damaged artifacts and the records that point at them, so the next run recomputes them.
+    /// damaged artifacts and the records that point at them, so the next run recomputes them,
+    /// and everything computed from damaged data (see [`Self::invalidated_by`]).
     pub fn verify(&self, repair: bool) -> Result<VerifyReport> {
         use rayon::prelude::*;
         let mut report = VerifyReport::default();
         let objects = self.objects()?;
         report.objects_checked = objects.len();
-        let bad: Vec<(ArtifactId, String)> = objects
+        let hashed: Vec<(ArtifactId, std::result::Result<Vec<TreeEntry>, String>)> = objects
             .par_iter()
-            .filter_map(|id| match tree_id(&self.object_path(id)) {
-                Ok((actual, _)) if actual == *id => None,
-                Ok((actual, _)) => Some((*id, format!("content hashes to {}", actual.short()))),
-                Err(e) => Some((*id, format!("unreadable: {e}"))),
+            .map(|id| match tree_id(&self.object_path(id)) {
+                Ok((actual, entries)) if actual == *id => (*id, Ok(entries)),
+                Ok((actual, _)) => (*id, Err(format!("content hashes to {}", actual.short()))),
+                Err(e) => (*id, Err(format!("unreadable: {e}"))),
             })
             .collect();
+        let mut bad = Vec::new();
+        for (id, result) in hashed {
+            match result {
+                // Intact: give it a fingerprint if it has none (a store from before them).
+                Ok(entries) => {
+                    if !self.fingerprint_path(&id).is_file() {
+                        self.write_fingerprint(&id, &entries);
+                    }
+                }
+                Err(problem) => bad.push((id, problem)),
+            }
+        }
         let bad_ids: HashSet<ArtifactId> = bad.iter().map(|(id, _)| *id).collect();
         for (id, problem) in bad {
-            let path = self.object_path(&id);
-            if repair {
-                self.remove_object(&id)?;
+            report.problems.push(VerifyProblem {
+                path: self.object_path(&id),
+                problem,
+            });
+        }
+        let records: Vec<(PathBuf, Option<ActionRecord>)> =
+            files_under(&self.root.join("actions"), 2)?
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .map(|p| {
+                    let rec = std::fs::read(&p)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<ActionRecord>(&b).ok());
+                    (p, rec)
+                })
+                .collect();
+        report.actions_checked = records.len();
+        let (invalid, derived) = self.invalidated_by(&records, &bad_ids);
+        let mut tainted = BTreeMap::new();
+        let mut remove_records = Vec::new();
+        for ((path, rec), verdict) in records.iter().zip(&invalid) {
+            let Some(verdict) = verdict else { continue };
+            let who = rec
+                .as_ref()
+                .map(|r| match r.meta.get("stage").and_then(|s| s.as_str()) {
+                    Some(stage) => format!("record of stage `{stage}`"),
+                    None => format!("record {}", &r.key[..r.key.len().min(16)]),
+                })
+                .unwrap_or_else(|| "record".into());
+            if let (Some(rec), true) = (rec, verdict.blames_inputs()) {
+                report.invalidated.push(
+                    rec.meta
+                        .get("stage")
+                        .and_then(|s| s.as_str())
+                        .map(|s| format!("{s} ({})", &rec.key[..16.min(rec.key.len())]))
+                        .unwrap_or_else(|| rec.key.clone()),
+                );
+                for id in rec.outputs.values() {
+                    if derived.contains(id) && self.contains(id) {
+                        tainted.entry(*id).or_insert_with(|| who.clone());
+                    }
+                }
+            }
+            report.problems.push(VerifyProblem {
+                path: path.clone(),
+                problem: format!("{who}: {}", verdict.text()),
+            });
+            remove_records.push(path.clone());
+        }
+        for (id, who) in &tainted {
+            report.tainted.push(*id);
+            report.problems.push(VerifyProblem {
+                path: self.object_path(id),
+                problem: format!("computed from damaged data ({who}); not trusted"),
+            });
+        }
+        if repair {
+            // Records first: a record never points at an artifact already removed.
+            for path in &remove_records {
+                std::fs::remove_file(path).map_err(io_err(path))?;
                 report.repaired += 1;
             }
-            report.problems.push(VerifyProblem { path, problem });
-        }
-        for path in files_under(&self.root.join("actions"), 2)? {
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            report.actions_checked += 1;
-            let problem = match std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<ActionRecord>(&b).ok())
-            {
-                None => Some("unreadable action record".to_string()),
-                Some(rec) => rec
-                    .outputs
-                    .iter()
-                    .find(|(_, id)| bad_ids.contains(id) || !self.contains(id))
-                    .map(|(port, id)| format!("output {port} ({}) missing or damaged", id.short())),
-            };
-            if let Some(problem) = problem {
-                if repair {
-                    std::fs::remove_file(&path).map_err(io_err(&path))?;
-                    report.repaired += 1;
-                }
-                report.problems.push(VerifyProblem { path, problem });
+            for id in bad_ids.iter().chain(tainted.keys()) {
+                self.remove_object(id)?;
+                report.repaired += 1;
             }
         }
         Ok(report)
+    }
+
+    /// Which action records cannot be trusted once the artifacts in `damaged` are known bad:
+    /// a record is invalid when it is unreadable, when an output is damaged or missing, or
+    /// when it was computed from an input that is damaged or *tainted*. An artifact is
+    /// tainted when a record invalidated for its inputs produced it and no valid record did:
+    /// it is a result computed from bad data, so what was computed from it is suspect too.
+    /// Computed as a fixpoint (taint only grows as records are invalidated). Records written
+    /// before inputs were recorded cannot be traced and are only judged by their outputs.
+    fn invalidated_by(
+        &self,
+        records: &[(PathBuf, Option<ActionRecord>)],
+        damaged: &HashSet<ArtifactId>,
+    ) -> (Vec<Option<Verdict>>, HashSet<ArtifactId>) {
+        let mut verdicts: Vec<Option<Verdict>> = records
+            .iter()
+            .map(|(_, rec)| match rec {
+                None => Some(Verdict::Unreadable),
+                Some(r) => r
+                    .outputs
+                    .iter()
+                    .find(|(_, id)| damaged.contains(id) || !self.contains(id))
+                    .map(|(port, id)| Verdict::Output(port.clone(), *id)),
+            })
+            .collect();
+        let mut tainted: HashSet<ArtifactId> = damaged.clone();
+        loop {
+            let mut changed = false;
+            for (k, (_, rec)) in records.iter().enumerate() {
+                let (None, Some(rec)) = (&verdicts[k], rec) else {
+                    continue;
+                };
+                if let Some(id) = rec.inputs.iter().find(|id| tainted.contains(id)) {
+                    verdicts[k] = Some(if damaged.contains(id) {
+                        Verdict::FromDamaged(*id)
+                    } else {
+                        Verdict::FromTainted(*id)
+                    });
+                    changed = true;
+                }
+            }
+            if !changed {
+                tainted.retain(|id| !damaged.contains(id));
+                return (verdicts, tainted);
+            }
+            let trusted: HashSet<ArtifactId> = records
+                .iter()
+                .zip(&verdicts)
+                .filter(|(_, v)| v.is_none())
+                .filter_map(|((_, r), _)| r.as_ref())
+                .flat_map(|r| r.outputs.values().copied())
+                .collect();
+            for ((_, rec), v) in records.iter().zip(&verdicts) {
+                if let (Some(rec), Some(true)) = (rec, v.as_ref().map(Verdict::blames_inputs)) {
+                    tainted.extend(rec.outputs.values().filter(|id| !trusted.contains(id)));
+                }
+            }
+        }
     }
 
     /// Removes every artifact not in `keep`, the action records that then point at nothing,
@@ -651,6 +812,7 @@ mod tests {
         let rec = ActionRecord {
             key: "k1".repeat(32),
             outputs: [("out".to_string(), id)].into(),
+            inputs: vec![],
             meta: serde_json::json!({"metrics": {"acc": 0.5}}),
         };
         store.put_action(&rec).unwrap();
@@ -658,6 +820,7 @@ mod tests {
         let missing = ActionRecord {
             key: "k2".repeat(32),
             outputs: [("out".to_string(), ArtifactId([1; 32]))].into(),
+            inputs: vec![],
             meta: serde_json::Value::Null,
         };
         assert!(store.put_action(&missing).is_err());
@@ -681,6 +844,7 @@ mod tests {
             .put_action(&ActionRecord {
                 key: "aa".repeat(32),
                 outputs: [("out".to_string(), id)].into(),
+                inputs: vec![],
                 meta: serde_json::Value::Null,
             })
             .unwrap();
@@ -695,6 +859,103 @@ mod tests {
         assert!(!store.contains(&id));
         assert!(store.contains(&good));
         assert!(store.verify(false).unwrap().problems.is_empty());
+    }
+
+    fn record(
+        store: &ArtifactStore,
+        key: &str,
+        stage: &str,
+        inputs: &[ArtifactId],
+        body: &str,
+    ) -> ArtifactId {
+        let id = store.commit(staged(store, &[("o", body)])).unwrap();
+        store
+            .put_action(&ActionRecord {
+                key: key.repeat(32),
+                outputs: [("out".to_string(), id)].into(),
+                inputs: inputs.to_vec(),
+                meta: serde_json::json!({ "stage": stage }),
+            })
+            .unwrap();
+        id
+    }
+
+    #[test]
+    fn repair_invalidates_everything_computed_from_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(d.path()).unwrap();
+        // a -> b -> c, and x independent; y reads x and b; z reads x only.
+        let a = record(&store, "a1", "a", &[], "A");
+        let b = record(&store, "b1", "b", &[a], "B");
+        let c = record(&store, "c1", "c", &[b], "C");
+        let x = record(&store, "d1", "x", &[], "X");
+        let y = record(&store, "e1", "y", &[x, b], "Y");
+        let z = record(&store, "f1", "z", &[x], "Z");
+        // A second, valid record that also produced C's bytes keeps them trusted.
+        let c2 = record(&store, "f2", "c-again", &[x], "C");
+        assert_eq!(c, c2);
+        assert!(store.verify(false).unwrap().problems.is_empty());
+        let f = store.object_path(&a).join("o");
+        set_writable(&f).unwrap();
+        std::fs::write(&f, "a").unwrap();
+        let r = store.verify(false).unwrap();
+        let mut inv = r.invalidated.clone();
+        inv.sort();
+        assert_eq!(
+            inv.iter()
+                .map(|s| s.split(' ').next().unwrap())
+                .collect::<Vec<_>>(),
+            ["b", "c", "y"],
+            "{:#?}",
+            r.problems
+        );
+        let mut tainted = r.tainted.clone();
+        tainted.sort();
+        let mut want = vec![b, y];
+        want.sort();
+        assert_eq!(tainted, want, "C is also the output of a valid record");
+        // a's record (output damaged), b, c, y records, the damaged a, the tainted b and y.
+        assert_eq!(r.problems.len(), 1 + 4 + 2, "{:#?}", r.problems);
+        assert!(store.contains(&a), "nothing removed without repair");
+        let r = store.verify(true).unwrap();
+        assert_eq!(r.repaired, 7);
+        for (id, kept) in [
+            (a, false),
+            (b, false),
+            (y, false),
+            (c, true),
+            (x, true),
+            (z, true),
+        ] {
+            assert_eq!(store.contains(&id), kept, "{id:?}");
+        }
+        let keys: Vec<String> = store
+            .actions()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(keys, ["d1".repeat(32), "f1".repeat(32), "f2".repeat(32)]);
+        assert!(store.verify(false).unwrap().problems.is_empty());
+        assert!(
+            files_under(&d.path().join("stat"), 2).unwrap().len() == 3,
+            "fingerprints of removed artifacts go with them"
+        );
+    }
+
+    #[test]
+    fn records_without_inputs_still_load() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(d.path()).unwrap();
+        let id = store.commit(staged(&store, &[("a", "1")])).unwrap();
+        let key = "ab".repeat(32);
+        let old = format!(r#"{{"key": "{key}", "outputs": {{"out": "{id}"}}, "meta": null}}"#);
+        write_atomic(&store.action_path(&key), old.as_bytes()).unwrap();
+        let rec = store.action(&key).unwrap().unwrap();
+        assert!(rec.inputs.is_empty());
+        assert!(store.remove_action(&key).unwrap());
+        assert!(!store.remove_action(&key).unwrap());
+        assert_eq!(store.action(&key).unwrap(), None);
     }
 
     #[test]
@@ -719,6 +980,7 @@ mod tests {
         let rec = ActionRecord {
             key: "bb".repeat(32),
             outputs: [("out".to_string(), id)].into(),
+            inputs: vec![],
             meta: serde_json::Value::Null,
         };
         sa.put_action(&rec).unwrap();

@@ -857,6 +857,7 @@ impl Engine {
             .put_action(&ActionRecord {
                 key: job.key.clone(),
                 outputs: ids.clone(),
+                inputs: job.parts.inputs.iter().map(|(_, id)| *id).collect(),
                 meta,
             })
             .map_err(|e| StageError::msg(e.to_string()))?;
