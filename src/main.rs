@@ -176,7 +176,36 @@ enum CacheCommand {
     /// Copy this cache's entries into another cache directory (verified on arrival).
     Push { dir: PathBuf },
     /// Copy another cache's entries into this one (verified on arrival).
-    Pull { dir: PathBuf },
+    ///
+    /// Artifacts are checked against their hashes, but an action record is trusted like code
+    /// you run: it says which result a stage key has. `--check N --pipeline FILE` recomputes N
+    /// stages of FILE whose cached results came from this pull and refuses the pull (removes
+    /// every record it added, exits 1) if any result differs.
+    Pull {
+        dir: PathBuf,
+        /// Recompute this many pulled stages of the pipeline (chosen at random, reproducibly
+        /// with --seed) and refuse the pull on any mismatch.
+        #[arg(long, value_name = "N", requires = "pipeline")]
+        check: Option<usize>,
+        /// The pipeline whose stages --check recomputes (its cache: --cache, else the
+        /// pipeline's `.fpipe/`).
+        #[arg(long, value_name = "FILE", requires = "check")]
+        pipeline: Option<PathBuf>,
+        /// Override a parameter of --pipeline: -p key=value.
+        #[arg(
+            short = 'p',
+            long = "param",
+            value_name = "KEY=VALUE",
+            requires = "pipeline"
+        )]
+        params: Vec<String>,
+        /// Parameter file(s) for --pipeline.
+        #[arg(long = "params", value_name = "FILE", requires = "pipeline")]
+        params_files: Vec<PathBuf>,
+        /// Seed of the choice of stages to recompute (default: random, printed).
+        #[arg(long, requires = "check")]
+        seed: Option<u64>,
+    },
 }
 
 /// Keeps freed memory in the process instead of returning it to the OS after 10 ms: a training

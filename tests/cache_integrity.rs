@@ -1,7 +1,7 @@
 //! A damaged or untrusted cache never reaches a later stage silently: inputs are checked
-//! before a stage computes, `cache verify --repair` removes what was computed from damage, and
-//! a read-only cache serves cached runs. Only `shell` stages, so these run with and without the
-//! face stages.
+//! before a stage computes, `cache verify --repair` removes what was computed from damage,
+//! `cache pull --check` recomputes pulled results, and a read-only cache serves cached runs.
+//! Only `shell` stages, so these run with and without the face stages.
 
 mod common;
 use common::Project;
@@ -235,6 +235,176 @@ fn repair_removes_results_computed_from_damaged_data() {
         .ok()
         .stdout
         .contains(" 0 problem(s)"));
+}
+
+/// A second project with the same pipeline and its own (empty) cache.
+fn other_project() -> Project {
+    let q = Project::new();
+    q.write("p.yaml", CHAIN);
+    q
+}
+
+fn action_files(cache: &Path) -> usize {
+    let mut n = 0;
+    for pre in std::fs::read_dir(cache.join("actions")).unwrap() {
+        n += std::fs::read_dir(pre.unwrap().path()).unwrap().count();
+    }
+    n
+}
+
+#[test]
+fn a_checked_pull_of_an_honest_cache_is_accepted_and_says_where_results_came_from() {
+    let p = chain();
+    let q = other_project();
+    let r = q
+        .fpipe(&[
+            "cache",
+            "pull",
+            &cache(&p),
+            "--check",
+            "2",
+            "--pipeline",
+            "p.yaml",
+            "--seed",
+            "7",
+        ])
+        .ok();
+    assert!(
+        r.stdout
+            .contains("checking 2 of the 3 stage(s) of p.yaml cached by this pull (seed 7)"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        r.stdout.matches("recomputed, same result").count(),
+        2,
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("pull accepted"), "{}", r.stdout);
+    // The same seed picks the same stages.
+    let chosen = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("checking"))
+            .unwrap()
+            .to_string()
+    };
+    let q2 = other_project();
+    let r2 = q2
+        .fpipe(&[
+            "cache",
+            "pull",
+            &cache(&p),
+            "--check",
+            "2",
+            "--pipeline",
+            "p.yaml",
+            "--seed",
+            "7",
+        ])
+        .ok();
+    assert_eq!(chosen(&r.stdout), chosen(&r2.stdout));
+    // Pulled results are used, and say where they came from.
+    assert_eq!(q.fpipe(&["run", "p.yaml"]).ok().counts(), (0, 3, 0));
+    let st = q.fpipe(&["status", "p.yaml", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    let src = std::path::absolute(p.path().join(".fpipe")).unwrap();
+    for s in v.as_array().unwrap() {
+        assert_eq!(
+            s["origin"]["pulled_from"],
+            src.to_string_lossy().as_ref(),
+            "{s}"
+        );
+        assert!(s["origin"]["at"].as_str().unwrap().ends_with('Z'));
+    }
+    let st = q.fpipe(&["status", "p.yaml"]).ok();
+    assert!(
+        st.stdout
+            .contains(&format!("make   cached (pulled from {}", src.display())),
+        "{}",
+        st.stdout
+    );
+    let v = q.fpipe(&["--cache", &cache(&q), "cache", "verify"]).ok();
+    assert!(
+        v.stdout
+            .contains(&format!("3 action record(s) pulled from {}", src.display())),
+        "{}",
+        v.stdout
+    );
+}
+
+#[test]
+fn a_checked_pull_refuses_a_tampered_record_and_keeps_none_of_it() {
+    let p = chain();
+    // Tamper: `upper`'s record now names `make`'s output, a valid artifact of the cache.
+    let st = p.fpipe(&["status", "p.yaml", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    let by = |n: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let key = by("upper")["key"].as_str().unwrap().to_string();
+    let make_out = by("make")["outputs"]["files"].clone();
+    let rec_path = p
+        .path()
+        .join(".fpipe/actions")
+        .join(&key[..2])
+        .join(format!("{key}.json"));
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rec_path).unwrap()).unwrap();
+    rec["outputs"]["files"] = make_out;
+    std::fs::write(&rec_path, serde_json::to_string(&rec).unwrap()).unwrap();
+
+    let q = other_project();
+    let r = q.fpipe(&[
+        "cache",
+        "pull",
+        &cache(&p),
+        "--check",
+        "3",
+        "--pipeline",
+        "p.yaml",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("pull refused"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("stage `upper`: the pulled record says files="),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("removed the 3 action record(s) this pull added"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(action_files(&q.path().join(".fpipe")), 0);
+    let st = q.fpipe(&["status", "p.yaml"]).ok();
+    assert!(
+        st.stdout.contains("3 of 3 stages would run"),
+        "{}",
+        st.stdout
+    );
+    // The honest stage `make` was recomputed too, and matched.
+    assert!(
+        r.stdout.contains("make: recomputed, same result"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn pull_check_needs_a_pipeline() {
+    let p = chain();
+    let q = other_project();
+    let r = q.fpipe(&["cache", "pull", &cache(&p), "--check", "1"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("--pipeline"), "{}", r.stderr);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ pub use hash::{hash_file, tree_id, ArtifactId, TreeEntry};
 pub use lock::{KeyLock, StoreLock};
 pub use memo::PathHasher;
 pub use store::{
-    write_atomic, ActionRecord, ArtifactStore, GcReport, Staging, SyncReport, VerifyProblem,
-    VerifyReport,
+    iso8601, now_unix, write_atomic, ActionRecord, ArtifactStore, GcReport, Staging, SyncReport,
+    VerifyProblem, VerifyReport,
 };
 
 /// Errors of the artifact store. Each names the path it concerns.

@@ -131,6 +131,8 @@ pub struct SyncReport {
     pub objects_present: usize,
     pub actions_copied: usize,
     pub bytes_copied: u64,
+    /// Keys of the action records added to the destination (it had none for them).
+    pub actions_added: Vec<String>,
 }
 
 /// Why [`ArtifactStore::verify`] does not trust an action record.
@@ -603,29 +605,83 @@ impl ArtifactStore {
     }
 
     /// Copies artifacts (all, or those in `only`) and the action records whose outputs all
-    /// exist from this store into `dest`. Every artifact is rehashed on arrival.
+    /// exist from this store into `dest`. Every artifact is rehashed on arrival. Each record
+    /// added to `dest` says where it came from in `meta.origin`
+    /// (`{"pushed_from": <this store>, "at": <time>}`).
     pub fn push(
         &self,
         dest: &ArtifactStore,
         only: Option<&HashSet<ArtifactId>>,
     ) -> Result<SyncReport> {
-        sync(self, dest, only)
+        sync(self, dest, only, "pushed_from")
     }
 
-    /// Copies from `src` into this store; see [`Self::push`].
+    /// Copies from `src` into this store; see [`Self::push`]. Records added here carry
+    /// `meta.origin = {"pulled_from": <src>, "at": <time>}`. Artifacts are verified by their
+    /// hash, but a record only maps a key to ids: whoever wrote `src` decides what a pulled
+    /// key resolves to (see `fpipe cache pull --check`).
     pub fn pull(
         &self,
         src: &ArtifactStore,
         only: Option<&HashSet<ArtifactId>>,
     ) -> Result<SyncReport> {
-        sync(src, self, only)
+        sync(src, self, only, "pulled_from")
     }
+}
+
+/// Seconds since the epoch, now.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `2026-11-23T19:05:01Z` for a unix time.
+pub fn iso8601(unix: f64) -> String {
+    let secs = unix.max(0.0) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Stamps `meta.origin` on a copied record, keeping an earlier origin under `earlier`.
+fn with_origin(mut rec: ActionRecord, how: &str, from: &Path, at: &str) -> ActionRecord {
+    let mut origin = serde_json::json!({ how: from.to_string_lossy(), "at": at });
+    if let Some(earlier) = rec.meta.get("origin") {
+        origin["earlier"] = earlier.clone();
+    }
+    match &mut rec.meta {
+        serde_json::Value::Object(m) => {
+            m.insert("origin".into(), origin);
+        }
+        serde_json::Value::Null => rec.meta = serde_json::json!({ "origin": origin }),
+        other => *other = serde_json::json!({ "value": other.clone(), "origin": origin }),
+    }
+    rec
 }
 
 fn sync(
     src: &ArtifactStore,
     dst: &ArtifactStore,
     only: Option<&HashSet<ArtifactId>>,
+    how: &str,
 ) -> Result<SyncReport> {
     let mut report = SyncReport::default();
     for id in src.objects()? {
@@ -649,10 +705,13 @@ fn sync(
         dst.commit(staging)?;
         report.objects_copied += 1;
     }
+    let at = iso8601(now_unix());
     for rec in src.actions()? {
         if rec.outputs.values().all(|id| dst.contains(id)) && dst.action(&rec.key)?.is_none() {
-            dst.put_action(&rec)?;
+            let key = rec.key.clone();
+            dst.put_action(&with_origin(rec, how, src.root(), &at))?;
             report.actions_copied += 1;
+            report.actions_added.push(key);
         }
     }
     Ok(report)
@@ -986,8 +1045,14 @@ mod tests {
         sa.put_action(&rec).unwrap();
         let r = sa.push(&sb, None).unwrap();
         assert_eq!((r.objects_copied, r.actions_copied), (1, 1));
+        assert_eq!(r.actions_added, vec![rec.key.clone()]);
         assert!(sb.contains(&id));
-        assert_eq!(sb.action(&rec.key).unwrap(), Some(rec));
+        let pushed = sb.action(&rec.key).unwrap().unwrap();
+        assert_eq!((&pushed.key, &pushed.outputs), (&rec.key, &rec.outputs));
+        assert_eq!(
+            pushed.meta["origin"]["pushed_from"],
+            sa.root().to_string_lossy().as_ref()
+        );
         let r = sb.pull(&sa, None).unwrap();
         assert_eq!((r.objects_copied, r.objects_present), (0, 1));
         // A damaged source artifact is refused on arrival.

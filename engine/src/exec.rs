@@ -118,6 +118,21 @@ pub struct StageStatus {
     /// "cached", "new", "param lr: 0.1 -> 0.05", "input teacher.model changed", ...
     pub reason: String,
     pub outputs: BTreeMap<String, ArtifactId>,
+    /// Where the cached result came from when it was pulled or pushed from another cache
+    /// (`{"pulled_from": DIR, "at": TIME}`); absent for results computed here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Value>,
+}
+
+/// A stage computed again by [`Engine::recompute`].
+#[derive(Debug, Clone)]
+pub struct Recomputed {
+    /// The stage's key (its inputs resolved from the cache).
+    pub key: String,
+    /// The output ids it computed now.
+    pub outputs: BTreeMap<String, ArtifactId>,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 /// How a run ended.
@@ -267,6 +282,7 @@ impl Engine {
                         Some(_) => format!("input {} will be recomputed", pending.join(", ")),
                     },
                     outputs: BTreeMap::new(),
+                    origin: None,
                 }
             } else {
                 let parts = self.parts(ps, inputs, &hasher)?;
@@ -285,6 +301,7 @@ impl Engine {
                             key: Some(key),
                             will_run: false,
                             reason: "cached".into(),
+                            origin: rec.meta.get("origin").cloned(),
                             outputs: rec.outputs,
                         }
                     }
@@ -302,6 +319,7 @@ impl Engine {
                             will_run: true,
                             reason,
                             outputs: BTreeMap::new(),
+                            origin: None,
                         }
                     }
                 }
@@ -480,6 +498,7 @@ impl Engine {
                                     stage_record(ps, Some(&key), StageState::Cached, 0.0, None);
                                 r.outputs = rec.outputs.clone();
                                 r.metrics = metrics_of(&rec.meta);
+                                r.origin = rec.meta.get("origin").cloned();
                                 recs.insert(i, r);
                                 known[i] = Some(Known::Outputs(rec.outputs));
                                 reporter.event(Event::Finish {
@@ -530,6 +549,7 @@ impl Engine {
                             gpus: gpus.clone(),
                             threads: cpus,
                             forced,
+                            publish: true,
                             verified: &verified,
                         };
                         scope.spawn(move || {
@@ -759,6 +779,110 @@ impl Engine {
         )
     }
 
+    /// Computes stage `stage` of `plan` again, into fresh artifacts, from the inputs the
+    /// cache resolves for it (every stage it depends on must be cached), without reading or
+    /// writing its action record. Its outputs are committed (content-addressed, so harmless);
+    /// nothing maps its key to them. This is how a result someone else computed is checked
+    /// (`fpipe cache pull --check`). The inputs are checked like a run's, at `opts.verify_inputs`.
+    pub fn recompute(
+        &self,
+        plan: &Plan,
+        stage: usize,
+        opts: &RunOptions,
+        reporter: &Arc<dyn Reporter>,
+    ) -> Result<Recomputed> {
+        let ps = plan
+            .stages
+            .get(stage)
+            .ok_or_else(|| EngineError::Other(format!("no stage number {stage}")))?;
+        let upstream = self.status(
+            plan,
+            &RunOptions {
+                targets: vec![ps.name().to_string()],
+                force: vec![],
+                ..opts.clone()
+            },
+        )?;
+        let mut ids = Vec::new();
+        let mut paths = BTreeMap::new();
+        for w in &ps.wires {
+            let from = plan.stages[w.from].name();
+            let id = upstream
+                .iter()
+                .find(|s| s.name == from && !s.will_run)
+                .and_then(|s| s.outputs.get(&w.from_port))
+                .ok_or_else(|| {
+                    EngineError::Other(format!(
+                        "stage `{}`: input `{}` ({from}.{}) is not cached; run the pipeline up to `{from}` first",
+                        ps.name(),
+                        w.port,
+                        w.from_port
+                    ))
+                })?;
+            ids.push((w.port.clone(), *id));
+            paths.insert(w.port.clone(), self.store.object_path(id));
+        }
+        let hasher = PathHasher::with_memo(&self.store.memo_path());
+        let parts = self.parts(ps, ids, &hasher)?;
+        let _ = hasher.save();
+        let key = parts.key();
+        let id = format!(
+            "check-{}-{}",
+            iso8601(now_unix()).replace([':', '-'], ""),
+            std::process::id()
+        );
+        let log_dir = RunRecord::dir(&self.store, &id).join("logs");
+        std::fs::create_dir_all(&log_dir).map_err(|e| CacheError::Io {
+            path: log_dir.clone(),
+            error: e,
+        })?;
+        let log = log_dir.join(format!("{}.log", ps.name()));
+        let verified = Mutex::new(HashSet::new());
+        let cpus = ps.resources.cpu.clamp(1, opts.jobs.max(1));
+        let job = Job {
+            ps,
+            key: key.clone(),
+            sources: sources(plan, ps, &parts),
+            parts,
+            reason: "recomputed to check a cached result".into(),
+            inputs: paths,
+            log: log.clone(),
+            gpus: (0..ps.resources.gpu.min(opts.gpus)).collect(),
+            threads: cpus,
+            forced: true,
+            publish: false,
+            verified: &verified,
+        };
+        self.check_inputs(&job, opts.verify_inputs)
+            .map_err(|m| EngineError::Other(format!("stage `{}`: {m}", ps.name())))?;
+        reporter.event(Event::Start {
+            name: ps.name(),
+            kind: &ps.def.uses,
+            reason: &job.reason,
+        });
+        let t0 = Instant::now();
+        let result = self.compute(&job, opts, reporter);
+        let (state, error) = match &result {
+            Ok(_) => (StageState::Ran, None),
+            Err(StageError::Interrupted) => (StageState::Interrupted, None),
+            Err(StageError::Failed(m)) => (StageState::Failed, Some(m.as_str())),
+        };
+        reporter.event(Event::Finish {
+            name: ps.name(),
+            state,
+            seconds: t0.elapsed().as_secs_f64(),
+            error,
+        });
+        let (outputs, _) = result.map_err(|e| {
+            EngineError::Other(format!(
+                "stage `{}` could not be recomputed: {e} (log: {})",
+                ps.name(),
+                log.display()
+            ))
+        })?;
+        Ok(Recomputed { key, outputs, log })
+    }
+
     #[allow(clippy::type_complexity)]
     fn compute(
         &self,
@@ -846,6 +970,10 @@ impl Engine {
                 .map_err(|e| StageError::msg(format!("committing output `{port}`: {e}")))?;
             ids.insert(port.to_string(), id);
         }
+        if !job.publish {
+            let _ = self.store.clear_scratch(&job.key);
+            return Ok((ids, metrics));
+        }
         let meta = json!({
             "stage": ps.name(),
             "kind": ps.def.uses,
@@ -878,6 +1006,8 @@ struct Job<'a> {
     gpus: Vec<usize>,
     threads: usize,
     forced: bool,
+    /// Write the action record (false when recomputing to check someone else's).
+    publish: bool,
     /// Input artifacts already rehashed in this run.
     verified: &'a Mutex<HashSet<ArtifactId>>,
 }
@@ -982,6 +1112,7 @@ fn stage_record(
         log,
         error: None,
         reason: None,
+        origin: None,
     }
 }
 

@@ -49,6 +49,10 @@ pub struct StageRecord {
     pub error: Option<String>,
     /// Why it ran (status reason) when it ran.
     pub reason: Option<String>,
+    /// Where a cached result came from, when another cache supplied it (the action record's
+    /// `meta.origin`, e.g. `{"pulled_from": DIR, "at": TIME}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Value>,
 }
 
 /// The record of one `fpipe run`.
@@ -158,37 +162,7 @@ impl PipelineState {
     }
 }
 
-/// Seconds since the epoch, now.
-pub fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// `2026-11-23T19:05:01Z` for a unix time.
-pub fn iso8601(unix: f64) -> String {
-    let secs = unix.max(0.0) as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
+pub use fpipe_cache::{iso8601, now_unix};
 
 #[cfg(test)]
 mod tests {
