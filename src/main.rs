@@ -67,106 +67,146 @@ const MAX_GPUS: u64 = 256;
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline: only stages whose key changed are computed.
-    Run {
-        #[command(flatten)]
-        pipeline: PipelineArgs,
-        /// Run only this stage and what it needs (repeatable).
-        #[arg(long)]
-        target: Vec<String>,
-        /// Recompute this stage even if cached (repeatable).
-        #[arg(long)]
-        force: Vec<String>,
-        /// Show what would run, run nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Parallel job slots (default: CPU count; 1 to 4096).
-        #[arg(short = 'j', long, value_parser = clap::value_parser!(u64).range(1..=MAX_JOBS))]
-        jobs: Option<u64>,
-        /// GPU slots for stages declaring `resources: {gpu: N}` (default: CUDA_VISIBLE_DEVICES count, else 0; at most 256).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_GPUS))]
-        gpus: Option<u64>,
-        /// Device for training stages: cpu or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Print a line for every cached stage too.
-        #[arg(short, long)]
-        verbose: bool,
-    },
+    Run(RunArgs),
     /// What would run and why.
-    Status {
-        #[command(flatten)]
-        pipeline: PipelineArgs,
-        #[arg(long)]
-        target: Vec<String>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
+    Status(StatusArgs),
     /// Check a pipeline without running it, and list every shell command it would run.
-    Validate {
-        #[command(flatten)]
-        pipeline: PipelineArgs,
-    },
+    Validate(ValidateArgs),
     /// Print the DAG as text, DOT or mermaid.
-    Dag {
-        #[command(flatten)]
-        pipeline: PipelineArgs,
-        #[arg(long, default_value = "text", value_parser = ["text", "dot", "mermaid"])]
-        format: String,
-    },
+    Dag(DagArgs),
     /// Path of a stage's current output artifact (for scripts).
-    Out {
-        /// STAGE or STAGE.PORT
-        stage: String,
-        /// Pipeline file (default: the newest run record in the cache).
-        #[arg(short = 'f', long)]
-        file: Option<PathBuf>,
-        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
-        params: Vec<String>,
-    },
+    Out(OutArgs),
     /// Summarise an artifact (a data set: images, identities, sizes).
-    Inspect {
-        /// STAGE or STAGE.PORT
-        stage: String,
-        #[arg(short = 'f', long)]
-        file: Option<PathBuf>,
-        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
-        params: Vec<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Inspect(InspectArgs),
     /// Table of reported metrics across runs.
-    Show {
-        /// Only runs of this pipeline file.
-        file: Option<PathBuf>,
-        /// How many recent runs.
-        #[arg(long, default_value_t = 10)]
-        last: usize,
-        #[arg(long)]
-        json: bool,
-    },
+    Show(ShowArgs),
     /// Remove artifacts that no recent run references.
-    Gc {
-        /// Keep what the newest N run records reference (plus each pipeline's current outputs).
-        #[arg(long, default_value_t = 5)]
-        keep_runs: usize,
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Gc(GcArgs),
     /// Cache maintenance and sharing.
-    Cache {
-        #[command(subcommand)]
-        command: CacheCommand,
-    },
+    Cache(CacheArgs),
     /// List the stage kinds with their ports and parameters.
-    Stages {
-        /// Only this kind.
-        kind: Option<String>,
-    },
+    Stages(StagesArgs),
+}
+
+/// Arguments of `fpipe run`.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Run only this stage and what it needs (repeatable).
+    #[arg(long)]
+    pub target: Vec<String>,
+    /// Recompute this stage even if cached (repeatable).
+    #[arg(long)]
+    pub force: Vec<String>,
+    /// Show what would run, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Parallel job slots (default: CPU count; 1 to 4096).
+    #[arg(short = 'j', long, value_parser = clap::value_parser!(u64).range(1..=MAX_JOBS))]
+    pub jobs: Option<u64>,
+    /// GPU slots for stages declaring `resources: {gpu: N}` (default: CUDA_VISIBLE_DEVICES count, else 0; at most 256).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_GPUS))]
+    pub gpus: Option<u64>,
+    /// Device for training stages: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print a line for every cached stage too.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+/// Arguments of `fpipe status`.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[arg(long)]
+    pub target: Vec<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `fpipe validate`.
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+/// Arguments of `fpipe dag`.
+#[derive(clap::Args)]
+pub struct DagArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[arg(long, default_value = "text", value_parser = ["text", "dot", "mermaid"])]
+    pub format: String,
+}
+
+/// Arguments of `fpipe out`.
+#[derive(clap::Args)]
+pub struct OutArgs {
+    /// STAGE or STAGE.PORT
+    pub stage: String,
+    /// Pipeline file (default: the newest run record in the cache).
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+}
+
+/// Arguments of `fpipe inspect`.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// STAGE or STAGE.PORT
+    pub stage: String,
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `fpipe show`.
+#[derive(clap::Args)]
+pub struct ShowArgs {
+    /// Only runs of this pipeline file.
+    pub file: Option<PathBuf>,
+    /// How many recent runs.
+    #[arg(long, default_value_t = 10)]
+    pub last: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `fpipe gc`.
+#[derive(clap::Args)]
+pub struct GcArgs {
+    /// Keep what the newest N run records reference (plus each pipeline's current outputs).
+    #[arg(long, default_value_t = 5)]
+    pub keep_runs: usize,
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Arguments of `fpipe cache`.
+#[derive(clap::Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+/// Arguments of `fpipe stages`.
+#[derive(clap::Args)]
+pub struct StagesArgs {
+    /// Only this kind.
+    pub kind: Option<String>,
 }
 
 #[derive(Subcommand)]
-enum CacheCommand {
+pub enum CacheCommand {
     /// Rehash every artifact and report mismatches.
     Verify {
         /// Remove damaged entries so the next run recomputes them.
@@ -230,7 +270,7 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run { .. }) {
+    if !matches!(cli.command, Command::Run(_)) {
         // A command whose output is piped into `head` ends quietly when the reader goes
         // away, as other Unix tools do, instead of panicking on the broken pipe. `run`
         // keeps going instead (see `say!`): its stages must finish and be recorded.

@@ -1,0 +1,131 @@
+//! `fpipe run` and `fpipe status`.
+
+use super::cache::origin_text;
+use super::*;
+
+/// `fpipe run`: computes the stages whose keys are not cached.
+pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result<ExitCode> {
+    let RunArgs {
+        pipeline,
+        target,
+        force,
+        dry_run,
+        jobs,
+        gpus,
+        device,
+        verbose,
+    } = args;
+    let plan = load(&pipeline, &registry)?;
+    let store = open_store(&cache_dir(cache, Some(&pipeline.file)))?;
+    let engine = Engine { store, registry };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut opts = RunOptions {
+        targets: target,
+        force,
+        device,
+        cancel: cancel.clone(),
+        ..RunOptions::default()
+    };
+    if let Some(j) = jobs {
+        opts.jobs = j as usize;
+    }
+    opts.gpus = gpus.map_or_else(default_gpus, |g| g as usize);
+    if dry_run {
+        print_status(&engine.status(&plan, &opts)?, false);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if !c.swap(true, Ordering::SeqCst) {
+            say_err!("\nstopping: waiting for running stages to end (their partial outputs are discarded)");
+        }
+    });
+    let reporter: Arc<dyn Reporter> = Arc::new(crate::term::Terminal::new(verbose));
+    let summary = engine.run(&plan, &opts, &reporter)?;
+    for s in &summary.record.stages {
+        if s.state == StageState::Failed {
+            say_err!(
+                "\nstage `{}` failed: {}",
+                s.name,
+                fpipe_engine::text::visible(s.error.as_deref().unwrap_or(""), true)
+            );
+            if let Some(log) = &s.log {
+                say_err!("  log: {}", log.display());
+            }
+        }
+    }
+    if summary.skipped > 0 {
+        say_err!(
+            "{} stage(s) not run because an input failed",
+            summary.skipped
+        );
+    }
+    if summary.interrupted {
+        say_err!(
+            "run interrupted; recorded as such. Rerun to continue: finished stages are cached."
+        );
+    }
+    say!("{}", summary.line());
+    Ok(if summary.interrupted {
+        ExitCode::from(130)
+    } else if summary.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `fpipe status`: what `run` would do and why.
+pub fn status(cache: &Option<PathBuf>, registry: Registry, args: StatusArgs) -> Result<ExitCode> {
+    let StatusArgs {
+        pipeline,
+        target,
+        json,
+    } = args;
+    let plan = load(&pipeline, &registry)?;
+    let store = open_store(&cache_dir(cache, Some(&pipeline.file)))?;
+    let engine = Engine { store, registry };
+    let opts = RunOptions {
+        targets: target,
+        ..RunOptions::default()
+    };
+    let st = engine.status(&plan, &opts)?;
+    let changes = engine.param_changes(&plan);
+    if !json && !changes.is_empty() {
+        println!("params changed since the last run: {}", changes.join(", "));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print_status(&st, true);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn print_status(st: &[fpipe_engine::StageStatus], all: bool) {
+    let width = st.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let mut to_run = 0;
+    for s in st {
+        if s.will_run {
+            to_run += 1;
+            println!(
+                "  {:<width$}  will run: {}",
+                s.name,
+                fpipe_engine::text::visible_line(&s.reason)
+            );
+        } else if all {
+            match origin_text(s.origin.as_ref()) {
+                Some(o) => println!("  {:<width$}  cached ({o})", s.name),
+                None => println!("  {:<width$}  cached", s.name),
+            }
+        }
+    }
+    println!("{} of {} stages would run", to_run, st.len());
+}
+
+pub(super) fn default_gpus() -> usize {
+    std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .map(|v| v.split(',').filter(|s| !s.trim().is_empty()).count())
+        .unwrap_or(0)
+}
