@@ -107,6 +107,17 @@ pub(crate) enum Links {
     Refuse,
 }
 
+/// The error for a symbolic link found inside an artifact, naming it and its target.
+pub(crate) fn link_in_artifact(path: PathBuf) -> CacheError {
+    let target = std::fs::read_link(&path)
+        .map(|t| t.display().to_string())
+        .unwrap_or_default();
+    CacheError::Invalid {
+        path,
+        message: format!("is a symbolic link (to {target}); artifacts hold only files and folders"),
+    }
+}
+
 fn walk_into(
     root: &Path,
     dir: &Path,
@@ -120,15 +131,7 @@ fn walk_into(
         let path = entry.path();
         let link = entry.file_type().map_err(io_err(&path))?.is_symlink();
         if link && links == Links::Refuse {
-            let target = std::fs::read_link(&path)
-                .map(|t| t.display().to_string())
-                .unwrap_or_default();
-            return Err(CacheError::Invalid {
-                path,
-                message: format!(
-                    "is a symbolic link (to {target}); artifacts hold only files and folders"
-                ),
-            });
+            return Err(link_in_artifact(path));
         }
         let meta = std::fs::metadata(&path).map_err(|e| {
             if link {
@@ -195,15 +198,7 @@ fn walk_stat_into(
             format!("{prefix}/{name}")
         };
         if entry.file_type().map_err(io_err(&path))?.is_symlink() {
-            let target = std::fs::read_link(&path)
-                .map(|t| t.display().to_string())
-                .unwrap_or_default();
-            return Err(CacheError::Invalid {
-                path,
-                message: format!(
-                    "is a symbolic link (to {target}); artifacts hold only files and folders"
-                ),
-            });
+            return Err(link_in_artifact(path));
         }
         let meta = entry.metadata().map_err(io_err(&path))?;
         if meta.is_dir() {

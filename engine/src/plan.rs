@@ -10,7 +10,7 @@ use crate::stage::{ParamSpec, ParamType, PortSpec, Stage, ANY};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One wired input: this stage's `port` reads `from_port` of stage `from`.
@@ -367,15 +367,7 @@ fn check_value(
             };
             let p = def.base_dir.join(s);
             if !p.exists() {
-                return Err(def
-                    .err_at(
-                        &["with", spec.name],
-                        format!("parameter `{}`: `{s}` does not exist", spec.name),
-                    )
-                    .hint(format!(
-                        "paths are relative to the pipeline file; looked for {}",
-                        p.display()
-                    )));
+                return Err(missing_path(def, spec, s, &p));
             }
             let abs = std::path::absolute(&p).unwrap_or(p);
             Ok((Value::String(abs.to_string_lossy().to_string()), vec![abs]))
@@ -394,15 +386,7 @@ fn check_value(
             })?;
             let abs = def.base_dir.join(&rel);
             if std::fs::symlink_metadata(&abs).is_err() {
-                return Err(def
-                    .err_at(
-                        &["with", spec.name],
-                        format!("parameter `{}`: `{s}` does not exist", spec.name),
-                    )
-                    .hint(format!(
-                        "paths are relative to the pipeline file; looked for {}",
-                        abs.display()
-                    )));
+                return Err(missing_path(def, spec, s, &abs));
             }
             Ok((Value::String(abs.to_string_lossy().to_string()), vec![abs]))
         }
@@ -413,6 +397,18 @@ fn check_value(
             shown(&v)
         ))),
     }
+}
+
+/// A path parameter's `s` names nothing at `looked`.
+fn missing_path(def: &StageDef, spec: &ParamSpec, s: &str, looked: &Path) -> PipelineError {
+    def.err_at(
+        &["with", spec.name],
+        format!("parameter `{}`: `{s}` does not exist", spec.name),
+    )
+    .hint(format!(
+        "paths are relative to the pipeline file; looked for {}",
+        looked.display()
+    ))
 }
 
 /// `s` as a relative path that stays inside the folder it is relative to, with `.` and `..`
