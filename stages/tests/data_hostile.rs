@@ -120,3 +120,73 @@ mod pickles {
         assert!(Rc::ptr_eq(a, b));
     }
 }
+
+/// Verification `.bin` files that refer to one image many times.
+mod bins {
+    use super::common::*;
+    use fpipe_stages::data::recordio::OnError;
+    use fpipe_stages::data::vbin::{import_bin, read_bin_structure, MAX_SAME_IMAGE};
+    use std::path::Path;
+
+    /// A `.bin` whose bins list refers to one small image `refs` times through the memo
+    /// (`refs / 2` pairs).
+    fn memo_bomb(refs: usize, protocol: u8, wrap: fn(&[u8]) -> P) -> Vec<u8> {
+        let img = png(&pattern(8, 8, 3));
+        let mut p = vec![0x80, protocol, b']', b'('];
+        p.extend(opcodes(&wrap(&img), protocol));
+        p.extend_from_slice(&[b'q', 200]);
+        for _ in 1..refs {
+            p.extend_from_slice(&[b'h', 200]);
+        }
+        p.extend_from_slice(b"e](");
+        p.extend(std::iter::repeat_n(0x88, refs / 2));
+        p.extend_from_slice(&[b'e', 0x86, b'.']);
+        p
+    }
+
+    #[test]
+    fn bin_referring_to_one_image_thousands_of_times_is_refused() {
+        for (what, protocol, wrap) in [
+            (
+                "py2 str",
+                2u8,
+                (|b: &[u8]| P::Bytes(b.to_vec())) as fn(&[u8]) -> P,
+            ),
+            ("bytes", 4, |b: &[u8]| P::Bytes(b.to_vec())),
+            ("_codecs.encode", 2, codecs_bytes),
+        ] {
+            let bomb = memo_bomb(5000, protocol, wrap);
+            assert!(bomb.len() < 16_000, "{what}: {} bytes", bomb.len());
+            let e = read_bin_structure(Path::new("bomb.bin"), &bomb)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("bomb.bin") && e.contains("bins[16]") && e.contains("memo references"),
+                "{what}: {e}"
+            );
+            // The import stops before writing anything.
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("bomb.bin");
+            std::fs::write(&file, &bomb).unwrap();
+            let out = dir.path().join("out");
+            let e = import_bin(&file, &out, OnError::Skip, &()).unwrap_err();
+            assert!(e.to_string().contains("memo references"), "{what}: {e}");
+            assert!(!out.join("images.u8").exists());
+            // A few references (an image in several pairs) read; one more is refused.
+            let ok = memo_bomb(MAX_SAME_IMAGE, protocol, wrap);
+            let (bins, same) = read_bin_structure(Path::new("ok.bin"), &ok).unwrap();
+            assert_eq!(bins.len(), MAX_SAME_IMAGE, "{what}");
+            assert_eq!(same.len(), MAX_SAME_IMAGE / 2, "{what}");
+            let e = read_bin_structure(
+                Path::new("ok.bin"),
+                &memo_bomb(MAX_SAME_IMAGE + 1, protocol, wrap),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("bins[{MAX_SAME_IMAGE}]")),
+                "{what}: {e}"
+            );
+        }
+    }
+}
