@@ -190,3 +190,54 @@ mod bins {
         }
     }
 }
+
+/// RecordIO files whose header or index claims what the files cannot hold.
+mod recordio {
+    use super::common::*;
+    use fpipe_stages::data::recordio::{import_recordio, pack, write_indexed, OnError, RecReader};
+
+    #[test]
+    fn recordio_header_claiming_a_trillion_images_is_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("train.rec");
+        // A 100-byte file: the header says keys 1..10^12 are images; the .idx lists two records.
+        let img = png(&pattern(4, 4, 1));
+        write_indexed(
+            &rec,
+            vec![
+                (0, pack(&[1e12, 1e12 + 1.0], 0, 0, &[])),
+                (1, pack(&[0.0], 1, 0, &img)),
+            ],
+        )
+        .unwrap();
+        let r = RecReader::open(&rec).unwrap();
+        let e = r.image_keys().unwrap_err().to_string();
+        assert!(
+            e.contains("train.rec") && e.contains("claims") && e.contains("train.idx"),
+            "{e}"
+        );
+        let e = import_recordio(&rec, &dir.path().join("out"), OnError::Skip, &())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("record 0") && e.contains("claims"), "{e}");
+        // A label[0] of f32::MAX is refused the same way.
+        write_indexed(&rec, vec![(0, pack(&[f32::MAX, 1.0], 0, 0, &[]))]).unwrap();
+        let e = RecReader::open(&rec).unwrap().image_keys().unwrap_err();
+        assert!(e.to_string().contains("claims"), "{e}");
+        // A header that claims what the .idx lists is fine.
+        write_recordio(dir.path(), 3, 2, 4);
+        let (keys, _) = RecReader::open(&rec).unwrap().image_keys().unwrap();
+        assert_eq!(keys, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn recordio_read_at_an_offset_past_the_address_space_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = write_recordio(dir.path(), 2, 1, 4);
+        let r = RecReader::open(&rec).unwrap();
+        for off in [u64::MAX, u64::MAX - 3, u64::MAX - 7, 1 << 40] {
+            let e = r.read_at(off).unwrap_err().to_string();
+            assert!(e.contains("train.rec") && e.contains("truncated"), "{e}");
+        }
+    }
+}

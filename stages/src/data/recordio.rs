@@ -118,7 +118,7 @@ pub struct RecReader {
 }
 
 fn read_u32(map: &[u8], o: usize) -> Option<u32> {
-    map.get(o..o + 4)
+    map.get(o..o.checked_add(4)?)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
@@ -189,7 +189,7 @@ impl RecReader {
     /// The payload of the record starting at byte `offset`, split parts joined.
     pub fn read_at(&self, offset: u64) -> Result<Vec<u8>, DataError> {
         let map = self.bytes();
-        let mut pos = offset as usize;
+        let mut pos = usize::try_from(offset).unwrap_or(usize::MAX);
         let mut out = Vec::new();
         let mut part = 0;
         loop {
@@ -207,8 +207,8 @@ impl RecReader {
                     "no RecordIO magic here (found {magic:#010x}); the file is corrupt or the .idx disagrees with it"
                 )));
             }
-            let lrec =
-                read_u32(map, pos + 4).ok_or_else(|| fail("truncated record header".into()))?;
+            let lrec = read_u32(map, pos.saturating_add(4))
+                .ok_or_else(|| fail("truncated record header".into()))?;
             let cflag = (lrec >> 29) & 7;
             let len = (lrec & ((1 << 29) - 1)) as usize;
             let expect_start = part == 0;
@@ -220,7 +220,7 @@ impl RecReader {
                     )))
                 }
             }
-            let start = pos + 8;
+            let start = pos + 8; // pos + 8 <= map.len(): the header was read
             let data = map.get(start..start + len).ok_or_else(|| {
                 fail(format!(
                     "truncated: record of {len} bytes runs past the end of the file ({} bytes)",
@@ -273,7 +273,26 @@ impl RecReader {
                         format!("insightface header label[0] = {end} is not a key count"),
                     ));
                 }
-                return Ok(((1..end as u64).collect(), Some(h.label)));
+                // Keys 1..end must all be records of the .idx: a header claiming more
+                // images than the .idx lists (or than the .rec can hold) is corrupt.
+                let claimed = end as u64 - 1;
+                let listed = self.entries.len().saturating_sub(1) as u64;
+                let fit = (self.bytes().len() / 8) as u64;
+                if claimed > listed || claimed > fit {
+                    return Err(DataError::format(
+                        &self.rec_path,
+                        "record 0",
+                        format!(
+                            "the insightface header claims {claimed} images (label[0] = {end}) \
+                             but {} lists {listed} records besides the header and the .rec has \
+                             {} bytes: the header or the .idx is corrupt, or the two files do \
+                             not belong together",
+                            self.idx_path.display(),
+                            self.bytes().len()
+                        ),
+                    ));
+                }
+                return Ok(((1..=claimed).collect(), Some(h.label)));
             }
         }
         Ok((self.keys().collect(), None))
