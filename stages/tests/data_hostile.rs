@@ -241,3 +241,89 @@ mod recordio {
         }
     }
 }
+
+/// Packed data sets with labels, counts or sizes that do not add up.
+mod packed {
+    use super::common::*;
+    use fpipe_stages::data::{inspect, inspect_text, ImageTruth, PackedDataset, PackedWriter};
+    use std::path::Path;
+
+    fn patch_label(dir: &Path, image: usize, label: i64) {
+        let p = dir.join("records.bin");
+        let mut r = std::fs::read(&p).unwrap();
+        r[image * 64..image * 64 + 8].copy_from_slice(&label.to_le_bytes());
+        std::fs::write(p, r).unwrap();
+    }
+
+    fn patch_meta(dir: &Path, key: &str, v: serde_json::Value) {
+        let p = dir.join("dataset.json");
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        m[key] = v;
+        std::fs::write(p, serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn label_of_2_pow_62_is_an_error_naming_the_file_not_a_capacity_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_packed(d, 4, 2, 2, false);
+        // As a writer that accepted the label would have written it.
+        patch_label(d, 1, 1 << 62);
+        patch_meta(d, "num_classes", serde_json::json!((1u64 << 62) + 1));
+        let e = inspect(d).unwrap_err().to_string();
+        assert!(
+            e.contains("dataset.json") && e.contains("num_classes"),
+            "{e}"
+        );
+        assert!(inspect_text(d).is_err());
+        // With the class count left alone the label itself is out of range.
+        patch_meta(d, "num_classes", serde_json::json!(2));
+        let e = PackedDataset::open(d).unwrap_err().to_string();
+        assert!(
+            e.contains("records.bin")
+                && e.contains("record 1")
+                && e.contains("4611686018427387904"),
+            "{e}"
+        );
+        patch_label(d, 1, -3);
+        let e = PackedDataset::open(d).unwrap_err().to_string();
+        assert!(e.contains("record 1") && e.contains("-3"), "{e}");
+        patch_label(d, 1, 1);
+        assert!(inspect(d).is_ok());
+    }
+
+    #[test]
+    fn writer_refuses_labels_that_leave_most_classes_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = PackedWriter::create(dir.path(), 2, 2).unwrap();
+        w.push(&[0; 12], 1 << 62, None, ImageTruth::default())
+            .unwrap();
+        let e = w.finish(serde_json::json!({})).unwrap_err().to_string();
+        assert!(e.contains("labels go up to 4611686018427387904"), "{e}");
+        let mut w = PackedWriter::create(dir.path(), 2, 2).unwrap();
+        w.push(&[0; 12], i64::MAX, None, ImageTruth::default())
+            .unwrap();
+        assert!(w.finish(serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn packed_sizes_that_overflow_or_disagree_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_packed(d, 4, 2, 2, true);
+        for (key, v, want) in [
+            ("images", serde_json::json!(u64::MAX), "images.u8"),
+            ("images", serde_json::json!(1u64 << 60), "images.u8"),
+            ("height", serde_json::json!(1u64 << 40), "height"),
+            ("width", serde_json::json!(0), "width"),
+            ("pairs", serde_json::json!(7), "pairs.bin"),
+        ] {
+            let saved = std::fs::read(d.join("dataset.json")).unwrap();
+            patch_meta(d, key, v);
+            let e = PackedDataset::open(d).unwrap_err().to_string();
+            assert!(e.contains(want), "{key}: {e}");
+            std::fs::write(d.join("dataset.json"), saved).unwrap();
+        }
+        assert!(PackedDataset::open(d).is_ok());
+    }
+}
