@@ -327,3 +327,75 @@ mod packed {
         assert!(PackedDataset::open(d).is_ok());
     }
 }
+
+/// Image folders: messages kept in the artifact, and how they read.
+mod folders {
+    use super::common::*;
+    use fpipe_stages::data::folder::import_folder;
+    use fpipe_stages::data::recordio::OnError;
+    use std::path::Path;
+
+    fn faces(root: &Path) {
+        for (p, w) in [("alice/a.png", 20), ("alice/b.png", 10), ("bob/1.png", 20)] {
+            let path = root.join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            pattern(w, 16, 5).save(&path).unwrap();
+        }
+        std::fs::write(root.join("bob/broken.jpg"), b"not a jpeg").unwrap();
+        std::fs::create_dir_all(root.join("carol")).unwrap();
+    }
+
+    #[test]
+    fn image_folder_artifact_does_not_depend_on_where_the_folder_lies() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut outputs = Vec::new();
+        for t in [&a, &b] {
+            let root = t.path().join("deep/er/faces");
+            faces(&root);
+            let out = t.path().join("out");
+            let c = import_folder(&root, &out, OnError::Skip, &()).unwrap();
+            assert_eq!((c.images, c.skipped), (2, 3), "{:?}", c.problems);
+            let json = std::fs::read_to_string(out.join("dataset.json")).unwrap();
+            let base = t.path().to_string_lossy().to_string();
+            assert!(
+                !json.contains(&base),
+                "absolute path in dataset.json: {json}"
+            );
+            assert!(
+                json.contains("bob/broken.jpg: whole file: undecodable"),
+                "{json}"
+            );
+            assert!(json.contains("carol: identity folder"), "{json}");
+            outputs.push(std::fs::read(out.join("dataset.json")).unwrap());
+        }
+        assert_eq!(outputs[0], outputs[1]);
+    }
+
+    #[test]
+    fn image_size_mismatch_message_reads_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("faces");
+        faces(&root);
+        std::fs::remove_file(root.join("bob/broken.jpg")).unwrap();
+        std::fs::remove_dir(root.join("carol")).unwrap();
+        let c = import_folder(&root, &dir.path().join("s"), OnError::Skip, &()).unwrap();
+        let p = c
+            .problems
+            .iter()
+            .find(|p| p.contains("image is"))
+            .expect("a size problem");
+        assert_eq!(
+            p,
+            "alice/b.png: whole file: image is 10x16, the data set's first image is 20x16; \
+             resize the images to one size"
+        );
+        let e = import_folder(&root, &dir.path().join("f"), OnError::Fail, &())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("alice/b.png: whole file: image is 10x16") && !e.contains(": :"),
+            "{e}"
+        );
+        assert!(e.starts_with(&root.to_string_lossy().to_string()), "{e}");
+    }
+}

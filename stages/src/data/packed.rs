@@ -89,6 +89,33 @@ impl DataError {
             message: message.into(),
         }
     }
+
+    /// The message with paths under `base` written relative to it (`alice/1.jpg` rather
+    /// than `/home/me/faces/alice/1.jpg`), for messages kept in an artifact, which must not
+    /// depend on where the input lies on a machine.
+    pub fn to_string_relative_to(&self, base: &Path) -> String {
+        let rel = |p: &Path| match p.strip_prefix(base) {
+            Ok(r) if !r.as_os_str().is_empty() => r.display().to_string(),
+            _ => p.display().to_string(),
+        };
+        match self {
+            DataError::Io { path, source } => format!("{}: {source}", rel(path)),
+            DataError::Format {
+                path,
+                position,
+                message,
+            } => format!("{}: {position}: {message}", rel(path)),
+            DataError::Invalid(m) => {
+                let prefix = base.join("");
+                let prefix = prefix.to_string_lossy();
+                if prefix.is_empty() {
+                    m.clone()
+                } else {
+                    m.replace(prefix.as_ref(), "")
+                }
+            }
+        }
+    }
 }
 
 impl From<DataError> for fpipe_engine::StageError {

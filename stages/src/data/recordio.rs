@@ -334,16 +334,21 @@ pub(crate) struct Sink {
     pub on_error: OnError,
     pub counts: ImportCounts,
     pub reasons: std::collections::BTreeMap<String, u64>,
+    /// Paths in the problems kept in `dataset.json` are written relative to this folder
+    /// (the input's), so the artifact does not depend on where the input lies.
+    pub base: PathBuf,
 }
 
 impl Sink {
-    pub fn new(dir: &Path, on_error: OnError) -> Sink {
+    /// A sink writing into `dir`; problems name input files relative to `base`.
+    pub fn new(dir: &Path, on_error: OnError, base: &Path) -> Sink {
         Sink {
             writer: None,
             dir: dir.to_path_buf(),
             on_error,
             counts: ImportCounts::default(),
             reasons: Default::default(),
+            base: base.to_path_buf(),
         }
     }
 
@@ -355,12 +360,15 @@ impl Sink {
         self.counts.skipped += 1;
         *self.reasons.entry(reason.to_string()).or_insert(0) += 1;
         if self.counts.problems.len() < 20 {
-            self.counts.problems.push(err.to_string());
+            self.counts
+                .problems
+                .push(err.to_string_relative_to(&self.base));
         }
         Ok(())
     }
 
-    /// Adds one decoded image; a size different from the first image's is a problem.
+    /// Adds one decoded image; a size different from the first image's is a problem,
+    /// reported by `at`, which makes the error (naming the input) for a message.
     pub fn push(
         &mut self,
         h: usize,
@@ -368,7 +376,7 @@ impl Sink {
         pixels: &[u8],
         label: i64,
         landmarks: Option<[[f32; 2]; 5]>,
-        at: impl FnOnce() -> DataError,
+        at: impl FnOnce(String) -> DataError,
     ) -> Result<bool, DataError> {
         if self.writer.is_none() {
             self.writer = Some(PackedWriter::create(&self.dir, h, w)?);
@@ -376,9 +384,11 @@ impl Sink {
         let wr = self.writer.as_mut().expect("created above");
         if wr.size() != (h, w) {
             let (eh, ew) = wr.size();
-            let e = at();
-            let msg = format!("{e}: image is {w}x{h}, the data set's first image is {ew}x{eh}");
-            self.problem("image size differs", DataError::Invalid(msg))?;
+            let e = at(format!(
+                "image is {w}x{h}, the data set's first image is {ew}x{eh}; \
+                 resize the images to one size"
+            ));
+            self.problem("image size differs", e)?;
             return Ok(false);
         }
         wr.push(pixels, label, landmarks, ImageTruth::default())?;
@@ -438,7 +448,7 @@ pub fn import_recordio(
 ) -> Result<ImportCounts, DataError> {
     let r = RecReader::open(rec)?;
     let (keys, header) = r.image_keys()?;
-    let mut sink = Sink::new(out, on_error);
+    let mut sink = Sink::new(out, on_error, rec.parent().unwrap_or(Path::new("")));
     const CHUNK: usize = 1024;
     type Decoded = Result<(usize, usize, Vec<u8>, i64), (&'static str, DataError)>;
     for (ci, chunk) in keys.chunks(CHUNK).enumerate() {
@@ -479,8 +489,8 @@ pub fn import_recordio(
             let key = chunk[k];
             match d {
                 Ok((h, w, px, label)) => {
-                    sink.push(h, w, &px, label, None, || {
-                        DataError::format(rec, format!("record key {key}"), "")
+                    sink.push(h, w, &px, label, None, |m| {
+                        DataError::format(rec, format!("record key {key}"), m)
                     })?;
                 }
                 Err((reason, e)) => sink.problem(reason, e)?,

@@ -175,7 +175,7 @@ pub fn import_bin(
     // SAFETY: input files are not modified while a stage reads them.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
     let (bins, issame) = read_bin_structure(path, &map)?;
-    let mut sink = Sink::new(out, on_error);
+    let mut sink = Sink::new(out, on_error, path.parent().unwrap_or(Path::new("")));
     let mut pairs = Vec::with_capacity(issame.len());
     const CHUNK: usize = 512; // pairs per chunk
     for start in (0..issame.len()).step_by(CHUNK) {
@@ -198,14 +198,14 @@ pub fn import_bin(
                     let la = 2 * p as i64;
                     let lb = if same { la } else { la + 1 };
                     let ia = sink.counts.images as u32;
-                    let ok_a = sink.push(a.0, a.1, &a.2, la, None, || {
-                        DataError::format(path, format!("image {}", 2 * p), "")
+                    let ok_a = sink.push(a.0, a.1, &a.2, la, None, |m| {
+                        DataError::format(path, format!("image {}", 2 * p), m)
                     })?;
                     if !ok_a {
                         continue;
                     }
-                    let ok_b = sink.push(b.0, b.1, &b.2, lb, None, || {
-                        DataError::format(path, format!("image {}", 2 * p + 1), "")
+                    let ok_b = sink.push(b.0, b.1, &b.2, lb, None, |m| {
+                        DataError::format(path, format!("image {}", 2 * p + 1), m)
                     })?;
                     if ok_b {
                         pairs.push((ia, ia + 1, same));
