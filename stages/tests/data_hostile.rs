@@ -399,3 +399,48 @@ mod folders {
         assert!(e.starts_with(&root.to_string_lossy().to_string()), "{e}");
     }
 }
+
+/// Encoded images whose header claims more than their bytes hold.
+mod images {
+    use super::common::*;
+    use fpipe_stages::data::recordio::decode_image;
+
+    #[test]
+    fn image_header_claiming_far_more_pixels_than_its_bytes_hold_is_refused() {
+        // A 6x6 JPEG whose frame header says 13879x10805 (450 MB of pixels, found by fuzzing).
+        let mut j = jpeg(&pattern(6, 6, 1));
+        let sof = j.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        j[sof + 5..sof + 9].copy_from_slice(&[0x2a, 0x35, 0x36, 0x37]);
+        let e = decode_image(&j).unwrap_err();
+        assert!(e.contains("claims 13879x10805"), "{e}");
+        // The same for a PNG.
+        let mut p = png(&pattern(6, 6, 1));
+        p[16..24].copy_from_slice(&[0, 0, 0x40, 0, 0, 0, 0x40, 0]);
+        let crc = crc32(&p[12..29]);
+        p[29..33].copy_from_slice(&crc.to_be_bytes());
+        let e = decode_image(&p).unwrap_err();
+        assert!(e.contains("claims 16384x16384"), "{e}");
+        // Large images that really are large still decode.
+        let big = image::RgbImage::from_pixel(1200, 1000, image::Rgb([9, 9, 9]));
+        let (h, w, _) = decode_image(&png(&big)).unwrap();
+        assert_eq!((h, w), (1000, 1200));
+        let (h, w, _) = decode_image(&jpeg(&big)).unwrap();
+        assert_eq!((h, w), (1000, 1200));
+    }
+
+    /// PNG's chunk CRC (CRC-32/ISO-HDLC).
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+}

@@ -319,9 +319,34 @@ pub struct ImportCounts {
     pub problems: Vec<String>,
 }
 
-/// Decodes an encoded image (JPEG/PNG) to RGB8; `(h, w, pixels)`.
+/// How many times its encoded size an image may take decoded (as RGB8), plus 1 MiB. PNG's
+/// deflate expands at most about 1032:1 and JPEG much less, so a header claiming more pixels
+/// than this is corrupt or hostile, and would make the decoder allocate for nothing.
+pub const MAX_IMAGE_EXPANSION: u64 = 1100;
+
+/// Decodes an encoded image (JPEG/PNG) to RGB8; `(h, w, pixels)`. The size in the header is
+/// checked against the encoded size (see [`MAX_IMAGE_EXPANSION`]) before anything is
+/// allocated for the pixels.
 pub fn decode_image(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
-    let img = image::load_from_memory(bytes).map_err(|e| format!("undecodable image: {e}"))?;
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("undecodable image: {e}"))
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| format!("undecodable image: {e}"))?;
+    let claimed = w as u64 * h as u64 * 3;
+    if claimed > MAX_IMAGE_EXPANSION * bytes.len() as u64 + (1 << 20) {
+        return Err(format!(
+            "undecodable image: its header claims {w}x{h} pixels, more than {} encoded bytes \
+             can hold; the image is corrupt",
+            bytes.len()
+        ));
+    }
+    let img = reader()?
+        .decode()
+        .map_err(|e| format!("undecodable image: {e}"))?;
     let rgb = img.into_rgb8();
     Ok((rgb.height() as usize, rgb.width() as usize, rgb.into_raw()))
 }
