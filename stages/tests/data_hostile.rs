@@ -403,7 +403,7 @@ mod folders {
 /// Encoded images whose header claims more than their bytes hold.
 mod images {
     use super::common::*;
-    use fpipe_stages::data::recordio::decode_image;
+    use fpipe_stages::data::recordio::{decode_image, MAX_IMAGE_EXPANSION};
 
     #[test]
     fn image_header_claiming_far_more_pixels_than_its_bytes_hold_is_refused() {
@@ -426,6 +426,24 @@ mod images {
         assert_eq!((h, w), (1000, 1200));
         let (h, w, _) = decode_image(&jpeg(&big)).unwrap();
         assert_eq!((h, w), (1000, 1200));
+        // A uniform grey PNG, compressed as far as deflate goes, expands three times more
+        // than an RGB one (one byte per pixel) and still decodes.
+        use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+        use image::ImageEncoder;
+        let side = 3000u32;
+        let grey = vec![200u8; (side * side) as usize];
+        let mut enc = Vec::new();
+        PngEncoder::new_with_quality(&mut enc, CompressionType::Best, FilterType::NoFilter)
+            .write_image(&grey, side, side, image::ExtendedColorType::L8)
+            .unwrap();
+        let decoded = (side * side * 3) as usize;
+        assert!(
+            decoded > MAX_IMAGE_EXPANSION as usize * enc.len() + (1 << 20),
+            "{} bytes",
+            enc.len()
+        );
+        let (h, w, px) = decode_image(&enc).unwrap();
+        assert_eq!((h, w, px[0]), (side as usize, side as usize, 200));
     }
 
     /// PNG's chunk CRC (CRC-32/ISO-HDLC).

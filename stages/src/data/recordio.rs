@@ -319,10 +319,27 @@ pub struct ImportCounts {
     pub problems: Vec<String>,
 }
 
-/// How many times its encoded size an image may take decoded (as RGB8), plus 1 MiB. PNG's
-/// deflate expands at most about 1032:1 and JPEG much less, so a header claiming more pixels
-/// than this is corrupt or hostile, and would make the decoder allocate for nothing.
+/// How many times its encoded size an image may take decoded (as RGB8), plus 1 MiB, for
+/// JPEG and 24-bit PNG. Deflate expands at most about 1032:1 and JPEG at most about 770:1 (a
+/// grey block in two bits), so a header claiming more pixels than this is corrupt or hostile
+/// and would make the decoder allocate for nothing. A PNG of fewer bits per pixel may expand
+/// by 24 / bits more (a 1-bit PNG by 24 times more).
 pub const MAX_IMAGE_EXPANSION: u64 = 1100;
+
+/// Bits per pixel of a PNG's raw stream, from its IHDR (`None` for anything else).
+fn png_bits_per_pixel(bytes: &[u8]) -> Option<u64> {
+    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") || bytes.len() < 26 {
+        return None;
+    }
+    let channels = match bytes[25] {
+        0 | 3 => 1,
+        4 => 2,
+        2 => 3,
+        6 => 4,
+        _ => return None,
+    };
+    Some((bytes[24] as u64 * channels).max(1))
+}
 
 /// Decodes an encoded image (JPEG/PNG) to RGB8; `(h, w, pixels)`. The size in the header is
 /// checked against the encoded size (see [`MAX_IMAGE_EXPANSION`]) before anything is
@@ -337,7 +354,8 @@ pub fn decode_image(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
         .into_dimensions()
         .map_err(|e| format!("undecodable image: {e}"))?;
     let claimed = w as u64 * h as u64 * 3;
-    if claimed > MAX_IMAGE_EXPANSION * bytes.len() as u64 + (1 << 20) {
+    let factor = MAX_IMAGE_EXPANSION * png_bits_per_pixel(bytes).map_or(1, |b| (24 / b).max(1));
+    if claimed > factor * bytes.len() as u64 + (1 << 20) {
         return Err(format!(
             "undecodable image: its header claims {w}x{h} pixels, more than {} encoded bytes \
              can hold; the image is corrupt",
