@@ -156,7 +156,7 @@ pub fn import_folder(
         return Err(DataError::format(root, "path", "not a folder"));
     }
     let landmarks = read_landmarks(root)?;
-    let mut sink = Sink::new(out, on_error);
+    let mut sink = Sink::new(out, on_error, root);
     // (label, relative path, absolute path)
     let mut files: Vec<(i64, String, PathBuf)> = Vec::new();
     let mut names = Vec::new();
@@ -254,8 +254,8 @@ pub fn import_folder(
                     Some(*p)
                 }
             };
-            sink.push(h, w, &px, *label, lm, || {
-                DataError::format(path, "whole file", "")
+            sink.push(h, w, &px, *label, lm, |m| {
+                DataError::format(path, "whole file", m)
             })?;
         }
         monitor.progress((ci * CHUNK + chunk.len()) as u64, files.len() as u64);

@@ -23,6 +23,13 @@ pub const FORMAT: &str = "fpipe-packed-1";
 /// Bytes per entry of `records.bin`.
 pub const RECORD_BYTES: usize = 64;
 
+/// Largest image side a packed data set may have (the largest a JPEG can have).
+pub const MAX_SIDE: usize = 65_535;
+/// How many more classes than images a data set may have. Labels are `0..num_classes`, and
+/// every consumer keeps per-class tables, so a class count far above the image count (from
+/// a stray label such as 2^62) would make each of them allocate without bound.
+pub const MAX_EMPTY_CLASSES: usize = 1 << 20;
+
 const F_LANDMARKS: u32 = 1;
 const F_LABEL_NOISE: u32 = 2;
 const F_LOW_QUALITY: u32 = 4;
@@ -80,6 +87,33 @@ impl DataError {
             path: path.to_path_buf(),
             position: position.into(),
             message: message.into(),
+        }
+    }
+
+    /// The message with paths under `base` written relative to it (`alice/1.jpg` rather
+    /// than `/home/me/faces/alice/1.jpg`), for messages kept in an artifact, which must not
+    /// depend on where the input lies on a machine.
+    pub fn to_string_relative_to(&self, base: &Path) -> String {
+        let rel = |p: &Path| match p.strip_prefix(base) {
+            Ok(r) if !r.as_os_str().is_empty() => r.display().to_string(),
+            _ => p.display().to_string(),
+        };
+        match self {
+            DataError::Io { path, source } => format!("{}: {source}", rel(path)),
+            DataError::Format {
+                path,
+                position,
+                message,
+            } => format!("{}: {position}: {message}", rel(path)),
+            DataError::Invalid(m) => {
+                let prefix = base.join("");
+                let prefix = prefix.to_string_lossy();
+                if prefix.is_empty() {
+                    m.clone()
+                } else {
+                    m.replace(prefix.as_ref(), "")
+                }
+            }
         }
     }
 }
@@ -158,29 +192,70 @@ impl PackedDataset {
         let height = meta_usize(&meta, "height", &meta_path)?;
         let width = meta_usize(&meta, "width", &meta_path)?;
         let num_classes = meta_usize(&meta, "num_classes", &meta_path)?;
+        for (key, side) in [("height", height), ("width", width)] {
+            if !(1..=MAX_SIDE).contains(&side) {
+                return Err(DataError::format(
+                    &meta_path,
+                    format!("field `{key}`"),
+                    format!("{side} is not an image side in 1..={MAX_SIDE}"),
+                ));
+            }
+        }
+        if num_classes > len.saturating_add(MAX_EMPTY_CLASSES) {
+            return Err(DataError::format(
+                &meta_path,
+                "field `num_classes`",
+                format!(
+                    "{num_classes} classes for {len} images: more than {MAX_EMPTY_CLASSES} \
+                     classes would have no image; the file is corrupt"
+                ),
+            ));
+        }
         let img_path = dir.join("images.u8");
         let images = map_file(&img_path)?;
-        let want = len * height * width * 3;
         let have = images.as_ref().map_or(0, |m| m.len());
-        if have != want {
+        let stride = height * width * 3; // <= 3 * MAX_SIDE^2: no overflow
+        if len.checked_mul(stride) != Some(have) {
             return Err(DataError::format(
                 &img_path,
                 format!("byte {have}"),
-                format!("size {have} bytes, expected {want} ({len} images of {height}x{width}x3)"),
+                format!(
+                    "size {have} bytes, expected {} ({len} images of {height}x{width}x3)",
+                    len as u128 * stride as u128
+                ),
             ));
         }
         let rec_path = dir.join("records.bin");
         let records = map_file(&rec_path)?;
         let have = records.as_ref().map_or(0, |m| m.len());
-        if have != len * RECORD_BYTES {
+        if len.checked_mul(RECORD_BYTES) != Some(have) {
             return Err(DataError::format(
                 &rec_path,
                 format!("byte {have}"),
-                format!("size {have} bytes, expected {}", len * RECORD_BYTES),
+                format!(
+                    "size {have} bytes, expected {} ({len} records of {RECORD_BYTES} bytes)",
+                    len as u128 * RECORD_BYTES as u128
+                ),
             ));
         }
+        // Every consumer indexes per-class tables by label: check them all once here.
+        if let Some(m) = &records {
+            for (i, r) in m.chunks_exact(RECORD_BYTES).enumerate() {
+                let l = i64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
+                if !(0..num_classes as i64).contains(&l) {
+                    return Err(DataError::format(
+                        &rec_path,
+                        format!("record {i}"),
+                        format!(
+                            "label {l} is not a class id in 0..{num_classes} (`num_classes` \
+                             of dataset.json); the data set is corrupt"
+                        ),
+                    ));
+                }
+            }
+        }
         let pairs_path = dir.join("pairs.bin");
-        let pairs = if meta.get("pairs").and_then(Value::as_u64).is_some() {
+        let pairs = if let Some(n_pairs) = meta.get("pairs").and_then(Value::as_u64) {
             let bytes = std::fs::read(&pairs_path).map_err(|e| DataError::io(&pairs_path, e))?;
             if bytes.len() % 12 != 0 {
                 return Err(DataError::format(
@@ -202,6 +277,16 @@ impl PackedDataset {
                     ));
                 }
                 v.push((a, b, s != 0));
+            }
+            if v.len() as u64 != n_pairs {
+                return Err(DataError::format(
+                    &pairs_path,
+                    format!("byte {}", bytes.len()),
+                    format!(
+                        "{} pairs, but dataset.json says {n_pairs}; the data set is corrupt",
+                        v.len()
+                    ),
+                ));
             }
             Some(v)
         } else {
@@ -374,9 +459,9 @@ fn create_file(path: &Path) -> Result<BufWriter<File>, DataError> {
 impl PackedWriter {
     /// Starts a data set of `height` x `width` RGB images in `dir` (created if missing).
     pub fn create(dir: &Path, height: usize, width: usize) -> Result<PackedWriter, DataError> {
-        if height == 0 || width == 0 {
+        if !(1..=MAX_SIDE).contains(&height) || !(1..=MAX_SIDE).contains(&width) {
             return Err(DataError::Invalid(format!(
-                "image size {height}x{width}: both sides must be positive"
+                "image size {height}x{width}: both sides must be in 1..={MAX_SIDE}"
             )));
         }
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
@@ -503,7 +588,17 @@ impl PackedWriter {
         self.records
             .flush()
             .map_err(|e| DataError::io(&rec_path, e))?;
-        let num_classes = (self.max_label + 1) as usize;
+        // Labels are >= 0 (checked by `push`), so this is the largest label plus one.
+        let num_classes = (self.max_label as u64).wrapping_add(1);
+        if num_classes > self.count.saturating_add(MAX_EMPTY_CLASSES) as u64 {
+            return Err(DataError::Invalid(format!(
+                "{}: labels go up to {}, for {} images: more than {MAX_EMPTY_CLASSES} classes \
+                 would have no image; number the identities 0, 1, 2, ...",
+                self.dir.display(),
+                self.max_label,
+                self.count
+            )));
+        }
         let mut meta = json!({
             "format": FORMAT,
             "images": self.count,

@@ -2,12 +2,22 @@
 //! (protocols 0-5), representing `GLOBAL`/`REDUCE`/`BUILD`/`NEWOBJ` as inert nodes that the
 //! caller interprets (numpy arrays and scalars are recognised by [`ndarray`]). Byte strings are
 //! ranges into the input buffer, so a 100 MB `.bin` is parsed without copying images.
+//!
+//! A hostile file cannot make the reader exhaust the stack or memory: parsing is a loop over
+//! the opcodes, values nest at most [`MAX_DEPTH`] levels, strings are shared (never copied) by
+//! memo references, and copies of memoized lists and dicts are bounded by the input's size.
+//! Dropping, comparing and printing values use no recursion that the input can deepen.
 
 use std::ops::Range;
 use std::rc::Rc;
 
+/// The deepest nesting of lists, tuples, dicts and objects a pickle may have. Verification
+/// `.bin` files nest under 10 levels; deeper values are refused so that code walking the
+/// tree cannot exhaust the stack.
+pub const MAX_DEPTH: u32 = 128;
+
 /// A value of the pickle's object tree.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone)]
 pub enum Val {
     None,
     Bool(bool),
@@ -15,16 +25,169 @@ pub enum Val {
     Float(f64),
     /// Bytes (py3 `bytes`, py2 `str`, `bytearray`): a range of the input.
     Bytes(Range<usize>),
-    Str(String),
+    Str(Rc<str>),
     List(Rc<Vec<Val>>),
     Tuple(Rc<Vec<Val>>),
     Dict(Rc<Vec<(Val, Val)>>),
     /// `module.name`, never imported.
-    Global(String, String),
+    Global(Rc<str>, Rc<str>),
     /// `callable(*args)`, never called.
     Reduce(Rc<Val>, Rc<Val>),
     /// `obj.__setstate__(state)`, never called.
     Build(Rc<Val>, Rc<Val>),
+}
+
+impl Val {
+    /// Moves the children this value owns alone (not shared through the memo) into `out`,
+    /// leaving empty containers behind: the step of the iterative [`Drop`].
+    fn take_children(&mut self, out: &mut Vec<Val>) {
+        match self {
+            Val::List(l) | Val::Tuple(l) => {
+                if let Some(items) = Rc::get_mut(l) {
+                    out.append(items);
+                }
+            }
+            Val::Dict(d) => {
+                if let Some(items) = Rc::get_mut(d) {
+                    for (k, v) in items.drain(..) {
+                        out.push(k);
+                        out.push(v);
+                    }
+                }
+            }
+            Val::Reduce(a, b) | Val::Build(a, b) => {
+                for r in [a, b] {
+                    if let Some(v) = Rc::get_mut(r) {
+                        if v.has_children() {
+                            out.push(std::mem::replace(v, Val::None));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn has_children(&self) -> bool {
+        matches!(
+            self,
+            Val::List(_) | Val::Tuple(_) | Val::Dict(_) | Val::Reduce(..) | Val::Build(..)
+        )
+    }
+}
+
+/// Drops a tree of any depth without recursion: children are moved to a work list before
+/// their parent goes, so each drop only ever sees childless values.
+impl Drop for Val {
+    fn drop(&mut self) {
+        if !self.has_children() {
+            return;
+        }
+        let mut work = Vec::new();
+        self.take_children(&mut work);
+        while let Some(mut v) = work.pop() {
+            v.take_children(&mut work);
+        }
+    }
+}
+
+/// Structural equality, compared with a work list instead of recursion.
+impl PartialEq for Val {
+    fn eq(&self, other: &Val) -> bool {
+        let mut work: Vec<(&Val, &Val)> = vec![(self, other)];
+        while let Some((a, b)) = work.pop() {
+            match (a, b) {
+                (Val::None, Val::None) => {}
+                (Val::Bool(x), Val::Bool(y)) if x == y => {}
+                (Val::Int(x), Val::Int(y)) if x == y => {}
+                (Val::Float(x), Val::Float(y)) if x == y => {}
+                (Val::Bytes(x), Val::Bytes(y)) if x == y => {}
+                (Val::Str(x), Val::Str(y)) if x == y => {}
+                (Val::Global(m, n), Val::Global(p, q)) if m == p && n == q => {}
+                (Val::List(x), Val::List(y)) | (Val::Tuple(x), Val::Tuple(y)) => {
+                    if Rc::ptr_eq(x, y) {
+                        continue;
+                    }
+                    if x.len() != y.len() {
+                        return false;
+                    }
+                    work.extend(x.iter().zip(y.iter()));
+                }
+                (Val::Dict(x), Val::Dict(y)) => {
+                    if Rc::ptr_eq(x, y) {
+                        continue;
+                    }
+                    if x.len() != y.len() {
+                        return false;
+                    }
+                    for ((k1, v1), (k2, v2)) in x.iter().zip(y.iter()) {
+                        work.push((k1, k2));
+                        work.push((v1, v2));
+                    }
+                }
+                (Val::Reduce(f, x), Val::Reduce(g, y)) | (Val::Build(f, x), Val::Build(g, y)) => {
+                    work.push((f.as_ref(), g.as_ref()));
+                    work.push((x.as_ref(), y.as_ref()));
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Debug output limited in depth and length (a shared subtree is printed each time it
+/// appears, so an unlimited printer could run for ever on a small file).
+impl std::fmt::Debug for Val {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let budget = std::cell::Cell::new(DEBUG_NODES);
+        fmt_val(self, f, 0, &budget)
+    }
+}
+
+/// Most nodes one `{:?}` of a [`Val`] prints; the rest is written `…`.
+const DEBUG_NODES: usize = 10_000;
+/// Deepest level one `{:?}` of a [`Val`] prints.
+const DEBUG_DEPTH: usize = 32;
+
+fn fmt_val(
+    v: &Val,
+    f: &mut std::fmt::Formatter<'_>,
+    depth: usize,
+    budget: &std::cell::Cell<usize>,
+) -> std::fmt::Result {
+    if budget.get() == 0 || depth > DEBUG_DEPTH {
+        return f.write_str("…");
+    }
+    budget.set(budget.get() - 1);
+    let seq = |f: &mut std::fmt::Formatter<'_>,
+               open: &str,
+               close: &str,
+               items: &mut dyn Iterator<Item = &Val>|
+     -> std::fmt::Result {
+        f.write_str(open)?;
+        for (i, x) in items.enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            fmt_val(x, f, depth + 1, budget)?;
+        }
+        f.write_str(close)
+    };
+    match v {
+        Val::None => f.write_str("None"),
+        Val::Bool(b) => write!(f, "Bool({b})"),
+        Val::Int(i) => write!(f, "Int({i})"),
+        Val::Float(x) => write!(f, "Float({x:?})"),
+        Val::Bytes(r) => write!(f, "Bytes({r:?})"),
+        Val::Str(s) => write!(f, "Str({s:?})"),
+        Val::Global(m, n) => write!(f, "Global({m:?}, {n:?})"),
+        Val::List(l) => seq(f, "List([", "])", &mut l.iter()),
+        Val::Tuple(t) => seq(f, "Tuple((", "))", &mut t.iter()),
+        Val::Dict(d) => seq(f, "Dict({", "})", &mut d.iter().flat_map(|(k, v)| [k, v])),
+        Val::Reduce(a, b) => seq(f, "Reduce(", ")", &mut [&**a, &**b].into_iter()),
+        Val::Build(a, b) => seq(f, "Build(", ")", &mut [&**a, &**b].into_iter()),
+    }
 }
 
 /// Why a pickle could not be read, with the byte offset of the opcode.
@@ -41,21 +204,63 @@ fn err<T>(offset: usize, message: impl Into<String>) -> Result<T, PickleError> {
     })
 }
 
+/// A value on the parser's stack or in its memo, with how deep it nests (0 for scalars).
+#[derive(Clone)]
+struct Node {
+    v: Val,
+    depth: u32,
+}
+
+fn leaf(v: Val) -> Node {
+    Node { v, depth: 0 }
+}
+
+/// Nesting depth of a container holding `items`, or an error past [`MAX_DEPTH`].
+fn depth_over<'a>(
+    items: impl IntoIterator<Item = &'a Node>,
+    at: usize,
+) -> Result<u32, PickleError> {
+    let d = 1 + items.into_iter().map(|n| n.depth).max().unwrap_or(0);
+    if d > MAX_DEPTH {
+        return err(
+            at,
+            format!("values nested deeper than {MAX_DEPTH} levels; a data file never is"),
+        );
+    }
+    Ok(d)
+}
+
 /// Parses the pickle in `data` and returns its top-level value.
+///
+/// Errors (with the opcode's byte offset) for malformed input, unsupported opcodes, nesting
+/// deeper than [`MAX_DEPTH`], and memo tricks that would copy more list/dict elements than
+/// a few times the input's size.
 pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
-    let mut stack: Vec<Val> = Vec::new();
+    let mut stack: Vec<Node> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
-    let mut memo: std::collections::HashMap<u64, Val> = Default::default();
+    let mut memo: std::collections::HashMap<u64, Node> = Default::default();
     let mut pos = 0usize;
+    // Elements the parser may still copy when it appends to a list or dict that the memo
+    // shares (copy on write); a pickle that appends to memoized containers over and over
+    // would otherwise need time and memory quadratic in its size.
+    let mut copy_budget = data.len().saturating_mul(4).saturating_add(1 << 16);
     macro_rules! take {
         ($n:expr, $at:expr) => {{
             let n: usize = $n;
-            match data.get(pos..pos.checked_add(n).unwrap_or(usize::MAX)) {
+            match pos.checked_add(n).and_then(|end| data.get(pos..end)) {
                 Some(s) => {
                     pos += n;
                     s
                 }
-                None => return err($at, format!("truncated: needs {n} more bytes")),
+                None => {
+                    return err(
+                        $at,
+                        format!(
+                            "truncated: needs {n} more bytes, {} left",
+                            data.len().saturating_sub(pos)
+                        ),
+                    )
+                }
             }
         }};
     }
@@ -67,6 +272,25 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
             }
         };
     }
+    macro_rules! text_line {
+        ($at:expr, $what:expr) => {{
+            let end = match data[pos..].iter().position(|&c| c == b'\n') {
+                Some(e) => pos + e,
+                None => return err($at, format!("unterminated {}", $what)),
+            };
+            let s = &data[pos..end];
+            pos = end + 1;
+            s
+        }};
+    }
+    macro_rules! pop_mark {
+        ($at:expr) => {
+            match marks.pop() {
+                Some(m) if m <= stack.len() => m,
+                _ => return err($at, "no MARK"),
+            }
+        };
+    }
     fn uint(b: &[u8]) -> u64 {
         let mut v = 0u64;
         for (i, &x) in b.iter().enumerate() {
@@ -74,9 +298,28 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
         }
         v
     }
+    // Makes the vector behind `rc` unique before a change, charging a copy to the budget.
+    fn unique<'a, T: Clone>(
+        rc: &'a mut Rc<Vec<T>>,
+        budget: &mut usize,
+        at: usize,
+    ) -> Result<&'a mut Vec<T>, PickleError> {
+        if Rc::get_mut(rc).is_none() {
+            let n = rc.len().max(1);
+            if n > *budget {
+                return err(
+                    at,
+                    "the pickle keeps appending to memoized lists or dicts, which would copy them \
+                     far more often than its size allows; the file is corrupt or hostile",
+                );
+            }
+            *budget -= n;
+        }
+        Ok(Rc::make_mut(rc))
+    }
     loop {
         let at = pos;
-        let op = *take!(1, at).first().unwrap_or(&0);
+        let op = take!(1, at)[0];
         match op {
             0x80 => {
                 take!(1, at); // PROTO
@@ -86,28 +329,39 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
             }
             b'.' => {
                 return match stack.pop() {
-                    Some(v) => Ok(v),
+                    Some(n) => Ok(n.v),
                     None => err(at, "STOP with an empty stack"),
                 }
             }
             b'(' => marks.push(stack.len()),
-            b']' => stack.push(Val::List(Rc::new(vec![]))),
-            b')' => stack.push(Val::Tuple(Rc::new(vec![]))),
-            b'}' => stack.push(Val::Dict(Rc::new(vec![]))),
-            b'N' => stack.push(Val::None),
-            0x88 => stack.push(Val::Bool(true)),
-            0x89 => stack.push(Val::Bool(false)),
+            b']' => stack.push(Node {
+                v: Val::List(Rc::new(vec![])),
+                depth: 1,
+            }),
+            b')' => stack.push(Node {
+                v: Val::Tuple(Rc::new(vec![])),
+                depth: 1,
+            }),
+            b'}' => stack.push(Node {
+                v: Val::Dict(Rc::new(vec![])),
+                depth: 1,
+            }),
+            b'N' => stack.push(leaf(Val::None)),
+            0x88 => stack.push(leaf(Val::Bool(true))),
+            0x89 => stack.push(leaf(Val::Bool(false))),
             b'J' => {
                 let b = take!(4, at);
-                stack.push(Val::Int(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64))
+                stack.push(leaf(Val::Int(
+                    i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64
+                )))
             }
             b'K' => {
                 let b = take!(1, at);
-                stack.push(Val::Int(b[0] as i64))
+                stack.push(leaf(Val::Int(b[0] as i64)))
             }
             b'M' => {
                 let b = take!(2, at);
-                stack.push(Val::Int(u16::from_le_bytes([b[0], b[1]]) as i64))
+                stack.push(leaf(Val::Int(u16::from_le_bytes([b[0], b[1]]) as i64)))
             }
             0x8a => {
                 // LONG1
@@ -120,24 +374,19 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
                 if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
                     v -= 1i64 << (8 * n);
                 }
-                stack.push(Val::Int(v))
+                stack.push(leaf(Val::Int(v)))
             }
             b'G' => {
                 let b = take!(8, at);
                 let mut a = [0u8; 8];
                 a.copy_from_slice(b);
-                stack.push(Val::Float(f64::from_be_bytes(a)))
+                stack.push(leaf(Val::Float(f64::from_be_bytes(a))))
             }
             b'I' | b'L' => {
                 // INT / LONG (text): up to newline.
-                let end = match data[pos..].iter().position(|&c| c == b'\n') {
-                    Some(e) => pos + e,
-                    None => return err(at, "unterminated text integer"),
-                };
-                let s = String::from_utf8_lossy(&data[pos..end])
+                let s = String::from_utf8_lossy(text_line!(at, "text integer"))
                     .trim_end_matches('L')
                     .to_string();
-                pos = end + 1;
                 let v = match s.as_str() {
                     "00" => Val::Bool(false),
                     "01" => Val::Bool(true),
@@ -146,27 +395,27 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
                         Err(_) => return err(at, format!("bad integer `{s}`")),
                     },
                 };
-                stack.push(v)
+                stack.push(leaf(v))
             }
             b'U' | b'C' => {
                 let n = take!(1, at)[0] as usize;
                 let s = pos;
                 take!(n, at);
-                stack.push(Val::Bytes(s..s + n))
+                stack.push(leaf(Val::Bytes(s..s + n)))
             }
             b'T' | b'B' => {
                 let b = take!(4, at);
                 let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
                 let s = pos;
                 take!(n, at);
-                stack.push(Val::Bytes(s..s + n))
+                stack.push(leaf(Val::Bytes(s..s + n)))
             }
             0x8e | 0x96 => {
                 // BINBYTES8 / BYTEARRAY8
                 let n = uint(take!(8, at)) as usize;
                 let s = pos;
                 take!(n, at);
-                stack.push(Val::Bytes(s..s + n))
+                stack.push(leaf(Val::Bytes(s..s + n)))
             }
             b'X' | 0x8c | 0x8d => {
                 let n = match op {
@@ -175,48 +424,43 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
                     _ => uint(take!(8, at)) as usize,
                 };
                 let b = take!(n, at);
-                stack.push(Val::Str(String::from_utf8_lossy(b).into_owned()))
+                stack.push(leaf(Val::Str(String::from_utf8_lossy(b).into())))
             }
             b'c' => {
                 // GLOBAL "module\nname\n"
-                let mut parts = Vec::new();
-                for _ in 0..2 {
-                    let end = match data[pos..].iter().position(|&c| c == b'\n') {
-                        Some(e) => pos + e,
-                        None => return err(at, "unterminated GLOBAL"),
-                    };
-                    parts.push(String::from_utf8_lossy(&data[pos..end]).into_owned());
-                    pos = end + 1;
-                }
-                stack.push(Val::Global(parts[0].clone(), parts[1].clone()))
+                let module: Rc<str> = String::from_utf8_lossy(text_line!(at, "GLOBAL")).into();
+                let name: Rc<str> = String::from_utf8_lossy(text_line!(at, "GLOBAL")).into();
+                stack.push(leaf(Val::Global(module, name)))
             }
             0x93 => {
                 // STACK_GLOBAL
                 let name = pop!(at);
                 let module = pop!(at);
-                match (module, name) {
-                    (Val::Str(m), Val::Str(n)) => stack.push(Val::Global(m, n)),
+                match (&module.v, &name.v) {
+                    (Val::Str(m), Val::Str(n)) => {
+                        stack.push(leaf(Val::Global(m.clone(), n.clone())))
+                    }
                     _ => return err(at, "STACK_GLOBAL needs two strings"),
                 }
             }
-            b'R' | 0x81 => {
-                // REDUCE / NEWOBJ
-                let args = pop!(at);
-                let f = pop!(at);
-                stack.push(Val::Reduce(Rc::new(f), Rc::new(args)))
-            }
-            b'b' => {
-                let state = pop!(at);
-                let obj = pop!(at);
-                stack.push(Val::Build(Rc::new(obj), Rc::new(state)))
+            b'R' | 0x81 | b'b' => {
+                // REDUCE / NEWOBJ: callable, args; BUILD: object, state.
+                let second = pop!(at);
+                let first = pop!(at);
+                let depth = depth_over([&first, &second], at)?;
+                let (a, b) = (Rc::new(first.v), Rc::new(second.v));
+                let v = if op == b'b' {
+                    Val::Build(a, b)
+                } else {
+                    Val::Reduce(a, b)
+                };
+                stack.push(Node { v, depth })
             }
             b't' | b'l' | b'd' => {
-                let m = match marks.pop() {
-                    Some(m) if m <= stack.len() => m,
-                    _ => return err(at, "no MARK"),
-                };
-                let items: Vec<Val> = stack.drain(m..).collect();
-                stack.push(match op {
+                let m = pop_mark!(at);
+                let depth = depth_over(&stack[m..], at)?;
+                let items: Vec<Val> = stack.drain(m..).map(|n| n.v).collect();
+                let v = match op {
                     b't' => Val::Tuple(Rc::new(items)),
                     b'l' => Val::List(Rc::new(items)),
                     _ => {
@@ -230,70 +474,62 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
                         }
                         Val::Dict(Rc::new(kv))
                     }
-                })
+                };
+                stack.push(Node { v, depth })
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 if stack.len() < n {
                     return err(at, "stack underflow");
                 }
-                let items: Vec<Val> = stack.split_off(stack.len() - n);
-                stack.push(Val::Tuple(Rc::new(items)))
+                let m = stack.len() - n;
+                let depth = depth_over(&stack[m..], at)?;
+                let items: Vec<Val> = stack.drain(m..).map(|n| n.v).collect();
+                stack.push(Node {
+                    v: Val::Tuple(Rc::new(items)),
+                    depth,
+                })
             }
-            b'a' | b'e' => {
-                let items: Vec<Val> = if op == b'a' {
-                    vec![pop!(at)]
-                } else {
-                    let m = match marks.pop() {
-                        Some(m) if m <= stack.len() => m,
-                        _ => return err(at, "no MARK"),
-                    };
-                    stack.drain(m..).collect()
+            b'a' | b'e' | b's' | b'u' => {
+                // APPEND / APPENDS / SETITEM / SETITEMS into the value below the items.
+                let m = match op {
+                    b'a' => stack.len().checked_sub(1),
+                    b's' => stack.len().checked_sub(2),
+                    _ => marks.pop().filter(|&m| m <= stack.len()),
                 };
-                match stack.last_mut() {
-                    Some(Val::List(l)) => Rc::make_mut(l).extend(items),
-                    _ => return err(at, "APPEND to something that is not a list"),
-                }
-            }
-            b's' | b'u' => {
-                let items: Vec<Val> = if op == b's' {
-                    let v = pop!(at);
-                    let k = pop!(at);
-                    vec![k, v]
-                } else {
-                    let m = match marks.pop() {
-                        Some(m) if m <= stack.len() => m,
-                        _ => return err(at, "no MARK"),
-                    };
-                    stack.drain(m..).collect()
+                let Some(m) = m else {
+                    return err(at, "stack underflow or no MARK");
                 };
-                match stack.last_mut() {
-                    Some(Val::Dict(d)) => {
-                        let d = Rc::make_mut(d);
+                let depth = depth_over(&stack[m..], at)?;
+                let items: Vec<Val> = stack.drain(m..).map(|n| n.v).collect();
+                let Some(target) = stack.last_mut() else {
+                    return err(at, "stack underflow");
+                };
+                match (&mut target.v, op) {
+                    (Val::List(l), b'a' | b'e') => unique(l, &mut copy_budget, at)?.extend(items),
+                    (Val::Dict(d), b's' | b'u') => {
+                        if !items.len().is_multiple_of(2) {
+                            return err(at, "SETITEMS with an odd number of items");
+                        }
+                        let d = unique(d, &mut copy_budget, at)?;
                         let mut it = items.into_iter();
                         while let (Some(k), Some(v)) = (it.next(), it.next()) {
                             d.push((k, v));
                         }
                     }
+                    (_, b'a' | b'e') => return err(at, "APPEND to something that is not a list"),
                     _ => return err(at, "SETITEM on something that is not a dict"),
                 }
+                target.depth = target.depth.max(depth);
             }
             b'q' | b'r' | b'p' | 0x94 => {
                 let key = match op {
                     b'q' => take!(1, at)[0] as u64,
                     b'r' => uint(take!(4, at)),
-                    b'p' => {
-                        let end = match data[pos..].iter().position(|&c| c == b'\n') {
-                            Some(e) => pos + e,
-                            None => return err(at, "unterminated PUT"),
-                        };
-                        let s = String::from_utf8_lossy(&data[pos..end]).into_owned();
-                        pos = end + 1;
-                        match s.parse() {
-                            Ok(v) => v,
-                            Err(_) => return err(at, "bad PUT index"),
-                        }
-                    }
+                    b'p' => match String::from_utf8_lossy(text_line!(at, "PUT")).parse() {
+                        Ok(v) => v,
+                        Err(_) => return err(at, "bad PUT index"),
+                    },
                     _ => memo.len() as u64,
                 };
                 match stack.last() {
@@ -307,18 +543,10 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
                 let key = match op {
                     b'h' => take!(1, at)[0] as u64,
                     b'j' => uint(take!(4, at)),
-                    _ => {
-                        let end = match data[pos..].iter().position(|&c| c == b'\n') {
-                            Some(e) => pos + e,
-                            None => return err(at, "unterminated GET"),
-                        };
-                        let s = String::from_utf8_lossy(&data[pos..end]).into_owned();
-                        pos = end + 1;
-                        match s.parse() {
-                            Ok(v) => v,
-                            Err(_) => return err(at, "bad GET index"),
-                        }
-                    }
+                    _ => match String::from_utf8_lossy(text_line!(at, "GET")).parse() {
+                        Ok(v) => v,
+                        Err(_) => return err(at, "bad GET index"),
+                    },
                 };
                 match memo.get(&key) {
                     Some(v) => stack.push(v.clone()),
@@ -336,10 +564,7 @@ pub fn parse(data: &[u8]) -> Result<Val, PickleError> {
                 stack.push(v)
             }
             b'1' => {
-                let m = match marks.pop() {
-                    Some(m) if m <= stack.len() => m,
-                    _ => return err(at, "no MARK"),
-                };
+                let m = pop_mark!(at);
                 stack.truncate(m);
             }
             other => {
@@ -374,10 +599,10 @@ pub fn bytes<'a>(v: &Val, input: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>>
                 return None;
             };
             match f.as_ref() {
-                Val::Global(m, n) if m == "_codecs" && n == "encode" => {
+                Val::Global(m, n) if &**m == "_codecs" && &**n == "encode" => {
                     let Val::Str(s) = a.first()? else { return None };
                     match a.get(1) {
-                        Some(Val::Str(e)) if e == "latin1" || e == "latin-1" => {}
+                        Some(Val::Str(e)) if matches!(&**e, "latin1" | "latin-1") => {}
                         _ => return None,
                     }
                     s.chars()
@@ -386,7 +611,9 @@ pub fn bytes<'a>(v: &Val, input: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>>
                         .map(Cow::Owned)
                 }
                 Val::Global(m, n)
-                    if (m == "__builtin__" || m == "builtins") && n == "bytes" && a.is_empty() =>
+                    if matches!(&**m, "__builtin__" | "builtins")
+                        && &**n == "bytes"
+                        && a.is_empty() =>
                 {
                     Some(Cow::Owned(vec![]))
                 }
@@ -398,7 +625,7 @@ pub fn bytes<'a>(v: &Val, input: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>>
 }
 
 fn is_numpy(v: &Val, names: &[&str]) -> bool {
-    matches!(v, Val::Global(m, n) if m.starts_with("numpy") && names.contains(&n.as_str()))
+    matches!(v, Val::Global(m, n) if m.starts_with("numpy") && names.contains(&&**n))
 }
 
 fn dtype_of(v: &Val) -> Option<String> {
@@ -411,7 +638,7 @@ fn dtype_of(v: &Val) -> Option<String> {
         if is_numpy(f, &["dtype"]) {
             if let Val::Tuple(a) = args.as_ref() {
                 if let Some(Val::Str(s)) = a.first() {
-                    return Some(s.clone());
+                    return Some(s.to_string());
                 }
             }
         }
@@ -495,7 +722,7 @@ mod tests {
         // Python 2: pickle.dumps((['ab', 'c'], [True, False]), 2)
         let p = b"\x80\x02]q\x00(U\x02abq\x01U\x01cq\x02e]q\x03(\x88\x89e\x86q\x04.";
         let v = parse(p).unwrap();
-        let Val::Tuple(t) = v else { panic!() };
+        let Val::Tuple(t) = &v else { panic!() };
         assert_eq!(
             t[0],
             Val::List(Rc::new(vec![Val::Bytes(8..10), Val::Bytes(14..15)]))

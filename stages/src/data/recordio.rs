@@ -118,7 +118,7 @@ pub struct RecReader {
 }
 
 fn read_u32(map: &[u8], o: usize) -> Option<u32> {
-    map.get(o..o + 4)
+    map.get(o..o.checked_add(4)?)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
@@ -189,7 +189,7 @@ impl RecReader {
     /// The payload of the record starting at byte `offset`, split parts joined.
     pub fn read_at(&self, offset: u64) -> Result<Vec<u8>, DataError> {
         let map = self.bytes();
-        let mut pos = offset as usize;
+        let mut pos = usize::try_from(offset).unwrap_or(usize::MAX);
         let mut out = Vec::new();
         let mut part = 0;
         loop {
@@ -207,8 +207,8 @@ impl RecReader {
                     "no RecordIO magic here (found {magic:#010x}); the file is corrupt or the .idx disagrees with it"
                 )));
             }
-            let lrec =
-                read_u32(map, pos + 4).ok_or_else(|| fail("truncated record header".into()))?;
+            let lrec = read_u32(map, pos.saturating_add(4))
+                .ok_or_else(|| fail("truncated record header".into()))?;
             let cflag = (lrec >> 29) & 7;
             let len = (lrec & ((1 << 29) - 1)) as usize;
             let expect_start = part == 0;
@@ -220,7 +220,7 @@ impl RecReader {
                     )))
                 }
             }
-            let start = pos + 8;
+            let start = pos + 8; // pos + 8 <= map.len(): the header was read
             let data = map.get(start..start + len).ok_or_else(|| {
                 fail(format!(
                     "truncated: record of {len} bytes runs past the end of the file ({} bytes)",
@@ -273,7 +273,26 @@ impl RecReader {
                         format!("insightface header label[0] = {end} is not a key count"),
                     ));
                 }
-                return Ok(((1..end as u64).collect(), Some(h.label)));
+                // Keys 1..end must all be records of the .idx: a header claiming more
+                // images than the .idx lists (or than the .rec can hold) is corrupt.
+                let claimed = end as u64 - 1;
+                let listed = self.entries.len().saturating_sub(1) as u64;
+                let fit = (self.bytes().len() / 8) as u64;
+                if claimed > listed || claimed > fit {
+                    return Err(DataError::format(
+                        &self.rec_path,
+                        "record 0",
+                        format!(
+                            "the insightface header claims {claimed} images (label[0] = {end}) \
+                             but {} lists {listed} records besides the header and the .rec has \
+                             {} bytes: the header or the .idx is corrupt, or the two files do \
+                             not belong together",
+                            self.idx_path.display(),
+                            self.bytes().len()
+                        ),
+                    ));
+                }
+                return Ok(((1..=claimed).collect(), Some(h.label)));
             }
         }
         Ok((self.keys().collect(), None))
@@ -300,9 +319,52 @@ pub struct ImportCounts {
     pub problems: Vec<String>,
 }
 
-/// Decodes an encoded image (JPEG/PNG) to RGB8; `(h, w, pixels)`.
+/// How many times its encoded size an image may take decoded (as RGB8), plus 1 MiB, for
+/// JPEG and 24-bit PNG. Deflate expands at most about 1032:1 and JPEG at most about 770:1 (a
+/// grey block in two bits), so a header claiming more pixels than this is corrupt or hostile
+/// and would make the decoder allocate for nothing. A PNG of fewer bits per pixel may expand
+/// by 24 / bits more (a 1-bit PNG by 24 times more).
+pub const MAX_IMAGE_EXPANSION: u64 = 1100;
+
+/// Bits per pixel of a PNG's raw stream, from its IHDR (`None` for anything else).
+fn png_bits_per_pixel(bytes: &[u8]) -> Option<u64> {
+    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") || bytes.len() < 26 {
+        return None;
+    }
+    let channels = match bytes[25] {
+        0 | 3 => 1,
+        4 => 2,
+        2 => 3,
+        6 => 4,
+        _ => return None,
+    };
+    Some((bytes[24] as u64 * channels).max(1))
+}
+
+/// Decodes an encoded image (JPEG/PNG) to RGB8; `(h, w, pixels)`. The size in the header is
+/// checked against the encoded size (see [`MAX_IMAGE_EXPANSION`]) before anything is
+/// allocated for the pixels.
 pub fn decode_image(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
-    let img = image::load_from_memory(bytes).map_err(|e| format!("undecodable image: {e}"))?;
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("undecodable image: {e}"))
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| format!("undecodable image: {e}"))?;
+    let claimed = w as u64 * h as u64 * 3;
+    let factor = MAX_IMAGE_EXPANSION * png_bits_per_pixel(bytes).map_or(1, |b| (24 / b).max(1));
+    if claimed > factor * bytes.len() as u64 + (1 << 20) {
+        return Err(format!(
+            "undecodable image: its header claims {w}x{h} pixels, more than {} encoded bytes \
+             can hold; the image is corrupt",
+            bytes.len()
+        ));
+    }
+    let img = reader()?
+        .decode()
+        .map_err(|e| format!("undecodable image: {e}"))?;
     let rgb = img.into_rgb8();
     Ok((rgb.height() as usize, rgb.width() as usize, rgb.into_raw()))
 }
@@ -315,16 +377,21 @@ pub(crate) struct Sink {
     pub on_error: OnError,
     pub counts: ImportCounts,
     pub reasons: std::collections::BTreeMap<String, u64>,
+    /// Paths in the problems kept in `dataset.json` are written relative to this folder
+    /// (the input's), so the artifact does not depend on where the input lies.
+    pub base: PathBuf,
 }
 
 impl Sink {
-    pub fn new(dir: &Path, on_error: OnError) -> Sink {
+    /// A sink writing into `dir`; problems name input files relative to `base`.
+    pub fn new(dir: &Path, on_error: OnError, base: &Path) -> Sink {
         Sink {
             writer: None,
             dir: dir.to_path_buf(),
             on_error,
             counts: ImportCounts::default(),
             reasons: Default::default(),
+            base: base.to_path_buf(),
         }
     }
 
@@ -336,12 +403,15 @@ impl Sink {
         self.counts.skipped += 1;
         *self.reasons.entry(reason.to_string()).or_insert(0) += 1;
         if self.counts.problems.len() < 20 {
-            self.counts.problems.push(err.to_string());
+            self.counts
+                .problems
+                .push(err.to_string_relative_to(&self.base));
         }
         Ok(())
     }
 
-    /// Adds one decoded image; a size different from the first image's is a problem.
+    /// Adds one decoded image; a size different from the first image's is a problem,
+    /// reported by `at`, which makes the error (naming the input) for a message.
     pub fn push(
         &mut self,
         h: usize,
@@ -349,7 +419,7 @@ impl Sink {
         pixels: &[u8],
         label: i64,
         landmarks: Option<[[f32; 2]; 5]>,
-        at: impl FnOnce() -> DataError,
+        at: impl FnOnce(String) -> DataError,
     ) -> Result<bool, DataError> {
         if self.writer.is_none() {
             self.writer = Some(PackedWriter::create(&self.dir, h, w)?);
@@ -357,9 +427,11 @@ impl Sink {
         let wr = self.writer.as_mut().expect("created above");
         if wr.size() != (h, w) {
             let (eh, ew) = wr.size();
-            let e = at();
-            let msg = format!("{e}: image is {w}x{h}, the data set's first image is {ew}x{eh}");
-            self.problem("image size differs", DataError::Invalid(msg))?;
+            let e = at(format!(
+                "image is {w}x{h}, the data set's first image is {ew}x{eh}; \
+                 resize the images to one size"
+            ));
+            self.problem("image size differs", e)?;
             return Ok(false);
         }
         wr.push(pixels, label, landmarks, ImageTruth::default())?;
@@ -419,7 +491,7 @@ pub fn import_recordio(
 ) -> Result<ImportCounts, DataError> {
     let r = RecReader::open(rec)?;
     let (keys, header) = r.image_keys()?;
-    let mut sink = Sink::new(out, on_error);
+    let mut sink = Sink::new(out, on_error, rec.parent().unwrap_or(Path::new("")));
     const CHUNK: usize = 1024;
     type Decoded = Result<(usize, usize, Vec<u8>, i64), (&'static str, DataError)>;
     for (ci, chunk) in keys.chunks(CHUNK).enumerate() {
@@ -460,8 +532,8 @@ pub fn import_recordio(
             let key = chunk[k];
             match d {
                 Ok((h, w, px, label)) => {
-                    sink.push(h, w, &px, label, None, || {
-                        DataError::format(rec, format!("record key {key}"), "")
+                    sink.push(h, w, &px, label, None, |m| {
+                        DataError::format(rec, format!("record key {key}"), m)
                     })?;
                 }
                 Err((reason, e)) => sink.problem(reason, e)?,

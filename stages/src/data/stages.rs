@@ -269,7 +269,9 @@ impl Stage for RecordIo {
         "recordio"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: skipped-input messages in `dataset.json` name files relative to the input's
+        // folder, and an image of another size is reported without a doubled `: `.
+        2
     }
     fn doc(&self) -> &'static str {
         "Reads an insightface/MXNet train.rec (+ .idx beside it) into a packed data set"
@@ -354,7 +356,9 @@ impl Stage for VerificationBin {
         "verification-bin"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: skipped-input messages in `dataset.json` name files relative to the input's
+        // folder, and an image of another size is reported without a doubled `: `.
+        2
     }
     fn doc(&self) -> &'static str {
         "Reads an insightface verification .bin (LFW, CFP-FP, AgeDB-30) into a pairs set"
@@ -391,7 +395,9 @@ impl Stage for ImageFolder {
         "image-folder"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: skipped-input messages in `dataset.json` name files relative to the input's
+        // folder, and an image of another size is reported without a doubled `: `.
+        2
     }
     fn doc(&self) -> &'static str {
         "Reads one folder per identity (JPEG/PNG, optional landmarks.csv/.json) into a data set"

@@ -14,6 +14,7 @@ use super::synth::Monitor;
 use rayon::prelude::*;
 use serde_json::json;
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::Path;
 
 fn describe(v: &Val) -> String {
@@ -32,6 +33,25 @@ fn describe(v: &Val) -> String {
             Some(a) => format!("a numpy array {} {:?}", a.dtype, a.shape),
             None => "an object".into(),
         },
+    }
+}
+
+/// How many times a `.bin` may refer to the same image data (an image in several pairs).
+pub const MAX_SAME_IMAGE: usize = 16;
+
+/// Identity of the data behind an image value, to count repeated references: a byte range
+/// of the file, or the (memo-shared) string of a `_codecs.encode` call.
+fn data_key(v: &Val) -> Option<(u8, usize, usize)> {
+    match v {
+        Val::Bytes(r) => Some((0, r.start, r.end)),
+        Val::Reduce(_, args) => match args.as_ref() {
+            Val::Tuple(a) => match a.first() {
+                Some(Val::Str(s)) => Some((1, s.as_ptr() as usize, s.len())),
+                _ => None,
+            },
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -59,25 +79,46 @@ pub fn read_bin_structure<'a>(path: &Path, data: &'a [u8]) -> Result<BinContents
         other => return Err(bad(format!("found {}", describe(other)))),
     };
     let bins: Vec<Cow<'a, [u8]>> = match &items[0] {
-        Val::List(l) | Val::Tuple(l) => l
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let b = match ndarray(v) {
+        Val::List(l) | Val::Tuple(l) => {
+            // A `.bin` stores each image once; memo references can make a tiny file refer
+            // to one image any number of times, which would multiply it into an artifact
+            // (and memory) of any size. A few references (an image in several pairs) are
+            // fine; more are refused.
+            let mut seen: HashMap<(u8, usize, usize), (usize, usize)> = HashMap::new();
+            let mut out = Vec::with_capacity(l.len());
+            for (i, v) in l.iter().enumerate() {
+                let (b, src) = match ndarray(v) {
                     Some(a) if a.dtype.ends_with("u1") || a.dtype.ends_with("i1") => {
-                        bytes(&a.data, data)
+                        (bytes(&a.data, data), data_key(&a.data))
                     }
-                    Some(_) => None,
-                    None => bytes(v, data),
+                    Some(_) => (None, None),
+                    None => (bytes(v, data), data_key(v)),
                 };
-                b.ok_or_else(|| {
+                if let Some(k) = src {
+                    let e = seen.entry(k).or_insert((i, 0));
+                    e.1 += 1;
+                    if e.1 > MAX_SAME_IMAGE {
+                        return Err(DataError::format(
+                            path,
+                            format!("bins[{i}]"),
+                            format!(
+                                "the pickle refers to the image data of bins[{}] more than \
+                                 {MAX_SAME_IMAGE} times (memo references); a verification .bin \
+                                 stores each image once, so the file is corrupt or hostile",
+                                e.0
+                            ),
+                        ));
+                    }
+                }
+                out.push(b.ok_or_else(|| {
                     bad(format!(
                         "bins[{i}] is {}, not encoded image bytes",
                         describe(v)
                     ))
-                })
-            })
-            .collect::<Result<_, _>>()?,
+                })?);
+            }
+            out
+        }
         other => return Err(bad(format!("bins is {}", describe(other)))),
     };
     let issame: Vec<bool> = match &items[1] {
@@ -134,7 +175,7 @@ pub fn import_bin(
     // SAFETY: input files are not modified while a stage reads them.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
     let (bins, issame) = read_bin_structure(path, &map)?;
-    let mut sink = Sink::new(out, on_error);
+    let mut sink = Sink::new(out, on_error, path.parent().unwrap_or(Path::new("")));
     let mut pairs = Vec::with_capacity(issame.len());
     const CHUNK: usize = 512; // pairs per chunk
     for start in (0..issame.len()).step_by(CHUNK) {
@@ -157,14 +198,14 @@ pub fn import_bin(
                     let la = 2 * p as i64;
                     let lb = if same { la } else { la + 1 };
                     let ia = sink.counts.images as u32;
-                    let ok_a = sink.push(a.0, a.1, &a.2, la, None, || {
-                        DataError::format(path, format!("image {}", 2 * p), "")
+                    let ok_a = sink.push(a.0, a.1, &a.2, la, None, |m| {
+                        DataError::format(path, format!("image {}", 2 * p), m)
                     })?;
                     if !ok_a {
                         continue;
                     }
-                    let ok_b = sink.push(b.0, b.1, &b.2, lb, None, || {
-                        DataError::format(path, format!("image {}", 2 * p + 1), "")
+                    let ok_b = sink.push(b.0, b.1, &b.2, lb, None, |m| {
+                        DataError::format(path, format!("image {}", 2 * p + 1), m)
                     })?;
                     if ok_b {
                         pairs.push((ia, ia + 1, same));
