@@ -161,14 +161,20 @@ fn control_characters_are_shown_escaped() {
     assert!(!r.stdout.contains('\x1b'), "{}", r.stdout);
 }
 
+/// A folder outside every project, holding one file a stage must never touch.
+fn outside_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "mine").unwrap();
+    (outside, secret)
+}
+
 #[cfg(unix)]
 #[test]
 fn an_output_folder_with_a_link_outside_is_refused_and_nothing_outside_changes() {
     use std::os::unix::fs::PermissionsExt;
     let p = Project::new();
-    let outside = tempfile::tempdir().unwrap();
-    let secret = outside.path().join("secret.txt");
-    std::fs::write(&secret, "mine").unwrap();
+    let (outside, secret) = outside_file();
     p.write(
         "l.yaml",
         &format!(
@@ -195,9 +201,7 @@ fn an_output_folder_with_a_link_outside_is_refused_and_nothing_outside_changes()
 #[test]
 fn a_single_file_output_linking_outside_is_refused() {
     let p = Project::new();
-    let outside = tempfile::tempdir().unwrap();
-    let secret = outside.path().join("secret.txt");
-    std::fs::write(&secret, "mine").unwrap();
+    let (_outside, secret) = outside_file();
     p.write(
         "l.yaml",
         &format!(
