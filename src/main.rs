@@ -19,6 +19,7 @@ macro_rules! say_err {
     }};
 }
 
+mod budget;
 mod commands;
 mod term;
 
@@ -28,8 +29,10 @@ use std::process::ExitCode;
 
 // Training allocates and frees large tensors every step; the system allocator returns them to
 // the OS and faults the pages back in (about half of candle's CPU time, see docs/benchmarks.md).
+// `budget::Allocator` is mimalloc, reporting an allocation failure while a pipeline loads as
+// bad input (see src/budget.rs).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: budget::Allocator = budget::Allocator;
 
 #[derive(Parser)]
 #[command(

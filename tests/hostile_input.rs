@@ -352,6 +352,17 @@ fn templates_that_work_too_much_fail_naming_the_file() {
         "stages:\n  s:\n    uses: shell\n    with: {run: \"true {% for i in range(1000) %}{{ 'x' * 1000000 }}{% endfor %}\"}\n",
     );
     rejected(&p, &["validate", "big.yaml"], "rendered more than 16 MB");
+    // Few steps and no output, but each `set` doubles a string: 300 bytes asking for 25 GB.
+    p.write(
+        "double.yaml",
+        "stages:\n  s:\n    uses: shell\n    with: {run: \"{% set a = 'x' * 100000000 %}{% set b = a ~ a %}{% set c = b ~ b %}{% set d = c ~ c %}{% set e = d ~ d %}{% set f = e ~ e %}{% set g = f ~ f %}{% set h = g ~ g %}{{ h|length }}\"}\n",
+    );
+    let e = rejected(
+        &p,
+        &["validate", "double.yaml"],
+        "needed more than 1 GiB of memory to load",
+    );
+    assert!(e.contains("nothing ran"), "{e}");
 }
 
 #[test]

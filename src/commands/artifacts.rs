@@ -49,14 +49,16 @@ pub(super) fn output_of(
 ) -> Result<PathBuf> {
     if let Some(file) = file {
         let store = open_store(&cache_dir(cache, Some(&file)))?;
-        let plan = fpipe_engine::load_plan(
-            &file,
-            &Overrides {
-                files: vec![],
-                pairs: params,
-            },
-            registry,
-        )?;
+        let plan = crate::budget::while_loading(|| {
+            fpipe_engine::load_plan(
+                &file,
+                &Overrides {
+                    files: vec![],
+                    pairs: params,
+                },
+                registry,
+            )
+        })?;
         let (name, port) = match plan.find(stage) {
             Some(_) => (stage.to_string(), None),
             None => match stage.rsplit_once('.') {

@@ -111,14 +111,16 @@ pub fn cache(cache: &Option<PathBuf>, registry: Registry, args: CacheArgs) -> Re
             let other = open_store(&dir)?;
             let checked = match (check, pipeline) {
                 (Some(n), Some(file)) => {
-                    let plan = fpipe_engine::load_plan(
-                        &file,
-                        &Overrides {
-                            files: params_files,
-                            pairs: params,
-                        },
-                        &registry,
-                    )?;
+                    let plan = crate::budget::while_loading(|| {
+                        fpipe_engine::load_plan(
+                            &file,
+                            &Overrides {
+                                files: params_files,
+                                pairs: params,
+                            },
+                            &registry,
+                        )
+                    })?;
                     Some((n, file, plan))
                 }
                 _ => None,

@@ -51,7 +51,9 @@ pub(super) fn overrides(p: &PipelineArgs) -> Overrides {
 }
 
 pub(super) fn load(p: &PipelineArgs, registry: &Registry) -> Result<Plan> {
-    Ok(fpipe_engine::load_plan(&p.file, &overrides(p), registry)?)
+    let plan =
+        crate::budget::while_loading(|| fpipe_engine::load_plan(&p.file, &overrides(p), registry))?;
+    Ok(plan)
 }
 
 /// Runs the subcommand `cli` names.
