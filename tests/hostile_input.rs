@@ -420,3 +420,26 @@ fn a_parameter_that_breaks_the_yaml_is_named() {
     );
     assert!(e.contains("the value given with -p k=[1,{a: 2}]"), "{e}");
 }
+
+/// The load budget lowers the data limit only while the pipeline loads: stages run with the
+/// limit fpipe was started with.
+#[cfg(target_os = "linux")]
+#[test]
+fn stages_run_with_the_data_limit_fpipe_was_given() {
+    let limit_line = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("Max data size"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap()
+    };
+    let mine = limit_line(&std::fs::read_to_string("/proc/self/limits").unwrap());
+    let p = Project::new();
+    p.write(
+        "l.yaml",
+        "stages:\n  s:\n    uses: shell\n    with: {run: \"cat /proc/self/limits > lim\", outputs: [lim]}\n",
+    );
+    p.fpipe(&["run", "l.yaml"]).ok();
+    let dir = p.fpipe(&["out", "s", "-f", "l.yaml"]).ok().stdout;
+    let theirs = std::fs::read_to_string(std::path::Path::new(dir.trim()).join("lim")).unwrap();
+    assert_eq!(limit_line(&theirs), mine);
+}
