@@ -4,7 +4,7 @@
 //! Only `shell` stages, so these run with and without the face stages.
 
 mod common;
-use common::Project;
+use common::{Project, Run};
 use std::path::{Path, PathBuf};
 
 /// make -> upper -> after. `tag` only changes `upper`, so changing it reruns `upper` (and
@@ -252,23 +252,27 @@ fn action_files(cache: &Path) -> usize {
     n
 }
 
+/// `q` pulls `p`'s cache, recomputing 2 of p.yaml's stages chosen with seed 7.
+fn checked_pull(q: &Project, p: &Project) -> Run {
+    q.fpipe(&[
+        "cache",
+        "pull",
+        &cache(p),
+        "--check",
+        "2",
+        "--pipeline",
+        "p.yaml",
+        "--seed",
+        "7",
+    ])
+    .ok()
+}
+
 #[test]
 fn a_checked_pull_of_an_honest_cache_is_accepted_and_says_where_results_came_from() {
     let p = chain();
     let q = other_project();
-    let r = q
-        .fpipe(&[
-            "cache",
-            "pull",
-            &cache(&p),
-            "--check",
-            "2",
-            "--pipeline",
-            "p.yaml",
-            "--seed",
-            "7",
-        ])
-        .ok();
+    let r = checked_pull(&q, &p);
     assert!(
         r.stdout
             .contains("checking 2 of the 3 stage(s) of p.yaml cached by this pull (seed 7)"),
@@ -290,19 +294,7 @@ fn a_checked_pull_of_an_honest_cache_is_accepted_and_says_where_results_came_fro
             .to_string()
     };
     let q2 = other_project();
-    let r2 = q2
-        .fpipe(&[
-            "cache",
-            "pull",
-            &cache(&p),
-            "--check",
-            "2",
-            "--pipeline",
-            "p.yaml",
-            "--seed",
-            "7",
-        ])
-        .ok();
+    let r2 = checked_pull(&q2, &p);
     assert_eq!(chosen(&r.stdout), chosen(&r2.stdout));
     // Pulled results are used, and say where they came from.
     assert_eq!(q.fpipe(&["run", "p.yaml"]).ok().counts(), (0, 3, 0));
