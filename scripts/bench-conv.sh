@@ -30,7 +30,7 @@ export RAYON_NUM_THREADS="$threads"
 # with mimalloc's defaults the pages of large blocks go back to the kernel and are faulted and
 # zeroed again on the next op (measured: 277k page faults per MobileFaceNet run, 10k with these).
 export MIMALLOC_PURGE_DELAY=-1 MIMALLOC_ARENA_EAGER_COMMIT=1 MIMALLOC_RESERVE_OS_MEMORY=6GiB
-cargo bench -p fpipe-stages --bench conv -- --threads "$threads" --reps "$reps" --json "$out/fpipe.json"
+cargo bench -p fpipe-kernels --bench conv -- --threads "$threads" --reps "$reps" --json "$out/fpipe.json"
 echo
 "$root/.venv-peers/bin/python" "$root/scripts/bench_conv_torch.py" "$out/fpipe.json" \
     --reps "$reps" --json "$out/torch.json"

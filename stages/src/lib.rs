@@ -10,7 +10,6 @@ pub mod filter;
 pub mod loss;
 pub mod metrics;
 pub mod models;
-pub mod ops;
 pub mod quality;
 pub mod train;
 

@@ -2,7 +2,7 @@
 //!
 //! One file per model, in candle-transformers' shape: a `Config` with serde defaults, a
 //! `Model::new(&cfg, vb)` and `forward(&x, train)`. Every convolution goes through
-//! [`crate::ops::conv2d`]. Parameters live in a [`ParamStore`], a seeded variable store (candle's
+//! [`fpipe_kernels::conv2d`]. Parameters live in a [`ParamStore`], a seeded variable store (candle's
 //! CPU generator cannot be seeded) whose names match the PyTorch state dicts of the
 //! reference definitions, so insightface `.pth` checkpoints load directly.
 
@@ -278,7 +278,7 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
 // ---------------------------------------------------------------------------------------------
 // Layers shared by the backbones.
 
-/// A convolution through [`crate::ops::conv2d`], PyTorch weight layout `[out, in/groups, k, k]`.
+/// A convolution through [`fpipe_kernels::conv2d`], PyTorch weight layout `[out, in/groups, k, k]`.
 #[derive(Clone, Debug)]
 pub struct Conv {
     w: Tensor,
@@ -378,7 +378,7 @@ impl Conv {
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::ops::conv2d(x, &self.w, self.stride, self.padding, self.groups)?;
+        let y = fpipe_kernels::conv2d(x, &self.w, self.stride, self.padding, self.groups)?;
         match &self.b {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -440,7 +440,7 @@ impl Module for Linear {
 }
 
 /// BatchNorm over the channel axis of NCHW (or `[B, C]`) input with PyTorch semantics, built
-/// on the fused CPU ops in [`crate::ops`]. Variable names match `nn.BatchNorm1d/2d`'s state
+/// on the fused CPU ops in [`fpipe_kernels`]. Variable names match `nn.BatchNorm1d/2d`'s state
 /// dict (`weight`, `bias`, `running_mean`, `running_var`), so `.pth` checkpoints and saved
 /// safetensors load unchanged.
 ///
@@ -495,7 +495,7 @@ impl BatchNorm {
     }
 
     /// `conv` then [`Self::forward_act_t`]; in training, on the CPU, the three are one
-    /// autograd node ([`crate::ops::conv_batch_norm_train`]).
+    /// autograd node ([`fpipe_kernels::conv_batch_norm_train`]).
     pub fn forward_conv_t(
         &self,
         conv: &Conv,
@@ -506,7 +506,7 @@ impl BatchNorm {
         if !train || conv.b.is_some() {
             return self.forward_act_t(&conv.forward(x)?, act, train);
         }
-        let out = crate::ops::conv_batch_norm_train(
+        let out = fpipe_kernels::conv_batch_norm_train(
             x,
             &conv.w,
             (conv.stride, conv.padding, conv.groups),
@@ -517,13 +517,13 @@ impl BatchNorm {
         )?;
         // Quality features (QAA) read every BatchNorm's input, in forward order.
         probe::observe(&out.z)?;
-        crate::ops::update_running(&self.running_mean, &out.mean, self.momentum)?;
-        crate::ops::update_running(&self.running_var, &out.var, self.momentum)?;
+        fpipe_kernels::update_running(&self.running_mean, &out.mean, self.momentum)?;
+        fpipe_kernels::update_running(&self.running_var, &out.var, self.momentum)?;
         Ok(out.y)
     }
 
     /// [`Self::forward_t`] followed by `act` when given; in training one fused op
-    /// ([`crate::ops::batch_norm_prelu_train`]).
+    /// ([`fpipe_kernels::batch_norm_prelu_train`]).
     pub fn forward_act_t(&self, x: &Tensor, act: Option<&PRelu>, train: bool) -> Result<Tensor> {
         // Quality features (QAA) read every BatchNorm's input, in forward order.
         probe::observe(x)?;
@@ -536,17 +536,17 @@ impl BatchNorm {
         };
         if train {
             let (y, mean, var) = match act {
-                Some(a) => crate::ops::batch_norm_prelu_train(
+                Some(a) => fpipe_kernels::batch_norm_prelu_train(
                     &x4,
                     &self.weight,
                     &self.bias,
                     &a.weight,
                     self.eps,
                 )?,
-                None => crate::ops::batch_norm_train(&x4, &self.weight, &self.bias, self.eps)?,
+                None => fpipe_kernels::batch_norm_train(&x4, &self.weight, &self.bias, self.eps)?,
             };
-            crate::ops::update_running(&self.running_mean, &mean, self.momentum)?;
-            crate::ops::update_running(&self.running_var, &var, self.momentum)?;
+            fpipe_kernels::update_running(&self.running_mean, &mean, self.momentum)?;
+            fpipe_kernels::update_running(&self.running_var, &var, self.momentum)?;
             return y.reshape(dims);
         }
         let stats = (
@@ -555,7 +555,7 @@ impl BatchNorm {
         );
         let params = (&self.weight, &self.bias);
         let slopes = act.map(|a| &a.weight);
-        if let Some(y) = crate::ops::batch_norm_prelu_eval(&x4, params, stats, slopes, self.eps)? {
+        if let Some(y) = fpipe_kernels::batch_norm_prelu_eval(&x4, params, stats, slopes, self.eps)? {
             return y.reshape(dims);
         }
         // y = x·scale + shift with scale = γ/sqrt(var + eps), shift = β − mean·scale.
@@ -581,7 +581,7 @@ pub fn bn(c: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
     BatchNorm::new(c, eps, vb)
 }
 
-/// Per-channel PReLU on the fused op [`crate::ops::prelu`]; slopes stored as `weight`, as
+/// Per-channel PReLU on the fused op [`fpipe_kernels::prelu`]; slopes stored as `weight`, as
 /// PyTorch's `nn.PReLU(c)`.
 #[derive(Clone, Debug)]
 pub struct PRelu {
@@ -600,9 +600,9 @@ impl PRelu {
 impl Module for PRelu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match x.dims() {
-            [_, _, _, _] => crate::ops::prelu(x, &self.weight),
+            [_, _, _, _] => fpipe_kernels::prelu(x, &self.weight),
             [b, c] => {
-                crate::ops::prelu(&x.reshape((*b, *c, 1, 1))?, &self.weight)?.reshape((*b, *c))
+                fpipe_kernels::prelu(&x.reshape((*b, *c, 1, 1))?, &self.weight)?.reshape((*b, *c))
             }
             d => candle_core::bail!("prelu: input of shape {d:?}, expected [B, C(, H, W)]"),
         }

@@ -314,7 +314,7 @@ fn every_simd_level_matches_naive_reference() {
     let exe = std::env::current_exe().expect("test binary path");
     for cap in ["avx2", "base"] {
         let out = std::process::Command::new(&exe)
-            .args(["--exact", "ops::conv::tests::matches_naive_reference_f32"])
+            .args(["--exact", "conv::tests::matches_naive_reference_f32"])
             .args(["--test-threads", "2"])
             .env(simd::SIMD_ENV, cap)
             .output()

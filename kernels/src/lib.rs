@@ -1,5 +1,7 @@
-//! Tensor operations that candle lacks or runs slowly on the CPU (measured in
-//! docs/benchmarks.md, "Convolution and training step").
+//! fpipe-kernels: tensor operations that candle lacks or runs slowly on the CPU (measured in
+//! docs/benchmarks.md, "Convolution and training step"). Nothing here knows about faces or
+//! pipelines: these are candle custom ops with their own backward, used by fpipe-stages'
+//! backbones. Benchmark: `cargo bench -p fpipe-kernels --bench conv`.
 //!
 //! - [`conv2d`]: dense, grouped and depthwise convolution with fpipe's own CPU forward and
 //!   backward kernels (see [`conv`]); candle's convolution on other devices.

@@ -27,7 +27,7 @@ pub(super) enum Level {
 /// Environment variable that caps the instruction set fpipe's convolution kernels use
 /// (gemm picks its own): `base` (portable loops) or `avx2`; anything else, or unset, means
 /// the best the CPU has. Read once per process. It lets one machine test every kernel
-/// version (`ops::conv::tests`) and rule a vector kernel in or out when a result looks wrong.
+/// version (`conv::tests`) and rule a vector kernel in or out when a result looks wrong.
 pub const SIMD_ENV: &str = "FPIPE_SIMD";
 
 pub(super) fn level() -> Level {
@@ -1093,7 +1093,7 @@ pub(super) mod x86 {
 
     /// Transposes the 8x8 block `r` (row `i` = `r[i]`) in registers.
     #[inline(always)]
-    pub(in crate::ops::conv) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    pub(in crate::conv) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);

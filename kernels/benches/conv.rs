@@ -5,14 +5,14 @@
 //! the per-layer target was first stated (docs/benchmarks.md); the names stay so that the
 //! tables of different dates line up.
 //!
-//! `cargo bench -p fpipe-stages --bench conv -- [--threads N] [--reps R] [--json PATH]
+//! `cargo bench -p fpipe-kernels --bench conv -- [--threads N] [--reps R] [--json PATH]
 //! [--only SUBSTRING] [--stock]`. `scripts/bench-conv.sh` runs this and the PyTorch peer
 //! (`scripts/bench_conv_torch.py`) on the same shapes and prints the ratios.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use fpipe_stages::ops::conv::{self, Geom};
+use fpipe_kernels::conv::{self, Geom};
 
 /// Page-reusing allocator: candle allocates every intermediate afresh, and the system
 /// allocator returns large blocks to the kernel, so each op would fault its pages back in.
@@ -231,7 +231,7 @@ fn main() -> candle_core::Result<()> {
 }
 
 /// BatchNorm (training) + PReLU forward and backward on a 32x64x56x56 activation:
-/// candle_nn's composition against fpipe's fused op (`ops::batch_norm_prelu_train`: the
+/// candle_nn's composition against fpipe's fused op (`fpipe_kernels::batch_norm_prelu_train`: the
 /// BatchNorm/PReLU kernels every conv unit of the backbones runs).
 fn norm_bench(reps: usize) -> candle_core::Result<serde_json::Value> {
     use candle_core::{Module, Var};
@@ -255,7 +255,7 @@ fn norm_bench(reps: usize) -> candle_core::Result<serde_json::Value> {
         candle_nn::PReLU::new(alpha.as_tensor().clone(), false).forward(&y)
     };
     let fused = || -> candle_core::Result<Tensor> {
-        let (y, _, _) = fpipe_stages::ops::batch_norm_prelu_train(
+        let (y, _, _) = fpipe_kernels::batch_norm_prelu_train(
             x.as_tensor(),
             gamma.as_tensor(),
             beta.as_tensor(),

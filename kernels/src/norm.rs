@@ -1068,7 +1068,7 @@ mod tests {
                     .y
                 };
                 let separate = |v: &[Tensor]| {
-                    let z = crate::ops::conv2d(&v[0], &v[1], s, pad, groups).unwrap();
+                    let z = crate::conv2d(&v[0], &v[1], s, pad, groups).unwrap();
                     if act {
                         super::batch_norm_prelu_train(&z, &v[2], &v[3], &v[4], 1e-5)
                             .unwrap()
@@ -1093,7 +1093,7 @@ mod tests {
                     1e-5,
                 )
                 .unwrap();
-                let z = crate::ops::conv2d(&x, &w, s, pad, groups).unwrap();
+                let z = crate::conv2d(&x, &w, s, pad, groups).unwrap();
                 let (_, mean, var) = super::batch_norm_train(&z, &gamma, &beta, 1e-5).unwrap();
                 let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
                 assert_eq!(v(&out.z), v(&z));
@@ -1117,7 +1117,7 @@ mod tests {
                 let gw = v(gs.get(wv.as_tensor()).unwrap());
                 let (_, rg_plain) = grads_of_all(
                     |t: &[Tensor]| {
-                        let z = crate::ops::conv2d(&x, &t[0], s, pad, groups).unwrap();
+                        let z = crate::conv2d(&x, &t[0], s, pad, groups).unwrap();
                         super::batch_norm_train(&z, &gamma, &beta, 1e-5).unwrap().0
                     },
                     &[&w],
