@@ -159,7 +159,7 @@ const IJB: &str = r#"stages:
 #[test]
 fn evaluate_runs_the_ijb_template_protocol() {
     use fpipe_stages::data::PackedDataset;
-    use fpipe_stages::train::png::Canvas;
+    use fpipe_stages::util::png::Canvas;
     let p = Project::new();
     p.write("ijb.yaml", IJB);
     assert_eq!(p.fpipe(&["run", "ijb.yaml"]).ok().counts(), (2, 0, 0));

@@ -18,9 +18,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Tensor};
 use fpipe_stages::loss::{MarginConfig, MarginHead};
 use fpipe_stages::models::{
-    iresnet, is_buffer, mobilefacenet, vargfacenet, Backbone, BackboneConfig, ParamStore, SplitMix,
+    iresnet, is_buffer, mobilefacenet, vargfacenet, Backbone, BackboneConfig, ParamStore,
 };
 use fpipe_stages::train::optim::{Optimizer, ParamEntry};
+use fpipe_stages::util::rng::SplitMix;
 
 /// See benches/conv.rs: page reuse across candle's per-op allocations.
 #[global_allocator]

@@ -9,7 +9,7 @@ use fpipe_stages::data::recordio::{
     decode_image, export_recordio, import_recordio, unpack, OnError, RecReader,
 };
 use fpipe_stages::data::synth::{generate, SynthParams};
-use fpipe_stages::metrics;
+use fpipe_stages::eval::metrics;
 use rayon::prelude::*;
 use std::path::Path;
 use std::time::Instant;

@@ -1,9 +1,9 @@
-//! IJB-B/C template verification of `evaluate` (`fpipe_stages::train::ijb`): protocol files
+//! IJB-B/C template verification of `evaluate` (`fpipe_stages::eval::ijb`): protocol files
 //! in insightface's layout and the numbers of insightface's `eval_ijbc.py` steps (golden
 //! files of `tests/golden/ijb/make_ijb.py`); bad protocol lines are errors naming file and line.
 
-use fpipe_stages::metrics::IJB_FPRS;
-use fpipe_stages::train::ijb::{ijb_verify, read_protocol};
+use fpipe_stages::eval::ijb::{ijb_verify, read_protocol};
+use fpipe_stages::eval::metrics::IJB_FPRS;
 use std::path::Path;
 
 fn golden() -> std::path::PathBuf {

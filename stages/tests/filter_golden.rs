@@ -1,10 +1,10 @@
-//! Data set filtering (`fpipe_stages::filter`) against networkx and scikit-learn (golden files
+//! Data set filtering (`fpipe_stages::eval::filter`) against networkx and scikit-learn (golden files
 //! of `tests/golden/filter/make_filter.py`), the quality-graph edge rule on a hand-made case,
 //! and graph versus DBSCAN on a synthetic-faces set with injected label noise.
 
-use fpipe_stages::filter::dbscan::dbscan;
-use fpipe_stages::filter::graph::{communities, quality_graph, Graph};
-use fpipe_stages::filter::{filter, precision_recall, Method, Reason};
+use fpipe_stages::eval::filter::dbscan::dbscan;
+use fpipe_stages::eval::filter::graph::{communities, quality_graph, Graph};
+use fpipe_stages::eval::filter::{filter, precision_recall, Method, Reason};
 use serde_json::Value;
 use std::path::Path;
 

@@ -6,7 +6,7 @@ use fpipe_stages::data::align::{estimate_norm, warp_affine};
 use fpipe_stages::data::recordio::{import_recordio, write_indexed, OnError, RecReader};
 use fpipe_stages::data::vbin::{import_bin, read_bin_structure};
 use fpipe_stages::data::PackedDataset;
-use fpipe_stages::metrics;
+use fpipe_stages::eval::metrics;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

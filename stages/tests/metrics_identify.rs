@@ -1,8 +1,8 @@
-//! 1:N identification metrics (`fpipe_stages::metrics::identify`): the blocked search against
+//! 1:N identification metrics (`fpipe_stages::eval::metrics::identify`): the blocked search against
 //! brute force, the k-NN vote and threshold, CMC and DIR@FPIR on hand-made cases, the split,
 //! and scikit-learn's k-NN (golden files of `tests/golden/identify/make_identify.py`).
 
-use fpipe_stages::metrics::{
+use fpipe_stages::eval::metrics::{
     cmc, dir_at_fpir, identify, knn_predict, search, split_gallery_probe, IdentifyConfig, Vote,
 };
 use std::path::Path;

@@ -6,11 +6,15 @@
 use candle_core::Device;
 use fpipe_engine::{Stage, StageContext};
 use fpipe_stages::data::synth::{generate, Monitor, SynthParams};
+use fpipe_stages::kinds::{
+    evaluate::EvaluateStage,
+    train::{DistilStage, EmbedStage, TrainStage},
+};
 use fpipe_stages::loss::{MarginConfig, MarginVariant};
-use fpipe_stages::models::{mobilefacenet, BackboneConfig, SplitMix};
-use fpipe_stages::train::stages::{DistilStage, EmbedStage, EvaluateStage, TrainStage};
+use fpipe_stages::models::{mobilefacenet, BackboneConfig};
 use fpipe_stages::train::trainer::{train, RunEnv, TrainConfig};
 use fpipe_stages::train::{FaceSource, TrainError};
+use fpipe_stages::util::rng::SplitMix;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

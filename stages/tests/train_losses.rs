@@ -6,8 +6,8 @@ use fpipe_stages::loss::{
     angular_distillation, cross_entropy, margin_logits, partial_fc_sample, LambdaSchedule,
     MarginConfig, MarginHead, MarginVariant,
 };
-use fpipe_stages::models::SplitMix;
 use fpipe_stages::train::optim::{clip_grad_norm, Optimizer, ParamEntry, PolySchedule};
+use fpipe_stages::util::rng::SplitMix;
 use std::f64::consts::PI;
 
 const B: usize = 5;

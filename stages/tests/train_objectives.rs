@@ -5,14 +5,15 @@
 
 use candle_core::{Device, Tensor, Var};
 use fpipe_engine::Stage;
+use fpipe_stages::kinds::train::TrainStage;
 use fpipe_stages::loss::objective::ObjectiveConfig;
 use fpipe_stages::loss::softmax::{center_term, center_update, SoftmaxHead};
 use fpipe_stages::loss::triplet::{mine, triplet_loss, Mining, Triplet};
-use fpipe_stages::models::{mobilefacenet, BackboneConfig, SplitMix};
+use fpipe_stages::models::{mobilefacenet, BackboneConfig};
 use fpipe_stages::train::sampler::BatchSampler;
-use fpipe_stages::train::stages::TrainStage;
 use fpipe_stages::train::trainer::{train, RunEnv, TrainConfig};
 use fpipe_stages::train::{FaceSource, TrainError};
+use fpipe_stages::util::rng::SplitMix;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -4,17 +4,18 @@
 use candle_core::{DType, Device, Tensor};
 use fpipe_stages::data::synth::{generate, SynthParams};
 use fpipe_stages::data::PackedDataset;
-use fpipe_stages::metrics::error_vs_reject;
-use fpipe_stages::models::probe::record_bn_inputs;
-use fpipe_stages::models::{bn, is_buffer, mobilefacenet, BackboneConfig, ParamStore, SplitMix};
-use fpipe_stages::quality::gbt::{Gbt, GbtParams};
-use fpipe_stages::train::artifact::{load_model, save_model};
-use fpipe_stages::train::bn_finetune::{
+use fpipe_stages::eval::bn_finetune::{
     available_fprs, bn_finetune, gaussian_blur, FinetuneConfig, Mix, Select,
 };
-use fpipe_stages::train::evaluate::{drop_lowest, verify};
-use fpipe_stages::train::stages::embed_all;
+use fpipe_stages::eval::metrics::error_vs_reject;
+use fpipe_stages::eval::quality::gbt::{Gbt, GbtParams};
+use fpipe_stages::eval::verify::{drop_lowest, verify};
+use fpipe_stages::models::probe::record_bn_inputs;
+use fpipe_stages::models::{bn, is_buffer, mobilefacenet, BackboneConfig, ParamStore};
+use fpipe_stages::train::artifact::{load_model, save_model};
+use fpipe_stages::train::embed::embed_all;
 use fpipe_stages::train::trainer::build_student;
+use fpipe_stages::util::rng::SplitMix;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -102,7 +103,7 @@ fn bn_finetune_moves_only_running_stats_and_keeps_the_best_snapshot() {
     };
     // The running statistics at every snapshot, read from the model as it goes.
     let seen: Mutex<HashMap<u64, HashMap<String, Vec<u8>>>> = Mutex::new(HashMap::new());
-    let on_snapshot = |s: &fpipe_stages::train::bn_finetune::Snapshot, _: u64| {
+    let on_snapshot = |s: &fpipe_stages::eval::bn_finetune::Snapshot, _: u64| {
         seen.lock().unwrap().insert(s.step, snapshot(&model.store));
     };
     let out = bn_finetune(

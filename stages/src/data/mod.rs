@@ -1,37 +1,24 @@
-//! Face data: the packed data set every stage reads, the stage kinds that produce it
-//! (synthetic faces, image folders, insightface RecordIO, verification `.bin`, alignment),
-//! and `inspect` for `fpipe inspect`.
+//! Layer 2: face data. The packed data set every stage reads and what produces it (synthetic
+//! faces, image folders, insightface RecordIO and pickled verification `.bin`, alignment to
+//! the 5-point template), and `inspect` for `fpipe inspect`.
 
 pub mod align;
 pub mod folder;
 pub mod packed;
 pub mod pickle;
 pub mod recordio;
-pub mod stages;
 pub mod synth;
 pub mod vbin;
 
 pub use packed::{DataError, ImageTruth, PackedDataset, PackedWriter};
 
+/// Port type of a training data set (what `fpipe stages` shows for such ports).
+pub const DATASET: &str = "dataset";
+/// Port type of a verification set: a packed data set with pairs.
+pub const PAIRS: &str = "pairs";
+
 use serde_json::{json, Value};
 use std::path::Path;
-
-/// Port type of a training data set.
-pub const DATASET: fpipe_engine::PortType = "dataset";
-/// Port type of a verification set: a packed data set with pairs.
-pub const PAIRS: fpipe_engine::PortType = "pairs";
-
-/// Adds the data stage kinds to `registry`.
-pub fn register(registry: &mut fpipe_engine::Registry) {
-    use std::sync::Arc;
-    registry.register(Arc::new(stages::SyntheticFaces));
-    registry.register(Arc::new(stages::Align { pairs: false }));
-    registry.register(Arc::new(stages::Align { pairs: true }));
-    registry.register(Arc::new(stages::RecordIo));
-    registry.register(Arc::new(stages::WriteRecordIo));
-    registry.register(Arc::new(stages::VerificationBin));
-    registry.register(Arc::new(stages::ImageFolder));
-}
 
 /// Summary of the packed data set in `dir` for `fpipe inspect --json`: images, identities,
 /// image size, images per identity (min / median / mean / max), pairs, ground-truth counts,

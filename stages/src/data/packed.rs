@@ -118,12 +118,6 @@ impl DataError {
     }
 }
 
-impl From<DataError> for fpipe_engine::StageError {
-    fn from(e: DataError) -> Self {
-        fpipe_engine::StageError::Failed(e.to_string())
-    }
-}
-
 /// Maps a file read-only; an empty file gives `None` (an empty map is not portable).
 fn map_file(path: &Path) -> Result<Option<Mmap>, DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;

@@ -16,6 +16,7 @@
 //! and independent of thread count.
 
 use super::packed::{DataError, ImageTruth, PackedWriter};
+use crate::util::rng::SplitMix;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -99,39 +100,25 @@ impl SynthParams {
 }
 
 // ---------------------------------------------------------------------------------------
-// Deterministic randomness (SplitMix64): stable across versions of any crate.
+// Deterministic randomness: the crate's one SplitMix64, with the f32 helpers drawing faces needs.
 
-/// Small deterministic generator; `Rng::new(&[seed, split, identity, image])`.
+/// `Rng::new(&[seed, split, identity, image])`: one stream per key tuple.
 #[derive(Clone)]
-struct Rng(u64);
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
-}
+struct Rng(SplitMix);
 
 impl Rng {
     fn new(keys: &[u64]) -> Rng {
-        let mut s = 0x853c49e6748fea9b_u64;
-        for &k in keys {
-            s = mix(s ^ k.wrapping_add(0x9e3779b97f4a7c15));
-        }
-        Rng(s)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        mix(self.0)
+        Rng(SplitMix::from_keys(keys))
     }
     /// Uniform in [0, 1).
     fn f(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        self.0.uniform_f32()
     }
     fn range(&mut self, lo: f32, hi: f32) -> f32 {
         lo + (hi - lo) * self.f()
     }
     fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * n as f64) as usize % n.max(1)
+        self.0.below(n)
     }
     fn chance(&mut self, p: f32) -> bool {
         self.f() < p

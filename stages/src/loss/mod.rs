@@ -18,16 +18,19 @@ pub mod objective;
 pub mod softmax;
 pub mod triplet;
 
-use crate::models::SplitMix;
+use crate::util::rng::SplitMix;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 /// Errors in a margin configuration.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum LossError {
     /// The combination of margins cannot be trained.
     #[error("margin configuration: {0}")]
     Config(String),
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
 }
 
 /// How the additive angular margin (m2) reaches the gradient.

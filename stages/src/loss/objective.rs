@@ -7,7 +7,8 @@
 use super::softmax::{center_distance, center_term, center_update, SoftmaxHead};
 use super::triplet::{triplet_loss, Mining};
 use super::{LossError, MarginConfig, MarginHead};
-use crate::models::{ParamStore, SplitMix};
+use crate::models::ParamStore;
+use crate::util::rng::SplitMix;
 use candle_core::{Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -142,7 +143,7 @@ impl Objective {
         classes: usize,
         emb: usize,
         dev: &Device,
-    ) -> std::result::Result<Self, crate::train::TrainError> {
+    ) -> std::result::Result<Self, LossError> {
         let vb = store.vb(dev);
         let weight = |store: &ParamStore| -> Result<Var> {
             vb.pp("head").get_with_hints(

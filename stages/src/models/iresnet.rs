@@ -3,7 +3,9 @@
 //!
 //! Variable names match the PyTorch state dict, so `.pth` checkpoints of the model zoo load.
 
-use super::{bn, prelu, scaled, BatchNorm, Conv, ConvSpec, Linear, PRelu};
+use super::{
+    bn, prelu, scaled, Architecture, BackboneOptions, BatchNorm, Conv, ConvSpec, Linear, PRelu,
+};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -186,6 +188,50 @@ impl Model {
         // Dropout p = 0 in every reference config: omitted.
         let x = self.fc.forward(&x)?;
         self.features.forward_t(&x, train)
+    }
+}
+
+impl Architecture for Config {
+    type Model = Model;
+    const NAMES: &'static [&'static str] = &[
+        "iresnet18",
+        "iresnet34",
+        "iresnet50",
+        "iresnet100",
+        "iresnet200",
+    ];
+    fn from_name(name: &str, o: &BackboneOptions) -> Option<Self> {
+        if !Self::NAMES.contains(&name) {
+            return None;
+        }
+        Some(Config {
+            depth: name.strip_prefix("iresnet")?.parse().ok()?,
+            width: o.width,
+            input_size: o.input_size,
+            num_features: o.num_features,
+        })
+    }
+    fn name(&self) -> String {
+        format!("iresnet{}", self.depth)
+    }
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+    fn embedding_size(&self) -> usize {
+        self.num_features
+    }
+    fn macs(&self) -> u64 {
+        macs(self)
+    }
+    /// The final BatchNorm1d's γ is fixed at 1 (`features.weight.requires_grad = False`).
+    fn frozen(&self, name: &str) -> bool {
+        name == "features.weight"
+    }
+    fn build(&self, vb: VarBuilder) -> Result<Model> {
+        Model::new(self, vb)
+    }
+    fn forward(model: &Model, x: &Tensor, train: bool) -> Result<Tensor> {
+        model.forward(x, train)
     }
 }
 

@@ -4,7 +4,9 @@
 //! Variable names match the PyTorch state dict (`layers.N.layers.M...`, `conv_sep`,
 //! `features.layers.{0,2,3}`).
 
-use super::{bn, prelu, scaled, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear};
+use super::{
+    bn, prelu, scaled, Architecture, BackboneOptions, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear,
+};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -230,6 +232,37 @@ impl Model {
         let x = self.gdc.forward_t(&x, train)?.flatten_from(1)?;
         let x = candle_core::Module::forward(&self.linear, &x)?;
         self.bn.forward_t(&x, train)
+    }
+}
+
+impl Architecture for Config {
+    type Model = Model;
+    const NAMES: &'static [&'static str] = &["mobilefacenet"];
+    fn from_name(name: &str, o: &BackboneOptions) -> Option<Self> {
+        (name == "mobilefacenet").then(|| Config {
+            width: o.width,
+            input_size: o.input_size,
+            num_features: o.num_features,
+            ..Default::default()
+        })
+    }
+    fn name(&self) -> String {
+        "mobilefacenet".into()
+    }
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+    fn embedding_size(&self) -> usize {
+        self.num_features
+    }
+    fn macs(&self) -> u64 {
+        macs(self)
+    }
+    fn build(&self, vb: VarBuilder) -> Result<Model> {
+        Model::new(self, vb)
+    }
+    fn forward(model: &Model, x: &Tensor, train: bool) -> Result<Tensor> {
+        model.forward(x, train)
     }
 }
 

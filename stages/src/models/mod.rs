@@ -11,6 +11,7 @@ pub mod mobilefacenet;
 pub mod probe;
 pub mod vargfacenet;
 
+use crate::util::rng::SplitMix;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -40,40 +41,6 @@ pub enum ModelError {
 
 // ---------------------------------------------------------------------------------------------
 // Seeded parameter store.
-
-/// Small deterministic generator (SplitMix64): the same seed gives the same initial weights
-/// on every machine, which candle's unseedable CPU generator cannot.
-#[derive(Clone, Debug)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    /// Generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        SplitMix(seed)
-    }
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    /// Uniform integer in `0..n`.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize % n.max(1)
-    }
-}
 
 /// FNV-1a of a name: per-variable seeds independent of construction order.
 fn name_hash(s: &str) -> u64 {
@@ -555,7 +522,8 @@ impl BatchNorm {
         );
         let params = (&self.weight, &self.bias);
         let slopes = act.map(|a| &a.weight);
-        if let Some(y) = fpipe_kernels::batch_norm_prelu_eval(&x4, params, stats, slopes, self.eps)? {
+        if let Some(y) = fpipe_kernels::batch_norm_prelu_eval(&x4, params, stats, slopes, self.eps)?
+        {
             return y.reshape(dims);
         }
         // y = x·scale + shift with scale = γ/sqrt(var + eps), shift = β − mean·scale.
@@ -642,15 +610,6 @@ pub fn scaled(n: usize, w: f64, multiple: usize) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Any backbone.
 
-/// Architecture and hyper-parameters of a backbone, tagged by `arch` (as in the model card).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "arch", rename_all = "lowercase")]
-pub enum BackboneConfig {
-    Iresnet(iresnet::Config),
-    Mobilefacenet(mobilefacenet::Config),
-    Vargfacenet(vargfacenet::Config),
-}
-
 /// Input normalisation `(x - mean) / std` on RGB values in 0..255.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Normalisation {
@@ -658,89 +617,142 @@ pub struct Normalisation {
     pub std: f64,
 }
 
-impl BackboneConfig {
+/// The options every backbone takes (the `train` kind's `width`, `input_size`,
+/// `embedding_size` and `se` parameters).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackboneOptions {
+    /// Channel multiplier (1 = reference size).
+    pub width: f64,
     /// Square input size in pixels.
-    pub fn input_size(&self) -> usize {
-        match self {
-            BackboneConfig::Iresnet(c) => c.input_size,
-            BackboneConfig::Mobilefacenet(c) => c.input_size,
-            BackboneConfig::Vargfacenet(c) => c.input_size,
-        }
-    }
+    pub input_size: usize,
     /// Embedding dimension.
-    pub fn embedding_size(&self) -> usize {
-        match self {
-            BackboneConfig::Iresnet(c) => c.num_features,
-            BackboneConfig::Mobilefacenet(c) => c.num_features,
-            BackboneConfig::Vargfacenet(c) => c.num_features,
-        }
-    }
-    /// Input normalisation the reference training used.
-    pub fn normalisation(&self) -> Normalisation {
-        match self {
-            // VarGFaceNet's MXNet symbol: (x - 127.5) * 0.0078125.
-            BackboneConfig::Vargfacenet(_) => Normalisation {
-                mean: 127.5,
-                std: 128.0,
-            },
-            _ => Normalisation {
-                mean: 127.5,
-                std: 127.5,
-            },
-        }
-    }
+    pub num_features: usize,
+    /// Squeeze-and-excitation where the backbone has it as an option.
+    pub se: bool,
+}
+
+/// What one backbone file provides; [`backbones!`] lists each implementation in one line and
+/// derives [`BackboneConfig`], [`Backbone`] and [`BACKBONES`] from the list.
+pub trait Architecture: Sized {
+    /// The built model.
+    type Model;
+    /// The names [`BackboneConfig::from_name`] accepts for it (e.g. `iresnet50`).
+    const NAMES: &'static [&'static str];
+    /// Its configuration for `name` (one of [`Self::NAMES`]) with `options`, or `None` when
+    /// the name is not this backbone's.
+    fn from_name(name: &str, options: &BackboneOptions) -> Option<Self>;
+    /// Short name, e.g. `iresnet50`.
+    fn name(&self) -> String;
+    /// Square input size in pixels.
+    fn input_size(&self) -> usize;
+    /// Embedding dimension.
+    fn embedding_size(&self) -> usize;
     /// Multiply-accumulates of convolutions and fully connected layers for one image (the
     /// "FLOPs" that arcface_torch's tables quote).
-    pub fn macs(&self) -> u64 {
-        match self {
-            BackboneConfig::Iresnet(c) => iresnet::macs(c),
-            BackboneConfig::Mobilefacenet(c) => mobilefacenet::macs(c),
-            BackboneConfig::Vargfacenet(c) => vargfacenet::macs(c),
+    fn macs(&self) -> u64;
+    /// Input normalisation the reference training used.
+    fn normalisation(&self) -> Normalisation {
+        Normalisation {
+            mean: 127.5,
+            std: 127.5,
         }
     }
-    /// Names of variables that are parameters but must not be trained (iresnet's final BN γ).
-    pub fn frozen(&self, name: &str) -> bool {
-        matches!(self, BackboneConfig::Iresnet(_)) && name == "features.weight"
+    /// True for variables that are parameters but must not be trained.
+    fn frozen(&self, _name: &str) -> bool {
+        false
     }
-    /// Short name, e.g. `iresnet50`.
-    pub fn name(&self) -> String {
-        match self {
-            BackboneConfig::Iresnet(c) => format!("iresnet{}", c.depth),
-            BackboneConfig::Mobilefacenet(_) => "mobilefacenet".into(),
-            BackboneConfig::Vargfacenet(_) => "vargfacenet".into(),
-        }
-    }
-}
-
-/// A built backbone (built once per run: variant sizes do not matter).
-#[allow(clippy::large_enum_variant)]
-pub enum Backbone {
-    Iresnet(iresnet::Model),
-    Mobilefacenet(mobilefacenet::Model),
-    Vargfacenet(vargfacenet::Model),
-}
-
-impl Backbone {
-    /// Builds the backbone described by `cfg` with variables from `vb`.
-    pub fn new(cfg: &BackboneConfig, vb: VarBuilder) -> Result<Self> {
-        Ok(match cfg {
-            BackboneConfig::Iresnet(c) => Backbone::Iresnet(iresnet::Model::new(c, vb)?),
-            BackboneConfig::Mobilefacenet(c) => {
-                Backbone::Mobilefacenet(mobilefacenet::Model::new(c, vb)?)
-            }
-            BackboneConfig::Vargfacenet(c) => {
-                Backbone::Vargfacenet(vargfacenet::Model::new(c, vb)?)
-            }
-        })
-    }
+    /// Builds the model with variables from `vb`.
+    fn build(&self, vb: VarBuilder) -> Result<Self::Model>;
     /// Embeddings `[B, num_features]` of normalised NCHW input.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match self {
-            Backbone::Iresnet(m) => m.forward(x, train),
-            Backbone::Mobilefacenet(m) => m.forward(x, train),
-            Backbone::Vargfacenet(m) => m.forward(x, train),
+    fn forward(model: &Self::Model, x: &Tensor, train: bool) -> Result<Tensor>;
+}
+
+/// Declares every backbone: `Variant => module`, where `module::Config` implements
+/// [`Architecture`]. The variant's lowercase name is the `arch` tag of model cards.
+macro_rules! backbones {
+    ($($variant:ident => $module:ident),* $(,)?) => {
+        /// Architecture and hyper-parameters of a backbone, tagged by `arch` (as in the model card).
+        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+        #[serde(tag = "arch", rename_all = "lowercase")]
+        pub enum BackboneConfig {
+            $($variant($module::Config),)*
         }
-    }
+
+        /// A built backbone (built once per run: variant sizes do not matter).
+        #[allow(clippy::large_enum_variant)]
+        pub enum Backbone {
+            $($variant(<$module::Config as Architecture>::Model),)*
+        }
+
+        /// Every backbone name [`BackboneConfig::from_name`] accepts, in declaration order.
+        pub static BACKBONES: std::sync::LazyLock<Vec<&'static str>> =
+            std::sync::LazyLock::new(|| {
+                [$(<$module::Config as Architecture>::NAMES),*].concat()
+            });
+
+        impl BackboneConfig {
+            /// The configuration of backbone `name` (one of [`BACKBONES`]) with `options`.
+            pub fn from_name(
+                name: &str,
+                options: &BackboneOptions,
+            ) -> std::result::Result<Self, ModelError> {
+                $(
+                    if let Some(c) = <$module::Config as Architecture>::from_name(name, options) {
+                        return Ok(BackboneConfig::$variant(c));
+                    }
+                )*
+                Err(ModelError::Config(format!(
+                    "unknown backbone `{name}` (known: {})",
+                    BACKBONES.join(", ")
+                )))
+            }
+            /// Short name, e.g. `iresnet50`.
+            pub fn name(&self) -> String {
+                match self { $(BackboneConfig::$variant(c) => c.name(),)* }
+            }
+            /// Square input size in pixels.
+            pub fn input_size(&self) -> usize {
+                match self { $(BackboneConfig::$variant(c) => c.input_size(),)* }
+            }
+            /// Embedding dimension.
+            pub fn embedding_size(&self) -> usize {
+                match self { $(BackboneConfig::$variant(c) => c.embedding_size(),)* }
+            }
+            /// Input normalisation the reference training used.
+            pub fn normalisation(&self) -> Normalisation {
+                match self { $(BackboneConfig::$variant(c) => c.normalisation(),)* }
+            }
+            /// Multiply-accumulates for one image.
+            pub fn macs(&self) -> u64 {
+                match self { $(BackboneConfig::$variant(c) => c.macs(),)* }
+            }
+            /// Names of variables that are parameters but must not be trained.
+            pub fn frozen(&self, name: &str) -> bool {
+                match self { $(BackboneConfig::$variant(c) => c.frozen(name),)* }
+            }
+        }
+
+        impl Backbone {
+            /// Builds the backbone described by `cfg` with variables from `vb`.
+            pub fn new(cfg: &BackboneConfig, vb: VarBuilder) -> Result<Self> {
+                Ok(match cfg { $(BackboneConfig::$variant(c) => Backbone::$variant(c.build(vb)?),)* })
+            }
+            /// Embeddings `[B, num_features]` of normalised NCHW input.
+            pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+                match self {
+                    $(Backbone::$variant(m) => <$module::Config as Architecture>::forward(m, x, train),)*
+                }
+            }
+        }
+    };
+}
+
+// A new backbone: its file in this folder implementing `Architecture`, its `pub mod` above,
+// and one line here (docs/architecture.md, "Adding a backbone").
+backbones! {
+    Iresnet => iresnet,
+    Mobilefacenet => mobilefacenet,
+    Vargfacenet => vargfacenet,
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 //! The MXNet original has no PyTorch state dict; names here follow a PyTorch re-creation
 //! (`scripts/make_model_fixtures.py`) that counts parameters and FLOPs.
 
-use super::{bn, prelu, scaled, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear, PRelu};
+use super::{
+    bn, prelu, scaled, Architecture, BackboneOptions, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear,
+    Normalisation, PRelu,
+};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -306,6 +309,45 @@ impl Model {
         let x = self.dw.forward_t(&x, train)?;
         let x = self.pw.forward_t(&x, train)?.flatten_from(1)?;
         self.fc_bn.forward_t(&self.fc.forward(&x)?, train)
+    }
+}
+
+impl Architecture for Config {
+    type Model = Model;
+    const NAMES: &'static [&'static str] = &["vargfacenet"];
+    fn from_name(name: &str, o: &BackboneOptions) -> Option<Self> {
+        (name == "vargfacenet").then(|| Config {
+            width: o.width,
+            input_size: o.input_size,
+            num_features: o.num_features,
+            use_se: o.se,
+            ..Default::default()
+        })
+    }
+    fn name(&self) -> String {
+        "vargfacenet".into()
+    }
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+    fn embedding_size(&self) -> usize {
+        self.num_features
+    }
+    fn macs(&self) -> u64 {
+        macs(self)
+    }
+    /// VarGFaceNet's MXNet symbol: (x - 127.5) * 0.0078125.
+    fn normalisation(&self) -> Normalisation {
+        Normalisation {
+            mean: 127.5,
+            std: 128.0,
+        }
+    }
+    fn build(&self, vb: VarBuilder) -> Result<Model> {
+        Model::new(self, vb)
+    }
+    fn forward(model: &Model, x: &Tensor, train: bool) -> Result<Tensor> {
+        model.forward(x, train)
     }
 }
 

@@ -2,10 +2,10 @@
 //! (the model card) and `centres.safetensors` (class-centre matrix `weight [classes, emb]`);
 //! loss/lr curves as CSV and PNG.
 
-use super::png::{Canvas, Series};
 use super::trainer::CurvePoint;
 use super::TrainError;
 use crate::models::{Backbone, BackboneConfig, Normalisation, ParamStore};
+use crate::util::png::{Canvas, Series};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

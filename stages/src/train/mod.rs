@@ -1,28 +1,20 @@
-//! Training stage kinds: `train`, `distil`, `import-model`, `embed`, `evaluate`, `identify`,
-//! `bn-finetune`.
-//!
-//! The loop itself is in [`trainer`], the optimisers in [`optim`], model artifacts (weights,
-//! model card, class centres) and curves in [`artifact`], the `Stage` implementations in
-//! [`stages`].
+//! Layer 5: training. The loop is in [`trainer`] (arcface_torch's shape: the backbone, the
+//! margin head and the optimiser are built from the config and handed in), the optimisers in
+//! [`optim`], batch order in [`sampler`], CRAFT filter reactivation in [`reactivation`], model
+//! artifacts (weights, model card, class centres) and curves in [`artifact`], embedding a
+//! data set with a trained model in [`embed`].
 
 pub mod artifact;
-pub mod bn_finetune;
-pub mod evaluate;
-pub mod filters;
-pub mod identify;
-pub mod ijb;
+pub mod embed;
 pub mod optim;
-pub mod png;
 pub mod reactivation;
 pub mod sampler;
-pub mod stages;
 pub mod trainer;
 
 use crate::data::{DataError, PackedDataset};
 use crate::loss::LossError;
 use crate::models::{ModelError, ParamStore};
 use std::path::Path;
-use std::sync::Arc;
 
 /// Errors of training, embedding and evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +31,9 @@ pub enum TrainError {
     /// Data set error.
     #[error(transparent)]
     Data(#[from] DataError),
+    /// The device named by the stage cannot be used.
+    #[error(transparent)]
+    Device(#[from] crate::util::device::DeviceError),
     /// File system error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -57,15 +52,6 @@ pub enum TrainError {
     /// Cancelled by the user; the checkpoint stays in scratch.
     #[error("interrupted")]
     Interrupted,
-}
-
-impl From<TrainError> for fpipe_engine::StageError {
-    fn from(e: TrainError) -> Self {
-        match e {
-            TrainError::Interrupted => fpipe_engine::StageError::Interrupted,
-            e => fpipe_engine::StageError::msg(e.to_string()),
-        }
-    }
 }
 
 /// Images with identity labels, as training reads them. Implemented by the memory-mapped
@@ -135,44 +121,4 @@ pub fn load_model_weights(store: &ParamStore, prefix: &str, path: &Path) -> Resu
         }
     }
     Ok(())
-}
-
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<candle_core::Device, TrainError> {
-    match s {
-        "cpu" | "" => Ok(candle_core::Device::Cpu),
-        _ => {
-            let ord = match s.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        TrainError::Invalid(format!("device `{s}`: use cpu or cuda:N"))
-                    })?,
-                None => {
-                    return Err(TrainError::Invalid(format!(
-                        "device `{s}`: use cpu or cuda:N"
-                    )))
-                }
-            };
-            candle_core::Device::new_cuda(ord).map_err(|e| {
-                TrainError::Invalid(format!(
-                    "device `{s}` unavailable ({e}); fpipe must be built with --features cuda"
-                ))
-            })
-        }
-    }
-}
-
-/// Adds `train`, `distil`, `import-model`, `embed`, `evaluate`, `identify` and `bn-finetune`.
-pub fn register(registry: &mut fpipe_engine::Registry) {
-    registry.register(Arc::new(stages::TrainStage));
-    registry.register(Arc::new(stages::DistilStage));
-    registry.register(Arc::new(stages::ImportModelStage));
-    registry.register(Arc::new(stages::EmbedStage));
-    registry.register(Arc::new(stages::EvaluateStage));
-    registry.register(Arc::new(identify::IdentifyStage));
-    registry.register(Arc::new(bn_finetune::BnFinetuneStage));
-    registry.register(Arc::new(filters::FiltersStage));
 }

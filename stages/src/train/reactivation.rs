@@ -13,7 +13,7 @@
 //!   own source). When inactive filters outnumber candidates the ranking is cycled, each
 //!   further copy perturbed by `perturb·‖W_c‖` of isotropic noise.
 
-use crate::models::SplitMix;
+use crate::util::rng::SplitMix;
 use serde::{Deserialize, Serialize};
 
 /// What happens to inactive filters.

@@ -9,8 +9,8 @@
 //!   (cycling when it has fewer than K). At an epoch boundary an identity may occur twice in a
 //!   batch; its images then simply share a label.
 
-use super::trainer::stream;
 use super::{FaceSource, TrainError};
+use crate::util::rng::stream;
 
 pub(crate) const ORDER: u64 = 1;
 const IDENTITY_ORDER: u64 = 4;

@@ -13,7 +13,8 @@ use super::sampler::BatchSampler;
 use super::{load_model_weights, FaceSource, TrainError};
 use crate::loss::objective::{Objective, ObjectiveConfig};
 use crate::loss::{angular_distillation, MarginConfig};
-use crate::models::{is_buffer, Backbone, BackboneConfig, Normalisation, ParamStore, SplitMix};
+use crate::models::{is_buffer, Backbone, BackboneConfig, Normalisation, ParamStore};
+use crate::util::rng::stream;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -199,13 +200,6 @@ fn resize_normalise(
             }
         }
     }
-}
-
-/// Independent random stream for (seed, purpose, index).
-pub(crate) fn stream(seed: u64, purpose: u64, index: u64) -> SplitMix {
-    let mut m = SplitMix::new(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let a = m.next_u64();
-    SplitMix::new(a ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
 // Stream 1 (epoch order) and 4, 5 (identity batches) are the sampler's.

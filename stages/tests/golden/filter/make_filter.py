@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden files for `fpipe_stages::filter` (tests/filter_golden.rs).
+"""Golden files for `fpipe_stages::eval::filter` (tests/filter_golden.rs).
 
 Run from this folder with numpy + scikit-learn + networkx: `python make_filter.py`.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden files for `fpipe_stages::metrics::identify` (tests/metrics_identify.rs).
+"""Golden files for `fpipe_stages::eval::metrics::identify` (tests/metrics_identify.rs).
 
 Run from this folder with numpy + scikit-learn: `python make_identify.py`.
 

@@ -1,16 +1,18 @@
 //! The `train`, `distil`, `import-model`, `embed` and `evaluate` stage kinds.
 
-use super::artifact::{self, load_model, save_model, write_curve_with};
-use super::optim::OptimizerKind;
-use super::reactivation::{ReactivationConfig, ReactivationMode};
-use super::trainer::{batch_tensor, train, RunEnv, Teacher, TrainConfig};
-use super::{load_model_weights, parse_device, FaceSource, TrainError};
+use super::with_threads;
 use crate::data::PackedDataset;
 use crate::loss::objective::ObjectiveConfig;
 use crate::loss::triplet::Mining;
 use crate::loss::{LambdaSchedule, MarginConfig, MarginVariant};
-use crate::models::{iresnet, mobilefacenet, vargfacenet, Backbone, BackboneConfig, ParamStore};
-use candle_core::{DType, Device, Tensor};
+use crate::models::{Backbone, BackboneConfig, BackboneOptions, ParamStore, BACKBONES};
+use crate::train::artifact::{load_model, save_model, write_curve_with};
+use crate::train::embed::embed_all;
+use crate::train::optim::OptimizerKind;
+use crate::train::reactivation::{ReactivationConfig, ReactivationMode};
+use crate::train::trainer::{train, RunEnv, Teacher, TrainConfig};
+use crate::train::{load_model_weights, TrainError};
+use candle_core::{Device, Tensor};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
 };
@@ -19,21 +21,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-const BACKBONES: &[&str] = &[
-    "iresnet18",
-    "iresnet34",
-    "iresnet50",
-    "iresnet100",
-    "iresnet200",
-    "mobilefacenet",
-    "vargfacenet",
-];
-
 fn backbone_params() -> Vec<ParamSpec> {
     vec![
         ParamSpec::with_default(
             "backbone",
-            ParamType::Enum(BACKBONES),
+            ParamType::Enum(BACKBONES.as_slice()),
             json!("mobilefacenet"),
             "backbone architecture",
         ),
@@ -76,40 +68,17 @@ fn backbone_from(p: &BTreeMap<String, Value>) -> Result<BackboneConfig, String> 
     if !(16..=1024).contains(&input_size) {
         return Err("input_size must lie in 16..=1024".into());
     }
-    let input_size = input_size as usize;
     let emb = i("embedding_size", 512);
     if !(2..=8192).contains(&emb) {
         return Err("embedding_size must lie in 2..=8192".into());
     }
-    let num_features = emb as usize;
-    let name = s("backbone");
-    Ok(match name {
-        "mobilefacenet" => BackboneConfig::Mobilefacenet(mobilefacenet::Config {
-            width,
-            input_size,
-            num_features,
-            ..Default::default()
-        }),
-        "vargfacenet" => BackboneConfig::Vargfacenet(vargfacenet::Config {
-            width,
-            input_size,
-            num_features,
-            use_se: p.get("se").and_then(|v| v.as_bool()).unwrap_or(true),
-            ..Default::default()
-        }),
-        n => match n
-            .strip_prefix("iresnet")
-            .and_then(|d| d.parse::<usize>().ok())
-        {
-            Some(depth) => BackboneConfig::Iresnet(iresnet::Config {
-                depth,
-                width,
-                input_size,
-                num_features,
-            }),
-            None => return Err(format!("unknown backbone `{n}`")),
-        },
-    })
+    let options = BackboneOptions {
+        width,
+        input_size: input_size as usize,
+        num_features: emb as usize,
+        se: p.get("se").and_then(|v| v.as_bool()).unwrap_or(true),
+    };
+    BackboneConfig::from_name(s("backbone"), &options).map_err(|e| e.to_string())
 }
 
 fn train_params() -> Vec<ParamSpec> {
@@ -330,18 +299,6 @@ fn config_from(ctx: &StageContext, n_images: usize) -> Result<(TrainConfig, u64)
     Ok((cfg, ctx.param_i64("checkpoint_every")?.max(0) as u64))
 }
 
-/// Runs `f` in a rayon pool of `threads` threads (candle's CPU kernels run on rayon).
-pub(crate) fn with_threads<T: Send>(
-    threads: usize,
-    f: impl FnOnce() -> T + Send,
-) -> Result<T, StageError> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .build()
-        .map_err(|e| StageError::msg(e.to_string()))?;
-    Ok(pool.install(f))
-}
-
 pub(crate) fn data_id(dir: &Path, n: usize, classes: usize) -> Value {
     json!({
         "id": dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
@@ -355,7 +312,7 @@ fn run_training(ctx: &mut StageContext, teacher_port: Option<&str>) -> Result<()
     let data_dir = ctx.input("dataset")?.to_path_buf();
     let data = PackedDataset::open(&data_dir).map_err(TrainError::from)?;
     let (cfg, every) = config_from(ctx, data.len())?;
-    let device = parse_device(&ctx.device)?;
+    let device = super::device(ctx)?;
     let teacher = match teacher_port {
         Some(port) => {
             let m = load_model(ctx.input(port)?, &device)?;
@@ -422,7 +379,7 @@ fn run_training(ctx: &mut StageContext, teacher_port: Option<&str>) -> Result<()
     let report = ctx.output("report")?.to_path_buf();
     let extra = cfg.objective.extra_name(&cfg.margin);
     write_curve_with(&report, &out.curve, extra)?;
-    let tail = |f: fn(&super::trainer::CurvePoint) -> Option<f64>| {
+    let tail = |f: fn(&crate::train::trainer::CurvePoint) -> Option<f64>| {
         let last: Vec<f64> = out.curve.iter().rev().take(20).filter_map(f).collect();
         last.iter().sum::<f64>() / last.len().max(1) as f64
     };
@@ -603,39 +560,6 @@ impl Stage for ImportModelStage {
     }
 }
 
-/// Flip-sum, L2-normalised embeddings of every image of `data` (rows in data set order).
-pub fn embed_all(
-    model: &artifact::LoadedModel,
-    data: &dyn FaceSource,
-    batch: usize,
-    flip: bool,
-    dev: &Device,
-    progress: &dyn Fn(u64, u64),
-) -> Result<Vec<f32>, TrainError> {
-    let (h, w, _) = data.image_shape();
-    let cfg = &model.card.architecture;
-    let (size, norm) = (cfg.input_size(), cfg.normalisation());
-    let d = cfg.embedding_size();
-    let n = data.len();
-    let mut out = Vec::with_capacity(n * d);
-    let mut i = 0;
-    while i < n {
-        let j = (i + batch).min(n);
-        let raw = data.read_images(&(i..j).collect::<Vec<_>>())?;
-        let x = batch_tensor(&raw, (h, w), &vec![false; j - i], size, norm, dev)?;
-        let mut e = model.backbone.forward(&x, false)?;
-        if flip {
-            let xf = batch_tensor(&raw, (h, w), &vec![true; j - i], size, norm, dev)?;
-            e = (e + model.backbone.forward(&xf, false)?)?;
-        }
-        let e = crate::loss::l2_normalize(&e)?.to_dtype(DType::F32)?;
-        out.extend(e.flatten_all()?.to_vec1::<f32>()?);
-        i = j;
-        progress(i as u64, n as u64);
-    }
-    Ok(out)
-}
-
 /// `embed`: embeddings of a data set.
 pub struct EmbedStage;
 
@@ -683,7 +607,7 @@ impl Stage for EmbedStage {
         }
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let dev = parse_device(&ctx.device)?;
+        let dev = super::device(ctx)?;
         let model = load_model(ctx.input("model")?, &dev)?;
         let data = PackedDataset::open(ctx.input("dataset")?).map_err(TrainError::from)?;
         let bs = ctx.param_i64("batch_size")?.max(1) as usize;
@@ -717,5 +641,3 @@ impl Stage for EmbedStage {
         Ok(())
     }
 }
-
-pub use super::evaluate::EvaluateStage;

@@ -2,14 +2,14 @@
 //! (enrolled) and probes, or taken from given lists; embeddings come from a model or from an
 //! `embed` output. Reports rank-1/rank-5 and the CMC curve (closed set), DIR at FPIR for
 //! identities kept out of the gallery (open set) and the accuracy of face_recognition's k-NN
-//! decision, using [`crate::metrics::identify`](crate::metrics::identify()).
+//! decision, using [`crate::eval::metrics::identify`](crate::eval::metrics::identify()).
 
-use super::artifact::load_model;
-use super::png::{Canvas, Series};
-use super::stages::embed_all;
-use super::{parse_device, FaceSource, TrainError};
 use crate::data::PackedDataset;
-use crate::metrics::{identify, split_gallery_probe, IdentifyConfig, Split, Vote};
+use crate::eval::metrics::{identify, split_gallery_probe, IdentifyConfig, Split, Vote};
+use crate::train::artifact::load_model;
+use crate::train::embed::embed_all;
+use crate::train::{FaceSource, TrainError};
+use crate::util::png::{Canvas, Series};
 use candle_core::{DType, Device};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
@@ -268,7 +268,7 @@ impl Stage for IdentifyStage {
                     (emb, labels, split, dim, "embeddings")
                 }
                 (None, Some(m), Some(d)) => {
-                    let dev = parse_device(&ctx.device)?;
+                    let dev = super::device(ctx)?;
                     let model = load_model(m, &dev)?;
                     let data = PackedDataset::open(&d).map_err(TrainError::from)?;
                     let labels: Vec<i64> = (0..data.len()).map(|i| data.label(i)).collect();

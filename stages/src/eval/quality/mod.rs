@@ -3,12 +3,12 @@
 //! regressed by gradient-boosted trees ([`gbt`]) onto the cosine of each training image's
 //! embedding with its class centre; the score is `clip(prediction, 0, 1) · 100`.
 //!
-//! Stage kinds: `qaa` (fit on a model's training set and score it), `qaa-score` (score
-//! another data set or a pairs set). Both write a `quality` artifact, which `evaluate` takes
-//! for its error-versus-reject curve and `drop_lowest`, and which dataset filtering reads.
+//! The stage kinds `qaa` (fit on a model's training set and score it) and `qaa-score` (score
+//! another data set or a pairs set) are in `crate::kinds::quality`. Both write a `quality`
+//! artifact, which `evaluate` takes for its error-versus-reject curve and `drop_lowest`, and
+//! which dataset filtering reads.
 
 pub mod gbt;
-mod stages;
 
 use crate::models::probe::record_bn_inputs;
 use crate::train::artifact::{LoadedModel, CENTRES};
@@ -17,15 +17,12 @@ use crate::train::{FaceSource, TrainError};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-
-pub use stages::{QaaScoreStage, QaaStage};
 
 /// Port type of quality scores: `quality.safetensors` (`scores` `[N]` f32 in 0..100, one per
 /// image of the data set scored, in its order) and `quality.json`.
-pub const QUALITY: fpipe_engine::PortType = "quality";
+pub const QUALITY: &str = "quality";
 /// Port type of a fitted quality regressor: `qaa.json`.
-pub const QAA_MODEL: fpipe_engine::PortType = "qaa";
+pub const QAA_MODEL: &str = "qaa";
 /// Scores file of a `quality` artifact.
 pub const SCORES: &str = "quality.safetensors";
 /// Regressor file of a `qaa` artifact.
@@ -151,10 +148,4 @@ pub fn centre_cosines(
 /// Quality score 0..100 from a regressor prediction of the cosine.
 pub fn to_score(pred: f64) -> f32 {
     (pred.clamp(0.0, 1.0) * 100.0) as f32
-}
-
-/// Adds `qaa` and `qaa-score`.
-pub fn register(registry: &mut fpipe_engine::Registry) {
-    registry.register(Arc::new(QaaStage));
-    registry.register(Arc::new(QaaScoreStage));
 }

@@ -1,8 +1,8 @@
 //! The data stage kinds: thin wrappers that read parameters from the [`StageContext`], call
 //! the format modules and write packed data sets into the output ports.
 
-use super::synth::{self, SynthParams};
-use super::{DATASET, PAIRS};
+use crate::data::synth::{self, SynthParams};
+use crate::data::{DATASET, PAIRS};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
 };
@@ -221,12 +221,13 @@ impl Stage for Align {
         let port = if self.pairs { "pairs" } else { "dataset" };
         let size = get_usize(&ctx.params, "image_size").map_err(StageError::Failed)?;
         let on_missing = match ctx.param_str("on_missing")? {
-            "fail" => super::align::OnMissing::Fail,
-            _ => super::align::OnMissing::Skip,
+            "fail" => crate::data::align::OnMissing::Fail,
+            _ => crate::data::align::OnMissing::Skip,
         };
         let input = ctx.input(port)?.to_path_buf();
         let output = ctx.output(port)?.to_path_buf();
-        let c = super::align::align_dataset(&input, &output, size, on_missing, &CtxMonitor(ctx))?;
+        let c =
+            crate::data::align::align_dataset(&input, &output, size, on_missing, &CtxMonitor(ctx))?;
         ctx.check_cancel()?;
         ctx.metric("aligned", c.aligned as f64);
         ctx.metric(
@@ -237,10 +238,10 @@ impl Stage for Align {
     }
 }
 
-fn on_error(ctx: &StageContext) -> Result<super::recordio::OnError, StageError> {
+fn on_error(ctx: &StageContext) -> Result<crate::data::recordio::OnError, StageError> {
     Ok(match ctx.param_str("on_error")? {
-        "fail" => super::recordio::OnError::Fail,
-        _ => super::recordio::OnError::Skip,
+        "fail" => crate::data::recordio::OnError::Fail,
+        _ => crate::data::recordio::OnError::Skip,
     })
 }
 
@@ -253,7 +254,7 @@ fn on_error_param() -> ParamSpec {
     )
 }
 
-fn report_import(ctx: &mut StageContext, c: &super::recordio::ImportCounts) {
+fn report_import(ctx: &mut StageContext, c: &crate::data::recordio::ImportCounts) {
     for p in &c.problems {
         ctx.log(&format!("skipped: {p}"));
     }
@@ -295,7 +296,8 @@ impl Stage for RecordIo {
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let rec = std::path::PathBuf::from(ctx.param_str("path")?);
         let out = ctx.output("dataset")?.to_path_buf();
-        let c = super::recordio::import_recordio(&rec, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+        let c =
+            crate::data::recordio::import_recordio(&rec, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
         ctx.check_cancel()?;
         report_import(ctx, &c);
         Ok(())
@@ -342,7 +344,7 @@ impl Stage for WriteRecordIo {
         let q = get_usize(&ctx.params, "quality").map_err(StageError::Failed)?;
         let input = ctx.input("dataset")?.to_path_buf();
         let out = ctx.output("files")?.to_path_buf();
-        let n = super::recordio::export_recordio(&input, &out, q.clamp(1, 100) as u8)?;
+        let n = crate::data::recordio::export_recordio(&input, &out, q.clamp(1, 100) as u8)?;
         ctx.metric("images", n as f64);
         Ok(())
     }
@@ -380,7 +382,7 @@ impl Stage for VerificationBin {
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let path = std::path::PathBuf::from(ctx.param_str("path")?);
         let out = ctx.output("pairs")?.to_path_buf();
-        let c = super::vbin::import_bin(&path, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+        let c = crate::data::vbin::import_bin(&path, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
         ctx.check_cancel()?;
         report_import(ctx, &c);
         Ok(())
@@ -419,7 +421,7 @@ impl Stage for ImageFolder {
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let root = std::path::PathBuf::from(ctx.param_str("path")?);
         let out = ctx.output("dataset")?.to_path_buf();
-        let c = super::folder::import_folder(&root, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+        let c = crate::data::folder::import_folder(&root, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
         ctx.check_cancel()?;
         report_import(ctx, &c);
         Ok(())

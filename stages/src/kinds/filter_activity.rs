@@ -2,10 +2,10 @@
 //! section 4): inactive fraction, unique filters, a PNG grid of the filters, and the per-epoch
 //! history when the model was trained with `reactivation` checks.
 
-use super::artifact::{ModelCard, CARD, WEIGHTS};
-use super::png::Canvas;
-use super::reactivation::{analyse, first_conv, FilterEpoch, ReactivationConfig};
-use super::TrainError;
+use crate::train::artifact::{ModelCard, CARD, WEIGHTS};
+use crate::train::reactivation::{analyse, first_conv, FilterEpoch, ReactivationConfig};
+use crate::train::TrainError;
+use crate::util::png::Canvas;
 use candle_core::{DType, Device};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,

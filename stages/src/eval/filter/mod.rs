@@ -13,15 +13,13 @@
 //! The largest cluster wins; on a tie in size, the cluster holding the identity's
 //! lowest-indexed image among the tied ones (clusters are numbered by their first image, so
 //! this is the lowest cluster number). An identity whose images are all noise keeps none.
-//! The `filter` stage kind around this is [`stage::FilterStage`].
+//! The `filter` stage kind around this is in `crate::kinds::filter`.
 
 pub mod dbscan;
 pub mod graph;
-pub mod stage;
 
 use rayon::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// Errors of filtering.
 #[derive(Debug, thiserror::Error)]
@@ -207,11 +205,6 @@ pub fn precision_recall(removed: &[Option<Reason>], truth: &[bool]) -> (Option<f
     let p = (rem > 0).then(|| tp as f64 / rem as f64);
     let r = (bad > 0).then(|| tp as f64 / bad as f64);
     (p, r)
-}
-
-/// Adds the `filter` stage kind.
-pub fn register(registry: &mut fpipe_engine::Registry) {
-    registry.register(Arc::new(stage::FilterStage));
 }
 
 #[cfg(test)]

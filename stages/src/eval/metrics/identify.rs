@@ -14,6 +14,7 @@
 //! first. Distances are Euclidean between unit vectors, `d = sqrt(max(0, 2 − 2s))`.
 
 use super::MetricError;
+use crate::util::rng::SplitMix;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -364,22 +365,6 @@ pub struct Split {
     pub unknown: Vec<i64>,
 }
 
-/// SplitMix64 step: a small deterministic generator, stable across crate versions.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn shuffle<T>(v: &mut [T], state: &mut u64) {
-    for i in (1..v.len()).rev() {
-        let j = (splitmix(state) % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
-}
-
 /// Seeded split: `round(unknown_fraction · identities)` identities (at least one when the
 /// fraction is above 0, at most all but one) are kept out of the gallery; of every other
 /// identity, `gallery_per_identity` images chosen at random are enrolled and the rest are
@@ -411,8 +396,7 @@ pub fn split_gallery_probe(
             ids.len()
         )));
     }
-    let mut state = seed ^ 0x6964_656e_7469_6679; // "identify"
-    shuffle(&mut ids, &mut state);
+    SplitMix::new(seed ^ 0x6964_656e_7469_6679).shuffle(&mut ids); // "identify"
     let mut n_unknown = (unknown_fraction * ids.len() as f64).round() as usize;
     if unknown_fraction > 0.0 {
         n_unknown = n_unknown.clamp(1, ids.len() - 1);
@@ -425,8 +409,7 @@ pub fn split_gallery_probe(
             probes.extend(imgs);
             continue;
         }
-        let mut st = seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        shuffle(&mut imgs, &mut st);
+        SplitMix::new(seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).shuffle(&mut imgs);
         let g = gallery_per_identity.min(imgs.len());
         gallery.extend_from_slice(&imgs[..g]);
         probes.extend_from_slice(&imgs[g..]);

@@ -1,14 +1,14 @@
 //! The `qaa` and `qaa-score` stage kinds.
 
-use super::gbt::{Gbt, GbtParams};
-use super::{
+use crate::data::PackedDataset;
+use crate::eval::quality::gbt::{Gbt, GbtParams};
+use crate::eval::quality::{
     bn_features, centre_cosines, load_centres, to_score, write_quality, QAA_FILE, QAA_MODEL,
     QUALITY,
 };
-use crate::data::PackedDataset;
+use crate::kinds::with_threads;
 use crate::train::artifact::load_model;
-use crate::train::stages::with_threads;
-use crate::train::{parse_device, FaceSource, TrainError};
+use crate::train::{FaceSource, TrainError};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
 };
@@ -64,7 +64,7 @@ fn gbt_from(p: &BTreeMap<String, Value>) -> Result<GbtParams, String> {
     Ok(g)
 }
 
-fn metric_err(e: super::gbt::GbtError) -> TrainError {
+fn metric_err(e: crate::eval::quality::gbt::GbtError) -> TrainError {
     TrainError::Invalid(e.to_string())
 }
 
@@ -137,7 +137,7 @@ impl Stage for QaaStage {
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let params = gbt_from(&ctx.params).map_err(StageError::msg)?;
         let holdout = ctx.param_f64("holdout")?;
-        let dev = parse_device(&ctx.device)?;
+        let dev = super::device(ctx)?;
         let model_dir = ctx.input("model")?.to_path_buf();
         let model = load_model(&model_dir, &dev)?;
         let (classes, centres) = load_centres(&model_dir)?;
@@ -311,7 +311,7 @@ impl Stage for QaaScoreStage {
                 ))
             }
         };
-        let dev = parse_device(&ctx.device)?;
+        let dev = super::device(ctx)?;
         let model = load_model(ctx.input("model")?, &dev)?;
         let qaa = load_qaa(ctx.input("qaa")?)?;
         if qaa.backbone != model.card.name {

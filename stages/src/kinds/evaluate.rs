@@ -1,81 +1,32 @@
 //! `evaluate`: verification of a model on the pairs of a packed verification set (held-out
 //! identities, or a converted `.bin` set): 10-fold accuracy ± std on squared distances of
 //! flip-sum embeddings (insightface protocol), ROC on cosine scores with TPR@FPR, AUC and EER,
-//! using [`crate::metrics`]. With the `ijb` parameter, IJB-B/C 1:1 template verification
-//! instead ([`super::ijb`]).
+//! using [`crate::eval::metrics`]. With the `ijb` parameter, IJB-B/C 1:1 template verification
+//! instead ([`crate::eval::ijb`]).
 //!
 //! With a `quality` input (one score per image of the pairs set) it also writes the
 //! error-versus-reject curve (pair quality = the lower of the two images' scores; FNMR at FMR
 //! 1e-2, 1e-3, 1e-4 with the threshold recomputed after each rejection, see
-//! [`crate::metrics::error_vs_reject`]), and `drop_lowest` discards that fraction of the
+//! [`crate::eval::metrics::error_vs_reject`]), and `drop_lowest` discards that fraction of the
 //! lowest-quality pairs before every other metric, with the table of both in
 //! `drop_lowest.csv`.
 
-use super::artifact::load_model;
-use super::ijb::{ijb_features, ijb_verify, read_protocol};
-use super::png::{Canvas, Series};
-use super::stages::embed_all;
-use super::{parse_device, TrainError};
 use crate::data::PackedDataset;
-use crate::metrics::{
-    auc, eer, error_vs_reject, pair_distances, roc, tpr_at_fpr, verification_10fold, IJB_FPRS,
+use crate::eval::ijb::{ijb_features, ijb_verify, read_protocol};
+use crate::eval::metrics::{error_vs_reject, pair_distances, IJB_FPRS};
+use crate::eval::verify::{
+    drop_lowest, erc_rejects, metric_err, pair_quality, verify, EvalResult, ERC_FMRS,
 };
+use crate::train::artifact::load_model;
+use crate::train::embed::embed_all;
+use crate::train::TrainError;
+use crate::util::png::{Canvas, Series};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
 };
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Verification numbers of one evaluation.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct EvalResult {
-    /// 10-fold accuracy (0..1).
-    pub accuracy: f64,
-    /// Standard deviation over folds.
-    pub accuracy_std: f64,
-    /// Area under the ROC.
-    pub auc: f64,
-    /// Equal error rate.
-    pub eer: f64,
-    /// (FPR target, TPR).
-    pub tpr_at_fpr: Vec<(f64, f64)>,
-    /// ROC points (fpr, tpr).
-    pub roc: Vec<(f64, f64)>,
-    /// Pairs evaluated.
-    pub pairs: usize,
-}
-
-fn metric_err(e: crate::metrics::MetricError) -> TrainError {
-    TrainError::Invalid(e.to_string())
-}
-
-/// Verification metrics of normalised embeddings `emb` (`dim` columns) on `pairs`.
-pub fn verify(
-    emb: &[f32],
-    dim: usize,
-    pairs: &[(u32, u32, bool)],
-    fprs: &[f64],
-) -> Result<EvalResult, TrainError> {
-    let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
-    let same: Vec<bool> = pairs.iter().map(|p| p.2).collect();
-    let dist = pair_distances(emb, dim, &ab).map_err(metric_err)?;
-    let folds = 10.min(pairs.len());
-    let v = verification_10fold(&dist, &same, folds).map_err(metric_err)?;
-    // Unit vectors: cosine = 1 − d²/2.
-    let scores: Vec<f32> = dist.iter().map(|d| 1.0 - d / 2.0).collect();
-    let r = roc(&scores, &same).map_err(metric_err)?;
-    let tprs = tpr_at_fpr(&r, fprs);
-    Ok(EvalResult {
-        accuracy: v.accuracy,
-        accuracy_std: v.std,
-        auc: auc(&r),
-        eer: eer(&r),
-        tpr_at_fpr: fprs.iter().copied().zip(tprs).collect(),
-        roc: r.fpr.iter().copied().zip(r.tpr.iter().copied()).collect(),
-        pairs: pairs.len(),
-    })
-}
 
 /// The `evaluate` stage kind.
 pub struct EvaluateStage;
@@ -106,7 +57,7 @@ impl Stage for EvaluateStage {
                 ),
                 PortSpec::optional(
                     "quality",
-                    crate::quality::QUALITY,
+                    crate::eval::quality::QUALITY,
                     "quality scores of the pairs set's images (error-versus-reject, drop_lowest)",
                 ),
             ],
@@ -169,7 +120,7 @@ impl Stage for EvaluateStage {
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let dev = parse_device(&ctx.device)?;
+        let dev = super::device(ctx)?;
         let model = load_model(ctx.input("model")?, &dev)?;
         let ijb: Option<String> = ctx
             .param("ijb")?
@@ -216,7 +167,7 @@ impl Stage for EvaluateStage {
         let report = ctx.output("report")?.to_path_buf();
         let pairs = match ctx.input_opt("quality") {
             Some(qdir) => {
-                let q = crate::quality::read_quality(qdir)?;
+                let q = crate::eval::quality::read_quality(qdir)?;
                 if q.len() != data.len() {
                     return Err(StageError::msg(format!(
                         "the quality input scores {} images, the pairs set has {}: score the \
@@ -303,7 +254,7 @@ fn write_outputs(
 /// IJB-B/C template verification of `model` on the protocol in `dir`.
 fn run_ijb(
     ctx: &mut StageContext,
-    model: &super::artifact::LoadedModel,
+    model: &crate::train::artifact::LoadedModel,
     dir: &Path,
     dev: &candle_core::Device,
 ) -> Result<(), StageError> {
@@ -337,48 +288,6 @@ fn run_ijb(
     write_outputs(ctx, m, &r.eval)
 }
 
-/// Pair quality: the lower of the two images' scores.
-fn pair_quality(pairs: &[(u32, u32, bool)], q: &[f32]) -> Result<Vec<f32>, TrainError> {
-    pairs
-        .iter()
-        .map(|&(a, b, _)| match (q.get(a as usize), q.get(b as usize)) {
-            (Some(x), Some(y)) => Ok(x.min(*y)),
-            _ => Err(TrainError::Invalid(format!(
-                "pair ({a}, {b}) refers to an image without a quality score"
-            ))),
-        })
-        .collect()
-}
-
-/// The pairs left after discarding the `floor(fraction·N)` lowest-quality ones (ties by pair
-/// index, as the error-versus-reject curve), in their original order.
-pub fn drop_lowest(
-    pairs: &[(u32, u32, bool)],
-    pair_quality: &[f32],
-    fraction: f64,
-) -> Vec<(u32, u32, bool)> {
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    order.sort_by(|&a, &b| pair_quality[a].total_cmp(&pair_quality[b]).then(a.cmp(&b)));
-    let k = (fraction * pairs.len() as f64).floor() as usize;
-    let mut keep = vec![true; pairs.len()];
-    for &i in order.iter().take(k) {
-        keep[i] = false;
-    }
-    pairs
-        .iter()
-        .zip(keep)
-        .filter_map(|(p, k)| k.then_some(*p))
-        .collect()
-}
-
-/// Reject fractions of the error-versus-reject curve: 0, 0.05, ..., 0.95.
-pub fn erc_rejects() -> Vec<f64> {
-    (0..20).map(|i| i as f64 * 0.05).collect()
-}
-
-/// FMR targets of the error-versus-reject curve.
-pub const ERC_FMRS: [f64; 3] = [1e-2, 1e-3, 1e-4];
-
 /// Writes `erc.csv` and `erc.png` (one line per FMR target) for cosine scores of `pairs`.
 fn write_erc(
     report: &std::path::Path,
@@ -386,7 +295,7 @@ fn write_erc(
     dim: usize,
     pairs: &[(u32, u32, bool)],
     pq: &[f32],
-) -> Result<crate::metrics::ErcCurve, TrainError> {
+) -> Result<crate::eval::metrics::ErcCurve, TrainError> {
     let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
     let same: Vec<bool> = pairs.iter().map(|p| p.2).collect();
     let dist = pair_distances(emb, dim, &ab).map_err(metric_err)?;

@@ -1,5 +1,5 @@
 //! `filter`: removes images whose embedding does not sit with the rest of its identity, by the
-//! quality graph (default) or DBSCAN ([`super::filter`]), and writes the cleaned packed data set
+//! quality graph (default) or DBSCAN ([`crate::eval::filter`]), and writes the cleaned packed data set
 //! and a report.
 //!
 //! Labels are renumbered only when an identity loses every image: the remaining identities
@@ -8,9 +8,9 @@
 //! identity was dropped is cleared. Otherwise labels are unchanged. Verification pairs with
 //! both images kept are kept (re-indexed); ground-truth flags travel with their images.
 
-use super::{filter, precision_recall, Method, Outcome, Reason};
 use crate::data::{PackedDataset, PackedWriter, DATASET};
-use crate::quality::{QUALITY, SCORES};
+use crate::eval::filter::{filter, precision_recall, Method, Outcome, Reason};
+use crate::eval::quality::{QUALITY, SCORES};
 use candle_core::{DType, Device};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,

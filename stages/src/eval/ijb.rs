@@ -10,12 +10,12 @@
 //! as `face_tid_mid`), and the images in `loose_crop/`. `meta/` and `loose_crop/` may also be
 //! the folder itself.
 
-use super::artifact::LoadedModel;
-use super::evaluate::EvalResult;
-use super::trainer::batch_tensor;
-use super::{FaceSource, TrainError};
+use super::verify::EvalResult;
 use crate::data::align::norm_crop;
-use crate::metrics::{auc, eer, pair_scores_cosine, pool_templates, roc, tpr_at_fpr};
+use crate::eval::metrics::{auc, eer, pair_scores_cosine, pool_templates, roc, tpr_at_fpr};
+use crate::train::artifact::LoadedModel;
+use crate::train::trainer::batch_tensor;
+use crate::train::{FaceSource, TrainError};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
@@ -214,7 +214,7 @@ pub fn ijb_verify(
     p: &IjbProtocol,
     fprs: &[f64],
 ) -> Result<IjbResult, TrainError> {
-    let metric = |e: crate::metrics::MetricError| TrainError::Invalid(e.to_string());
+    let metric = |e: crate::eval::metrics::MetricError| TrainError::Invalid(e.to_string());
     let templates: Vec<i64> = p.images.iter().map(|i| i.template).collect();
     let medias: Vec<i64> = p.images.iter().map(|i| i.media).collect();
     let weights: Vec<f32> = p.images.iter().map(|i| i.score).collect();
