@@ -24,6 +24,7 @@ use fpipe_stages::data::pickle::{bytes, ndarray, np_scalar, parse, Val};
 use fpipe_stages::data::recordio::{decode_image, import_recordio, unpack, OnError, RecReader};
 use fpipe_stages::data::vbin::{import_bin, read_bin_structure};
 use fpipe_stages::data::{align, inspect, recordio, PackedDataset};
+use fpipe_stages::util::rng::SplitMix;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -84,16 +85,12 @@ static ALLOC: Counting = Counting;
 /// One target at a time, so that the memory peak of an input is its own.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// SplitMix64: small, fast, and the same sequence everywhere.
-struct Rng(u64);
+/// The crate's SplitMix64, with the draws the mutator needs.
+struct Rng(SplitMix);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
         if n == 0 {
@@ -392,10 +389,11 @@ fn fuzz(
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
     let mut current = Current::create(&root.join("current.bin"));
-    let mut rng = Rng(seed
-        ^ target
+    let mut rng = Rng(SplitMix::new(
+        seed ^ target
             .bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(131) ^ b as u64));
+            .fold(0u64, |h, b| h.wrapping_mul(131) ^ b as u64),
+    ));
     let mut failures: Vec<String> = Vec::new();
     let (mut runs, mut oks, mut peak_max) = (0usize, 0usize, 0usize);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);

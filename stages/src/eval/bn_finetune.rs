@@ -22,7 +22,8 @@ use crate::models::is_buffer;
 use crate::train::artifact::LoadedModel;
 use crate::train::embed::embed_all;
 use crate::train::trainer::{batch_tensor, epoch_order};
-use crate::train::{FaceSource, TrainError};
+use super::EvalError;
+use crate::train::FaceSource;
 use crate::util::rng::stream;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -159,7 +160,7 @@ pub fn gaussian_blur(img: &[u8], h: usize, w: usize, sigma: f64) -> Vec<u8> {
 }
 
 /// Copies of the running statistics (deep: `Var::set` writes in place).
-fn buffers(model: &LoadedModel) -> Result<HashMap<String, Tensor>, TrainError> {
+fn buffers(model: &LoadedModel) -> Result<HashMap<String, Tensor>, EvalError> {
     model
         .store
         .vars()
@@ -176,7 +177,7 @@ fn evaluate_snapshot(
     cfg: &FinetuneConfig,
     dev: &Device,
     step: u64,
-) -> Result<Snapshot, TrainError> {
+) -> Result<Snapshot, EvalError> {
     let emb = embed_all(model, pairs_data, cfg.eval_batch, true, dev, &|_, _| {})?;
     let result = verify(&emb, model.card.embedding_size, pairs, &cfg.fprs)?;
     let score = cfg.select.score(&result);
@@ -194,10 +195,10 @@ fn read_resized(
     i: usize,
     (h, w): (usize, usize),
     out: &mut [u8],
-) -> Result<(), TrainError> {
+) -> Result<(), EvalError> {
     let (sh, sw, _) = src.image_shape();
     if (sh, sw) == (h, w) {
-        return src.read_image(i, out);
+        return Ok(src.read_image(i, out)?);
     }
     let mut img = vec![0u8; sh * sw * 3];
     src.read_image(i, &mut img)?;
@@ -219,24 +220,24 @@ pub fn bn_finetune(
     dev: &Device,
     on_snapshot: &dyn Fn(&Snapshot, u64),
     cancelled: &dyn Fn() -> bool,
-) -> Result<Finetuned, TrainError> {
+) -> Result<Finetuned, EvalError> {
     let n = data.len();
     if n == 0 {
-        return Err(TrainError::Invalid("the fine-tuning set is empty".into()));
+        return Err(EvalError::Config("the fine-tuning set is empty".into()));
     }
     if cfg.batch_size < 2 {
-        return Err(TrainError::Invalid(
+        return Err(EvalError::Config(
             "batch_size must be at least 2 (BatchNorm)".into(),
         ));
     }
     let ood = match (&cfg.mix, ood) {
         (Mix::OutOfDomain { .. }, None) => {
-            return Err(TrainError::Invalid(
+            return Err(EvalError::Config(
                 "mix out-of-domain needs the `ood` input (non-face images)".into(),
             ))
         }
         (Mix::OutOfDomain { .. }, Some(o)) if o.is_empty() => {
-            return Err(TrainError::Invalid("the `ood` input is empty".into()))
+            return Err(EvalError::Config("the `ood` input is empty".into()))
         }
         (Mix::OutOfDomain { .. }, Some(o)) => Some(o),
         _ => None,
@@ -255,7 +256,7 @@ pub fn bn_finetune(
     let mut order: (u64, Vec<usize>) = (u64::MAX, vec![]);
     for step in 0..cfg.steps {
         if cancelled() {
-            return Err(TrainError::Interrupted);
+            return Err(EvalError::Interrupted);
         }
         let mut raw = Vec::with_capacity(bs);
         let mut flips = Vec::with_capacity(bs);

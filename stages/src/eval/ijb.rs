@@ -15,6 +15,7 @@ use crate::data::align::norm_crop;
 use crate::eval::metrics::{auc, eer, pair_scores_cosine, pool_templates, roc, tpr_at_fpr};
 use crate::train::artifact::LoadedModel;
 use crate::train::trainer::batch_tensor;
+use super::EvalError;
 use crate::train::{FaceSource, TrainError};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -47,13 +48,17 @@ pub struct IjbProtocol {
     pub labels: Vec<bool>,
 }
 
-fn bad(path: &Path, line: usize, msg: impl std::fmt::Display) -> TrainError {
-    TrainError::Invalid(format!("{}: line {line}: {msg}", path.display()))
+fn bad(path: &Path, line: usize, msg: impl std::fmt::Display) -> EvalError {
+    EvalError::Protocol {
+        path: path.to_path_buf(),
+        line,
+        msg: msg.to_string(),
+    }
 }
 
-fn lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, TrainError> {
+fn lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, EvalError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))?;
+        .map_err(|e| EvalError::file(path, e))?;
     Ok(text
         .lines()
         .enumerate()
@@ -67,15 +72,15 @@ fn num<T: std::str::FromStr>(
     line: usize,
     s: &str,
     what: &str,
-) -> Result<T, TrainError> {
+) -> Result<T, EvalError> {
     s.parse()
         .map_err(|_| bad(path, line, format!("{what} `{s}` is not a number")))
 }
 
 /// The one file in `dir` whose name ends with `suffix`.
-fn find(dir: &Path, suffix: &str) -> Result<PathBuf, TrainError> {
+fn find(dir: &Path, suffix: &str) -> Result<PathBuf, EvalError> {
     let rd = std::fs::read_dir(dir)
-        .map_err(|e| TrainError::Invalid(format!("{}: {e}", dir.display())))?;
+        .map_err(|e| EvalError::file(dir, e))?;
     let mut found: Vec<PathBuf> = rd
         .flatten()
         .map(|e| e.path())
@@ -88,19 +93,16 @@ fn find(dir: &Path, suffix: &str) -> Result<PathBuf, TrainError> {
     found.sort();
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(TrainError::Invalid(format!(
-            "{}: no `*{suffix}` (IJB protocol files: *_face_tid_mid.txt, *_template_pair_label.txt, *_name_5pts_score.txt)",
-            dir.display()
-        ))),
-        _ => Err(TrainError::Invalid(format!(
-            "{}: more than one `*{suffix}`",
-            dir.display()
-        ))),
+        0 => Err(EvalError::file(
+            dir,
+            format!("no `*{suffix}` (IJB protocol files: *_face_tid_mid.txt, *_template_pair_label.txt, *_name_5pts_score.txt)"),
+        )),
+        _ => Err(EvalError::file(dir, format!("more than one `*{suffix}`"))),
     }
 }
 
 /// Reads the protocol of the IJB folder `root` (see the module doc).
-pub fn read_protocol(root: &Path) -> Result<IjbProtocol, TrainError> {
+pub fn read_protocol(root: &Path) -> Result<IjbProtocol, EvalError> {
     let meta = if root.join("meta").is_dir() {
         root.join("meta")
     } else {
@@ -117,7 +119,7 @@ pub fn read_protocol(root: &Path) -> Result<IjbProtocol, TrainError> {
     let tid = lines(&tid_path)?;
     let lmk = lines(&lmk_path)?;
     if tid.len() != lmk.len() {
-        return Err(TrainError::Invalid(format!(
+        return Err(EvalError::Mismatch(format!(
             "{} lists {} images, {} lists {}",
             tid_path.display(),
             tid.len(),
@@ -182,7 +184,7 @@ pub fn read_protocol(root: &Path) -> Result<IjbProtocol, TrainError> {
         });
     }
     if images.is_empty() || pairs.is_empty() {
-        return Err(TrainError::Invalid(format!(
+        return Err(EvalError::Mismatch(format!(
             "{}: the protocol lists no images or no pairs",
             root.display()
         )));
@@ -213,14 +215,13 @@ pub fn ijb_verify(
     dim: usize,
     p: &IjbProtocol,
     fprs: &[f64],
-) -> Result<IjbResult, TrainError> {
-    let metric = |e: crate::eval::metrics::MetricError| TrainError::Invalid(e.to_string());
+) -> Result<IjbResult, EvalError> {
     let templates: Vec<i64> = p.images.iter().map(|i| i.template).collect();
     let medias: Vec<i64> = p.images.iter().map(|i| i.media).collect();
     let weights: Vec<f32> = p.images.iter().map(|i| i.score).collect();
-    let pooled = pool_templates(feats, dim, &templates, &medias, Some(&weights)).map_err(metric)?;
-    let scores = pair_scores_cosine(&pooled, &p.pairs).map_err(metric)?;
-    let r = roc(&scores, &p.labels).map_err(metric)?;
+    let pooled = pool_templates(feats, dim, &templates, &medias, Some(&weights))?;
+    let scores = pair_scores_cosine(&pooled, &p.pairs)?;
+    let r = roc(&scores, &p.labels)?;
     let tprs = tpr_at_fpr(&r, fprs);
     Ok(IjbResult {
         eval: EvalResult {
@@ -282,7 +283,7 @@ pub fn ijb_features(
     flip: bool,
     dev: &Device,
     progress: &dyn Fn(u64, u64),
-) -> Result<Vec<f32>, TrainError> {
+) -> Result<Vec<f32>, EvalError> {
     let cfg = &model.card.architecture;
     let (size, norm) = (cfg.input_size(), cfg.normalisation());
     let src = AlignedCrops { p, size };

@@ -4,7 +4,7 @@
 //! error-versus-reject analysis.
 
 use super::metrics::{auc, eer, pair_distances, roc, tpr_at_fpr, verification_10fold};
-use crate::train::TrainError;
+use super::EvalError;
 
 /// Verification numbers of one evaluation.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -25,25 +25,21 @@ pub struct EvalResult {
     pub pairs: usize,
 }
 
-pub(crate) fn metric_err(e: crate::eval::metrics::MetricError) -> TrainError {
-    TrainError::Invalid(e.to_string())
-}
-
 /// Verification metrics of normalised embeddings `emb` (`dim` columns) on `pairs`.
 pub fn verify(
     emb: &[f32],
     dim: usize,
     pairs: &[(u32, u32, bool)],
     fprs: &[f64],
-) -> Result<EvalResult, TrainError> {
+) -> Result<EvalResult, EvalError> {
     let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
     let same: Vec<bool> = pairs.iter().map(|p| p.2).collect();
-    let dist = pair_distances(emb, dim, &ab).map_err(metric_err)?;
+    let dist = pair_distances(emb, dim, &ab)?;
     let folds = 10.min(pairs.len());
-    let v = verification_10fold(&dist, &same, folds).map_err(metric_err)?;
+    let v = verification_10fold(&dist, &same, folds)?;
     // Unit vectors: cosine = 1 − d²/2.
     let scores: Vec<f32> = dist.iter().map(|d| 1.0 - d / 2.0).collect();
-    let r = roc(&scores, &same).map_err(metric_err)?;
+    let r = roc(&scores, &same)?;
     let tprs = tpr_at_fpr(&r, fprs);
     Ok(EvalResult {
         accuracy: v.accuracy,
@@ -57,12 +53,12 @@ pub fn verify(
 }
 
 /// Pair quality: the lower of the two images' scores.
-pub fn pair_quality(pairs: &[(u32, u32, bool)], q: &[f32]) -> Result<Vec<f32>, TrainError> {
+pub fn pair_quality(pairs: &[(u32, u32, bool)], q: &[f32]) -> Result<Vec<f32>, EvalError> {
     pairs
         .iter()
         .map(|&(a, b, _)| match (q.get(a as usize), q.get(b as usize)) {
             (Some(x), Some(y)) => Ok(x.min(*y)),
-            _ => Err(TrainError::Invalid(format!(
+            _ => Err(EvalError::Mismatch(format!(
                 "pair ({a}, {b}) refers to an image without a quality score"
             ))),
         })

@@ -15,7 +15,7 @@ use crate::data::PackedDataset;
 use crate::eval::ijb::{ijb_features, ijb_verify, read_protocol};
 use crate::eval::metrics::{error_vs_reject, pair_distances, IJB_FPRS};
 use crate::eval::verify::{
-    drop_lowest, erc_rejects, metric_err, pair_quality, verify, EvalResult, ERC_FMRS,
+    drop_lowest, erc_rejects, pair_quality, verify, EvalResult, ERC_FMRS,
 };
 use crate::train::artifact::load_model;
 use crate::train::embed::embed_all;
@@ -295,12 +295,12 @@ fn write_erc(
     dim: usize,
     pairs: &[(u32, u32, bool)],
     pq: &[f32],
-) -> Result<crate::eval::metrics::ErcCurve, TrainError> {
+) -> Result<crate::eval::metrics::ErcCurve, crate::eval::EvalError> {
     let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
     let same: Vec<bool> = pairs.iter().map(|p| p.2).collect();
-    let dist = pair_distances(emb, dim, &ab).map_err(metric_err)?;
+    let dist = pair_distances(emb, dim, &ab)?;
     let scores: Vec<f32> = dist.iter().map(|d| 1.0 - d / 2.0).collect();
-    let erc = error_vs_reject(&scores, &same, pq, &erc_rejects(), &ERC_FMRS).map_err(metric_err)?;
+    let erc = error_vs_reject(&scores, &same, pq, &erc_rejects(), &ERC_FMRS)?;
     let mut csv = String::from("reject");
     for f in &erc.fmr {
         csv.push_str(&format!(",fnmr@fmr={f:e}"));

@@ -47,6 +47,18 @@ impl From<crate::train::TrainError> for StageError {
     }
 }
 
+impl From<crate::eval::EvalError> for StageError {
+    fn from(e: crate::eval::EvalError) -> Self {
+        match e {
+            crate::eval::EvalError::Interrupted
+            | crate::eval::EvalError::Train(crate::train::TrainError::Interrupted) => {
+                StageError::Interrupted
+            }
+            e => StageError::msg(e.to_string()),
+        }
+    }
+}
+
 impl From<crate::data::DataError> for StageError {
     fn from(e: crate::data::DataError) -> Self {
         StageError::Failed(e.to_string())

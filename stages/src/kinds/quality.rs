@@ -8,6 +8,7 @@ use crate::eval::quality::{
 };
 use crate::kinds::with_threads;
 use crate::train::artifact::load_model;
+use crate::eval::EvalError;
 use crate::train::{FaceSource, TrainError};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
@@ -64,9 +65,6 @@ fn gbt_from(p: &BTreeMap<String, Value>) -> Result<GbtParams, String> {
     Ok(g)
 }
 
-fn metric_err(e: crate::eval::quality::gbt::GbtError) -> TrainError {
-    TrainError::Invalid(e.to_string())
-}
 
 fn rmse(pred: &[f64], y: &[f32]) -> f64 {
     let s: f64 = pred
@@ -167,7 +165,7 @@ impl Stage for QaaStage {
                 params.iterations,
                 params.depth
             ));
-            let fit = Gbt::fit(&rows, &target, &params).map_err(metric_err)?;
+            let fit = Gbt::fit(&rows, &target, &params)?;
             // Out-of-sample error: every k-th image held out of a second fit.
             let held = if holdout > 0.0 {
                 let k = (1.0 / holdout).round().max(2.0) as usize;
@@ -184,16 +182,16 @@ impl Stage for QaaStage {
                 if hr.is_empty() || tr.is_empty() {
                     None
                 } else {
-                    let m = Gbt::fit(&tr, &ty, &params).map_err(metric_err)?;
-                    let p = m.predict_all(&hr).map_err(metric_err)?;
+                    let m = Gbt::fit(&tr, &ty, &params)?;
+                    let p = m.predict_all(&hr)?;
                     Some((rmse(&p, &hy), std_dev(&hy)))
                 }
             } else {
                 None
             };
-            Ok::<_, TrainError>((rows, target, fit, held))
+            Ok::<_, EvalError>((rows, target, fit, held))
         })??;
-        let pred = fit.predict_all(&rows).map_err(metric_err)?;
+        let pred = fit.predict_all(&rows).map_err(EvalError::from)?;
         let scores: Vec<f32> = pred.iter().map(|&p| to_score(p)).collect();
         let n = scores.len();
         let qm = QaaModel {

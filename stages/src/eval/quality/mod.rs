@@ -13,7 +13,8 @@ pub mod gbt;
 use crate::models::probe::record_bn_inputs;
 use crate::train::artifact::{LoadedModel, CENTRES};
 use crate::train::trainer::batch_tensor;
-use crate::train::{FaceSource, TrainError};
+use super::EvalError;
+use crate::train::FaceSource;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,7 +34,7 @@ pub fn write_quality(
     dir: &Path,
     scores: &[f32],
     meta: serde_json::Value,
-) -> Result<(), TrainError> {
+) -> Result<(), EvalError> {
     std::fs::create_dir_all(dir)?;
     let mut t = HashMap::new();
     t.insert(
@@ -49,20 +50,20 @@ pub fn write_quality(
 }
 
 /// Reads the scores (0..100, one per image) of a `quality` artifact directory.
-pub fn read_quality(dir: &Path) -> Result<Vec<f32>, TrainError> {
+pub fn read_quality(dir: &Path) -> Result<Vec<f32>, EvalError> {
     let path = dir.join(SCORES);
     let t = candle_core::safetensors::load(&path, &Device::Cpu)?;
     let s = t
         .get("scores")
-        .ok_or_else(|| TrainError::Invalid(format!("{}: no `scores` tensor", path.display())))?;
+        .ok_or_else(|| EvalError::file(&path, "no `scores` tensor"))?;
     Ok(s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// The class-centre matrix `[classes, emb]` of a model directory, row-major.
-pub fn load_centres(dir: &Path) -> Result<(usize, Vec<f32>), TrainError> {
+pub fn load_centres(dir: &Path) -> Result<(usize, Vec<f32>), EvalError> {
     let path = dir.join(CENTRES);
     if !path.exists() {
-        return Err(TrainError::Invalid(format!(
+        return Err(EvalError::Mismatch(format!(
             "{}: the model has no class centres (QAA needs a model trained by `train` or \
              `distil` on this data set)",
             dir.display()
@@ -71,7 +72,7 @@ pub fn load_centres(dir: &Path) -> Result<(usize, Vec<f32>), TrainError> {
     let t = candle_core::safetensors::load(&path, &Device::Cpu)?;
     let w = t
         .get("weight")
-        .ok_or_else(|| TrainError::Invalid(format!("{}: no `weight` tensor", path.display())))?;
+        .ok_or_else(|| EvalError::file(&path, "no `weight` tensor"))?;
     let (classes, _) = w.dims2()?;
     Ok((classes, w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
 }
@@ -84,7 +85,7 @@ pub fn bn_features(
     batch: usize,
     dev: &Device,
     progress: &dyn Fn(u64, u64),
-) -> Result<(Vec<Vec<f32>>, Vec<f32>), TrainError> {
+) -> Result<(Vec<Vec<f32>>, Vec<f32>), EvalError> {
     let (h, w, _) = data.image_shape();
     let cfg = &model.card.architecture;
     let (size, norm) = (cfg.input_size(), cfg.normalisation());
@@ -99,7 +100,7 @@ pub fn bn_features(
         let x = batch_tensor(&raw, (h, w), &vec![false; j - i], size, norm, dev)?;
         let (e, feats) = record_bn_inputs(|| model.backbone.forward(&x, false))?;
         if feats.len() != j - i || feats.first().is_none_or(|r| r.is_empty()) {
-            return Err(TrainError::Invalid(format!(
+            return Err(EvalError::Mismatch(format!(
                 "{}: no BatchNorm2d input was recorded for quality features",
                 model.card.name
             )));
@@ -120,9 +121,9 @@ pub fn centre_cosines(
     labels: &[u32],
     centres: &[f32],
     classes: usize,
-) -> Result<Vec<f32>, TrainError> {
+) -> Result<Vec<f32>, EvalError> {
     if centres.len() != classes * dim {
-        return Err(TrainError::Invalid(format!(
+        return Err(EvalError::Mismatch(format!(
             "class centres hold {} values, expected {classes} x {dim}",
             centres.len()
         )));
@@ -133,7 +134,7 @@ pub fn centre_cosines(
         .map(|(&l, e)| {
             let l = l as usize;
             if l >= classes {
-                return Err(TrainError::Invalid(format!(
+                return Err(EvalError::Mismatch(format!(
                     "label {l} has no class centre (the model has {classes} classes): score \
                      the data set the model was trained on"
                 )));
