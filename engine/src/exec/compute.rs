@@ -1,7 +1,62 @@
 //! Computing one stage: the key lock, the input check, the stage kind's `run` in staging
 //! folders, and publishing its outputs and action record.
 
-use super::*;
+use super::scheduler::Ending;
+use super::{Engine, Event, Recomputed, Reporter, RunOptions};
+use crate::error::{EngineError, Result};
+use crate::keys::KeyParts;
+use crate::plan::{Plan, PlannedStage};
+use crate::records::{iso8601, now_unix, RunRecord, StageState};
+use crate::stage::{ProgressSink, StageContext, StageError};
+use fpipe_cache::{ActionRecord, ArtifactId, CacheError, CheckDepth, PathHasher};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// A stage to compute, with everything it needs resolved.
+pub(super) struct Job<'a> {
+    pub ps: &'a PlannedStage,
+    pub key: String,
+    pub parts: KeyParts,
+    /// Each input as (port, `stage.port` it comes from, artifact id), for the input check.
+    pub sources: Vec<(String, String, ArtifactId)>,
+    pub reason: String,
+    pub inputs: BTreeMap<String, PathBuf>,
+    pub log: PathBuf,
+    pub gpus: Vec<usize>,
+    pub threads: usize,
+    pub forced: bool,
+    /// Write the action record (false when recomputing to check someone else's).
+    pub publish: bool,
+    /// Input artifacts already rehashed in this run.
+    pub verified: &'a Mutex<HashSet<ArtifactId>>,
+}
+
+/// How computing a [`Job`] ended.
+pub(super) enum Outcome {
+    Done {
+        key: String,
+        parts: KeyParts,
+        outputs: BTreeMap<String, ArtifactId>,
+        metrics: BTreeMap<String, f64>,
+        seconds: f64,
+        /// False when another process computed it while this one waited for the key.
+        ran: bool,
+        reason: String,
+        log: PathBuf,
+    },
+    Failed {
+        key: String,
+        message: String,
+        seconds: f64,
+        log: PathBuf,
+        interrupted: bool,
+    },
+}
 
 impl Engine {
     pub(super) fn execute(
@@ -198,14 +253,14 @@ impl Engine {
         let (state, error) = match &result {
             Ok(_) => (StageState::Ran, None),
             Err(StageError::Interrupted) => (StageState::Interrupted, None),
-            Err(StageError::Failed(m)) => (StageState::Failed, Some(m.as_str())),
+            Err(StageError::Failed(m)) => (StageState::Failed, Some(m.clone())),
         };
-        reporter.event(Event::Finish {
-            name: ps.name(),
-            state,
+        let end = Ending {
             seconds: t0.elapsed().as_secs_f64(),
             error,
-        });
+            ..Ending::new(state)
+        };
+        reporter.event(end.event(ps.name()));
         let (outputs, _) = result.map_err(|e| {
             EngineError::Other(format!(
                 "stage `{}` could not be recomputed: {e} (log: {})",

@@ -1,7 +1,16 @@
 //! What `fpipe run` would do and why: keys of the stages whose inputs are known, cache
 //! look-ups, and an explanation for each stage that would run.
 
-use super::*;
+use super::keys::{gather_inputs, Known};
+use super::{Engine, RunOptions, StageStatus};
+use crate::error::Result;
+use crate::keys::KeyParts;
+use crate::plan::{Plan, PlannedStage};
+use crate::records::{PipelineState, StageMemory};
+use fpipe_cache::{ArtifactId, ArtifactStore, PathHasher};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 impl Engine {
     /// Pipeline parameters that differ from the last run of this pipeline with this cache,
