@@ -53,6 +53,8 @@ pub struct Plan {
     /// Stage indices, dependencies first.
     pub order: Vec<usize>,
     pub by_name: HashMap<String, usize>,
+    /// What still works but should change (a kind used by its former name), with positions.
+    pub warnings: Vec<PipelineError>,
 }
 
 impl Plan {
@@ -106,7 +108,19 @@ pub fn plan(pipeline: Pipeline, registry: &Registry) -> Result<Plan, Vec<Pipelin
         .map(|(i, s)| (s.name.clone(), i))
         .collect();
     let mut planned: Vec<Option<PlannedStage>> = Vec::new();
+    let mut warnings = Vec::new();
     for def in &pipeline.stages {
+        if let Some((_, Some(current))) = registry.resolve(&def.uses) {
+            warnings.push(
+                def.err_at(
+                    &["uses"],
+                    format!("kind `{}` is now called `{current}`", def.uses),
+                )
+                .hint(format!(
+                    "write `uses: {current}`; the old name will stop working in a later release"
+                )),
+            );
+        }
         match check_stage(def, registry) {
             Ok(p) => planned.push(Some(p)),
             Err(e) => {
@@ -157,6 +171,7 @@ pub fn plan(pipeline: Pipeline, registry: &Registry) -> Result<Plan, Vec<Pipelin
         stages,
         order,
         by_name,
+        warnings,
     })
 }
 
@@ -198,7 +213,7 @@ fn find_cycle(stages: &[PlannedStage], start: usize) -> Vec<usize> {
 }
 
 fn check_stage(def: &StageDef, registry: &Registry) -> Result<PlannedStage, PipelineError> {
-    let Some(kind) = registry.get(&def.uses) else {
+    let Some((kind, _)) = registry.resolve(&def.uses) else {
         let close = registry.suggest(&def.uses);
         let hint = if close.is_empty() {
             format!(
@@ -287,8 +302,12 @@ fn check_stage(def: &StageDef, registry: &Registry) -> Result<PlannedStage, Pipe
     if resources.cpu == 0 {
         resources.cpu = kind.default_cpus();
     }
+    // A former name plans as the kind it now names: records, status and listings say the
+    // current name (the warning about the old one is raised by `plan`).
+    let mut def = def.clone();
+    def.uses = kind.kind().to_string();
     Ok(PlannedStage {
-        def: def.clone(),
+        def,
         kind: kind.clone(),
         params,
         key_params,

@@ -8,6 +8,8 @@ use std::sync::Arc;
 #[derive(Clone, Default)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn Stage>>,
+    /// Former names of renamed kinds: old name -> current name.
+    aliases: BTreeMap<&'static str, &'static str>,
 }
 
 impl Registry {
@@ -23,9 +25,31 @@ impl Registry {
         self.kinds.insert(stage.kind(), stage);
     }
 
-    /// The kind called `name`.
+    /// Keeps `old`, the former name of the kind now called `current`, working: pipelines
+    /// that use it plan as before, with a warning that names the new name.
+    pub fn register_alias(&mut self, old: &'static str, current: &'static str) {
+        self.aliases.insert(old, current);
+    }
+
+    /// The kind called `name` (not following former names; see [`Registry::resolve`]).
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Stage>> {
         self.kinds.get(name)
+    }
+
+    /// The kind called `name`, or the kind it was renamed to with that new name.
+    pub fn resolve(&self, name: &str) -> Option<(&Arc<dyn Stage>, Option<&'static str>)> {
+        match self.kinds.get(name) {
+            Some(k) => Some((k, None)),
+            None => {
+                let current = self.aliases.get(name)?;
+                Some((self.kinds.get(current)?, Some(*current)))
+            }
+        }
+    }
+
+    /// Former names, `(old, current)`, sorted by the old name.
+    pub fn aliases(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
+        self.aliases.iter().map(|(o, c)| (*o, *c))
     }
 
     /// All kinds, sorted by name.

@@ -53,6 +53,12 @@ pub(super) fn overrides(p: &PipelineArgs) -> Overrides {
 pub(super) fn load(p: &PipelineArgs, registry: &Registry) -> Result<Plan> {
     let plan =
         crate::budget::while_loading(|| fpipe_engine::load_plan(&p.file, &overrides(p), registry))?;
+    for w in &plan.warnings {
+        say_err!(
+            "warning: {}",
+            fpipe_engine::text::visible(&w.to_string(), true)
+        );
+    }
     Ok(plan)
 }
 

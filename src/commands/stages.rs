@@ -6,12 +6,22 @@ use super::*;
 pub fn stages(registry: Registry, args: StagesArgs) -> Result<ExitCode> {
     let StagesArgs { kind } = args;
     let mut any = false;
+    // `fpipe stages OLD-NAME` shows the kind a former name now stands for.
+    let wanted = kind
+        .as_deref()
+        .map(|n| registry.resolve(n).map(|(k, _)| k.kind()).unwrap_or(n));
     for k in registry.kinds() {
-        if kind.as_deref().is_some_and(|n| n != k.kind()) {
+        if wanted.is_some_and(|n| n != k.kind()) {
             continue;
         }
         any = true;
         print_kind(k.as_ref());
+        for (old, current) in registry.aliases() {
+            if current == k.kind() {
+                println!("  (formerly `{old}`: still accepted, with a warning)");
+            }
+        }
+        println!();
     }
     if !any {
         bail!("no stage kind `{}`", kind.unwrap_or_default());
@@ -45,5 +55,4 @@ pub(super) fn print_kind(k: &dyn fpipe_engine::Stage) {
             .unwrap_or_else(|| " [required]".into());
         println!("  with {:<13} {}{}: {}", p.name, p.ty.describe(), d, p.doc);
     }
-    println!();
 }

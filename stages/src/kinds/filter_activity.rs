@@ -1,4 +1,4 @@
-//! The `filters` stage: activity analysis of a model's first convolution (CRAFT, docs/methods.md
+//! The `filter-activity` stage kind (formerly `filters`): activity analysis of a model's first convolution (CRAFT, docs/methods.md
 //! section 4): inactive fraction, unique filters, a PNG grid of the filters, and the per-epoch
 //! history when the model was trained with `reactivation` checks.
 
@@ -54,8 +54,9 @@ pub fn filter_grid(w: &[f32], n: usize, k: usize, path: &Path) -> std::io::Resul
     }
 }
 
-/// `filters`: analysis of a model's first conv layer.
-pub struct FiltersStage;
+/// `filter-activity`: analysis of a model's first conv layer (called `filters` before
+/// 2026-12-07; the old name is registered as an alias).
+pub struct FilterActivityStage;
 
 fn config_from(p: &BTreeMap<String, Value>) -> ReactivationConfig {
     let d = ReactivationConfig::default();
@@ -68,9 +69,9 @@ fn config_from(p: &BTreeMap<String, Value>) -> ReactivationConfig {
     }
 }
 
-impl Stage for FiltersStage {
+impl Stage for FilterActivityStage {
     fn kind(&self) -> &'static str {
-        "filters"
+        "filter-activity"
     }
     fn version(&self) -> u32 {
         1

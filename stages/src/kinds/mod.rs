@@ -30,7 +30,9 @@ pub fn register_all(registry: &mut Registry) {
     registry.register(Arc::new(evaluate::EvaluateStage));
     registry.register(Arc::new(identify::IdentifyStage));
     registry.register(Arc::new(bn_finetune::BnFinetuneStage));
-    registry.register(Arc::new(filter_activity::FiltersStage));
+    registry.register(Arc::new(filter_activity::FilterActivityStage));
+    // Said "filters", one letter from `filter` (data set filtering).
+    registry.register_alias("filters", "filter-activity");
     registry.register(Arc::new(quality::QaaStage));
     registry.register(Arc::new(quality::QaaScoreStage));
     registry.register(Arc::new(filter::FilterStage));
