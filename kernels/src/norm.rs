@@ -16,7 +16,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::conv::Elem;
+use crate::elem::Elem;
 
 fn dims4(x: &Tensor) -> Result<(usize, usize, usize)> {
     let (n, c, h, w) = x.dims4()?;

@@ -14,9 +14,10 @@
 
 use rayon::prelude::*;
 
-use super::scratch::output_vec;
 use super::simd::{self, level, multiversion, Level};
-use super::{Elem, Geom};
+use super::Geom;
+use crate::elem::Elem;
+use crate::uninit::output_vec;
 
 /// Channels per block: one AVX2 register of f32.
 const L: usize = 8;

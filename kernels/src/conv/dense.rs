@@ -14,8 +14,9 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::scratch::output_vec;
-use super::{simd, valid_range, Elem, Geom};
+use super::{simd, valid_range, Geom};
+use crate::elem::Elem;
+use crate::uninit::output_vec;
 
 /// Output positions per chunk below which several images are batched into one GEMM.
 const MIN_CHUNK_COLUMNS: usize = 256;

@@ -27,8 +27,9 @@
 
 use rayon::prelude::*;
 
-use super::scratch::output_vec;
-use super::{blocked, dw3, simd, Elem, Geom};
+use super::{blocked, dw3, simd, Geom};
+use crate::elem::Elem;
+use crate::uninit::output_vec;
 
 /// Multiply-adds below which a rayon task is not worth its scheduling (GDC 7x7 on a 7x7
 /// input has 49 per plane).

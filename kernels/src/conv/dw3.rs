@@ -13,9 +13,10 @@
 
 use rayon::prelude::*;
 
-use super::scratch::output_vec;
 use super::simd::{as_f32, as_f32_mut, level, Level};
-use super::{direct, Elem, Geom};
+use super::{direct, Geom};
+use crate::elem::Elem;
+use crate::uninit::output_vec;
 
 /// Whether `g` is a convolution this kernel handles, for element type `T` on this CPU: f32 on
 /// AVX2 + FMA, depthwise with multiplier 1, 3x3, stride 1, padding 1, rows of at least one

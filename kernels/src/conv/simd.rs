@@ -10,7 +10,7 @@
 
 use std::sync::OnceLock;
 
-use super::Elem;
+use crate::elem::Elem;
 
 /// Register block: outputs kept in registers while all taps are added into them.
 const B: usize = 64;
