@@ -27,13 +27,10 @@
 
 use rayon::prelude::*;
 
+use super::split::min_tasks;
 use super::{blocked, dw3, simd, Geom};
 use crate::elem::Elem;
 use crate::uninit::output_vec;
-
-/// Multiply-adds below which a rayon task is not worth its scheduling (GDC 7x7 on a 7x7
-/// input has 49 per plane).
-const MIN_TASK_MACS: usize = 1 << 15;
 
 /// Polyphase layout of one padded input plane (see the module comment).
 struct Poly {
@@ -184,11 +181,6 @@ fn spread<T: Elem>(g: &Geom, wq: usize, y: &[T], ext: &mut [T]) {
     for (ho, row) in y.chunks_exact(g.wo).enumerate() {
         copy_row(&mut ext[ho * wq..ho * wq + g.wo], row);
     }
-}
-
-/// Rayon's minimum number of tasks per split, so that a task has about `MIN_TASK_MACS` work.
-pub(super) fn min_tasks(macs_per_task: usize) -> usize {
-    (MIN_TASK_MACS / macs_per_task.max(1)).max(1)
 }
 
 /// Runs `body(n, group, out_block, scratch)` in parallel over `out` split into one block per

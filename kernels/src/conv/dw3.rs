@@ -14,7 +14,8 @@
 use rayon::prelude::*;
 
 use super::simd::{as_f32, as_f32_mut, level, Level};
-use super::{direct, Geom};
+use super::split::min_tasks;
+use super::Geom;
 use crate::elem::Elem;
 use crate::uninit::output_vec;
 
@@ -42,7 +43,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     yf.par_chunks_mut(hw)
         .zip(xf.par_chunks(hw))
         .enumerate()
-        .with_min_len(direct::min_tasks(9 * hw))
+        .with_min_len(min_tasks(9 * hw))
         .for_each(|(p, (yp, xp))| {
             let c = p % g.c;
             let k: &[f32; 9] = wf[c * 9..c * 9 + 9]

@@ -37,6 +37,7 @@ mod dense;
 mod direct;
 mod dw3;
 mod simd;
+mod split;
 pub mod taps;
 #[cfg(test)]
 mod tests;
