@@ -139,7 +139,7 @@ mod x86 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::simd::x86::transpose8 as transpose;
+    use super::simd::avx2::transpose8 as transpose;
 
     /// `dst[((hi + pad)·wp + pad + k)·8 + l] = src[l·h·w + hi·w + k]` for 8 planes.
     ///

@@ -22,8 +22,8 @@
 //! Two shapes bypass the polyphase layout: 3x3 stride-1 depthwise convolutions (and so their
 //! input gradients) run on `dw3.rs` straight from the unpadded planes, and stride-2 depthwise
 //! ones on the channel-blocked kernels of `blocked.rs`. On CPUs with AVX-512F the f32
-//! kernels of `simd.rs` that vectorise over pixels or over 16-channel blocks hand over to
-//! their 16-lane versions in `avx512.rs`.
+//! kernels of `simd/` that vectorise over pixels or over 16-channel blocks hand over to
+//! their 16-lane versions in `simd/avx512.rs`.
 
 use rayon::prelude::*;
 
@@ -608,7 +608,7 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
 const FULL_IMAGES_PER_TASK: usize = 8;
 
 /// `[0, kk, 2·kk, ...]`: the offsets of a group's `og` weight rows, as "taps" of the
-/// multi-row kernels of `simd.rs`.
+/// multi-row kernels of `simd/`.
 fn row_offsets(og: usize, kk: usize) -> Vec<usize> {
     (0..og).map(|r| r * kk).collect()
 }

@@ -30,8 +30,6 @@
 //! grouped convolutions as one batched GEMM over the groups (`taps.rs`), instead of candle's
 //! loop of one convolution per group.
 
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 mod blocked;
 mod dense;
 mod direct;

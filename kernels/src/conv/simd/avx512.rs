@@ -13,6 +13,8 @@
 
 use std::arch::x86_64::*;
 
+use super::shared::{fwd_multi_kernel, wgrad_pixels_driver, WGRAD_BAND};
+
 /// The mask of the first `n` lanes of a vector (all 16 from `n = 16` on).
 #[inline(always)]
 fn first_lanes(n: usize) -> __mmask16 {
@@ -26,7 +28,7 @@ fn first_lanes(n: usize) -> __mmask16 {
 /// Output pixels per register block of the forward kernel (one accumulator each).
 const FP: usize = 12;
 
-/// [`super::simd::fwd_pixels`] for f32 on AVX-512F.
+/// [`super::fwd_pixels`] for f32 on AVX-512F.
 ///
 /// # Safety
 /// The CPU has AVX-512F; `out.len() / pix.len()` is a positive multiple of 16,
@@ -111,8 +113,8 @@ unsafe fn fwd_block<const P: usize>(
     }
 }
 
-super::simd::wgrad_pixels_driver! {
-    /// [`super::simd::wgrad_pixels`] for f32 on AVX-512F.
+wgrad_pixels_driver! {
+    /// [`super::wgrad_pixels`] for f32 on AVX-512F.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `gt.len() / pix.len()` is a positive multiple of 16, and the
@@ -159,8 +161,8 @@ unsafe fn wgrad_block<const K: usize>(
     }
 }
 
-super::simd::fwd_multi_kernel! {
-    /// [`super::simd::fwd_multi`] for f32 on AVX-512F: blocks of up to 4 output channels × 64
+fwd_multi_kernel! {
+    /// [`super::fwd_multi`] for f32 on AVX-512F: blocks of up to 4 output channels × 64
     /// to 128 outputs (16 accumulators), then 16 outputs, then one last overlapping vector.
     ///
     /// # Safety
@@ -182,7 +184,7 @@ const SKINNY_STREAMS: usize = 16;
 /// across the passes over `b`'s rows.
 const SKINNY_BAND_TILES: usize = 42;
 
-/// [`super::simd::skinny_matmul`] for f32 on AVX-512F: tiles of `MT` rows of `c` × `V`
+/// [`super::skinny_matmul`] for f32 on AVX-512F: tiles of `MT` rows of `c` × `V`
 /// vectors of columns (8 × 3 or 9 × 2: 24 or 18 accumulators; at 9 × 3 LLVM no longer kept
 /// them in registers), all rows of a tile of columns in turn while that tile of `b` sits in
 /// L1. With `from_memory`, bands of columns take `b`'s rows [`SKINNY_STREAMS`] at a time,
@@ -370,10 +372,10 @@ const WGRAD_RB: usize = 9;
 /// Channel blocks ahead whose output gradient [`skinny_wgrad_f32`] fetches.
 const WGRAD_FETCH_BLOCKS: usize = 2;
 
-/// [`super::simd::skinny_wgrad`] for f32 on AVX-512F with `KK` rows of columns (a multiple
+/// [`super::skinny_wgrad`] for f32 on AVX-512F with `KK` rows of columns (a multiple
 /// of [`WGRAD_RB`]), 16 positions per vector, in register tiles of [`WGRAD_OB`] output
 /// channels x [`WGRAD_RB`] rows: the column operands come from L1 at fixed offsets (rows
-/// [`super::simd::WGRAD_BAND`] apart; with a stride known only at run time LLVM kept the
+/// [`super::WGRAD_BAND`] apart; with a stride known only at run time LLVM kept the
 /// row addresses as one chain of dependent adds, or spilled them, and either halved the
 /// speed). Each tile's accumulators are added into `lanes`. Each channel block fetches the
 /// output gradient of the block [`WGRAD_FETCH_BLOCKS`] ahead, and with `fetch_next` the last
@@ -433,7 +435,7 @@ unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
     fetch: Option<usize>,
     lanes: &mut [f32],
 ) {
-    const W: usize = super::simd::WGRAD_BAND;
+    const W: usize = WGRAD_BAND;
     let (dp, bp, lp) = (dy.as_ptr(), band.as_ptr(), lanes.as_mut_ptr());
     let mut acc = [[_mm512_setzero_ps(); RB]; OB];
     let mut step = |p: usize, mask: __mmask16| {
@@ -474,7 +476,7 @@ unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
     }
 }
 
-/// [`super::simd::add_assign`] for f32 on AVX-512F: four vectors a step, the tail masked.
+/// [`super::add_assign`] for f32 on AVX-512F: four vectors a step, the tail masked.
 ///
 /// # Safety
 /// The CPU has AVX-512F; `dst.len() == src.len()`.
@@ -508,7 +510,7 @@ pub unsafe fn add_assign_f32(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// [`super::simd::stream_copy`] for f32 on AVX-512F: the 64-byte aligned lines of `dst`
+/// [`super::stream_copy`] for f32 on AVX-512F: the 64-byte aligned lines of `dst`
 /// stored non-temporally, the ends before and after them ordinarily.
 ///
 /// # Safety
