@@ -3,6 +3,7 @@
 //! register transpose is also used by `blocked.rs`.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::shared::{fwd_multi_kernel, wgrad_pixels_driver};
 
@@ -221,7 +222,7 @@ unsafe fn take_even_f32_block(src: &[f32], dst: &mut [f32], k: usize) {
 /// # Safety
 /// The CPU has AVX2; `even` and `odd` hold at least `dst.len() / 2` elements.
 #[target_feature(enable = "avx2")]
-pub unsafe fn interleave2_f32(even: &[f32], odd: &[f32], dst: &mut [f32]) -> usize {
+pub unsafe fn interleave2_f32(even: &[f32], odd: &[f32], dst: &mut [MaybeUninit<f32>]) -> usize {
     let pairs = dst.len() / 2;
     let mut k = 0;
     while k + 8 <= pairs {
@@ -244,7 +245,7 @@ pub unsafe fn interleave2_f32(even: &[f32], odd: &[f32], dst: &mut [f32]) -> usi
 /// The CPU has AVX2; `dst[2k..2k + 16]` and `even/odd[k..k + 8]` exist.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn interleave2_f32_block(even: &[f32], odd: &[f32], dst: &mut [f32], k: usize) {
+unsafe fn interleave2_f32_block(even: &[f32], odd: &[f32], dst: &mut [MaybeUninit<f32>], k: usize) {
     // SAFETY: in bounds as the caller guarantees.
     unsafe {
         let e = _mm256_loadu_ps(even.as_ptr().add(k));
@@ -253,11 +254,11 @@ unsafe fn interleave2_f32_block(even: &[f32], odd: &[f32], dst: &mut [f32], k: u
         let lo = _mm256_unpacklo_ps(e, o);
         let hi = _mm256_unpackhi_ps(e, o);
         _mm256_storeu_ps(
-            dst.as_mut_ptr().add(2 * k),
+            dst.as_mut_ptr().add(2 * k).cast(),
             _mm256_permute2f128_ps::<0x20>(lo, hi),
         );
         _mm256_storeu_ps(
-            dst.as_mut_ptr().add(2 * k + 8),
+            dst.as_mut_ptr().add(2 * k + 8).cast(),
             _mm256_permute2f128_ps::<0x31>(lo, hi),
         );
     }
@@ -326,7 +327,7 @@ unsafe fn wgrad_pixel_block<const K: usize>(
 /// `pix.len() >= 8`, and the bounds asserted by `fwd_pixels` hold.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn fwd_pixels_f32(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     pix: &[usize],
     planes: &[f32],
     psize: usize,
@@ -354,7 +355,7 @@ pub unsafe fn fwd_pixels_f32(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pixel_block<const V: usize, const P: usize>(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     np: usize,
     o0: usize,
     p0: usize,
@@ -404,9 +405,9 @@ unsafe fn pixel_block<const V: usize, const P: usize>(
             for (c, &rc) in r.iter().enumerate() {
                 let lo = &mut out[(o0 + 8 * v + c) * np + p0 + q..][..4];
                 // SAFETY: `lo` and `hi` hold 4 f32 each.
-                unsafe { _mm_storeu_ps(lo.as_mut_ptr(), _mm256_castps256_ps128(rc)) };
+                unsafe { _mm_storeu_ps(lo.as_mut_ptr().cast(), _mm256_castps256_ps128(rc)) };
                 let hi = &mut out[(o0 + 8 * v + c + 4) * np + p0 + q..][..4];
-                unsafe { _mm_storeu_ps(hi.as_mut_ptr(), _mm256_extractf128_ps::<1>(rc)) };
+                unsafe { _mm_storeu_ps(hi.as_mut_ptr().cast(), _mm256_extractf128_ps::<1>(rc)) };
             }
         }
     }

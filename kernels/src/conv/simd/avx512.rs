@@ -12,8 +12,10 @@
 //! callers assert the bounds and check the CPU.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::shared::{fwd_multi_kernel, wgrad_pixels_driver, WGRAD_BAND};
+use crate::uninit::write_slice;
 
 /// The mask of the first `n` lanes of a vector (all 16 from `n = 16` on).
 #[inline(always)]
@@ -35,7 +37,7 @@ const FP: usize = 12;
 /// `pix.len() >= 8`, and the bounds asserted by `fwd_pixels` hold.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn fwd_pixels_f32(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     pix: &[usize],
     planes: &[f32],
     psize: usize,
@@ -70,7 +72,7 @@ pub unsafe fn fwd_pixels_f32(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 unsafe fn fwd_block<const P: usize>(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     np: usize,
     o0: usize,
     p0: usize,
@@ -108,7 +110,7 @@ unsafe fn fwd_block<const P: usize>(
     for c in 0..16 {
         let dst = &mut out[(o0 + c) * np + p0..][..P];
         for (d, row) in dst.iter_mut().zip(&tile) {
-            *d = row[c];
+            d.write(row[c]);
         }
     }
 }
@@ -202,7 +204,7 @@ pub unsafe fn skinny_matmul_f32<const MT: usize, const V: usize>(
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, pitch): (&[f32], usize),
-    (c, c_rs): (&mut [f32], usize),
+    (c, c_rs): (&mut [MaybeUninit<f32>], usize),
     stream: bool,
     from_memory: bool,
     background: &[Region],
@@ -297,12 +299,14 @@ unsafe fn skinny_tile<const MT: usize, const V: usize>(
     (r0, p0): (usize, usize),
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, pitch): (&[f32], usize),
-    (c, c_rs): (&mut [f32], usize),
+    (c, c_rs): (&mut [MaybeUninit<f32>], usize),
     pass: Pass,
     mask: __mmask16,
     fetch: Option<usize>,
 ) {
-    let cp = c.as_mut_ptr();
+    // Passes after the first read back what the first one stored (`pass.add`), nothing
+    // unwritten.
+    let cp = c.as_mut_ptr().cast::<f32>();
     // SAFETY (loads and stores of c): c reaches (m - 1)·c_rs + n, r0 + r < m, and the last
     // vector's lanes past n are masked off.
     let at = |r: usize, v: usize| unsafe { cp.add((r0 + r) * c_rs + p0 + 16 * v) };
@@ -516,22 +520,22 @@ pub unsafe fn add_assign_f32(dst: &mut [f32], src: &[f32]) {
 /// # Safety
 /// The CPU has AVX-512F; `src.len() == dst.len()`.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn stream_copy_f32(src: &[f32], dst: &mut [f32]) {
+pub unsafe fn stream_copy_f32(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     let n = dst.len();
     let head = dst.as_ptr().align_offset(64).min(n);
-    dst[..head].copy_from_slice(&src[..head]);
+    write_slice(&mut dst[..head], &src[..head]);
     let mut i = head;
     while i + 16 <= n {
         // SAFETY: i + 16 <= n = src.len() = dst.len(); dst + i is 64-byte aligned.
         unsafe {
             _mm512_stream_ps(
-                dst.as_mut_ptr().add(i),
+                dst.as_mut_ptr().add(i).cast(),
                 _mm512_loadu_ps(src.as_ptr().add(i)),
             )
         };
         i += 16;
     }
-    dst[i..].copy_from_slice(&src[i..]);
+    write_slice(&mut dst[i..], &src[i..]);
     _mm_sfence();
 }
 
@@ -712,7 +716,7 @@ pub unsafe fn spread_dgrad_f32(
     rows: usize,
     (w, w_cs): (&[f32], usize),
     dy: &[f32],
-    dx: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
     stream: bool,
     ahead: Option<usize>,
     background: &[Region],
@@ -726,7 +730,7 @@ pub unsafe fn spread_dgrad_f32(
     let tile = rows * wo;
     let mut bg = Background::new(background, ho.div_ceil(rows) * row_tiles * (og / 2));
     // One pointer for every store, the staged ones included, which outlive a tile's call.
-    let dp = dx.as_mut_ptr();
+    let dp = dx.as_mut_ptr().cast::<f32>();
     let mut staged = Staged {
         lines: [_mm512_setzero_ps(); SPREAD_OUT],
         at: [std::ptr::null_mut(); SPREAD_OUT],

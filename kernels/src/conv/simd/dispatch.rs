@@ -2,9 +2,11 @@
 //! capped by [`SIMD_ENV`], the [`multiversion!`] wrapper that compiles a portable loop once
 //! per level, and the casts that hand an f32 slice to the f32-only intrinsics kernels.
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use crate::elem::Elem;
+use crate::uninit::Slot;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -83,4 +85,16 @@ pub fn as_f32_mut<T: Elem>(v: &mut [T]) -> Option<&mut [f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
         // SAFETY: as in `as_f32`.
         .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) })
+}
+
+/// [`as_f32`] for a destination the intrinsics kernels write, initialised or not.
+///
+/// # Safety
+/// Only initialised values are written through the result: where `S` is `T`, the slots hold
+/// values that later reads see.
+pub unsafe fn as_f32_slots<T: Elem, S: Slot<T>>(v: &mut [S]) -> Option<&mut [MaybeUninit<f32>]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: `T` is `f32` and `S` has its layout (`Slot`'s contract); what is written is
+        // up to the caller.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) })
 }

@@ -3,7 +3,7 @@
 //! of pixels) with its weight layout [`pixel_weights`], and [`skinny_matmul`] (a GEMM with
 //! few rows and a short inner dimension over a long output row).
 
-use super::dispatch::{as_f32, as_f32_mut, level, Level};
+use super::dispatch::{as_f32, as_f32_mut, as_f32_slots, level, Level};
 #[cfg(target_arch = "x86_64")]
 use super::helpers::regions;
 use super::helpers::Background;
@@ -11,6 +11,7 @@ use super::loops::taps_fwd;
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
 use crate::elem::Elem;
+use crate::uninit::Slot;
 
 /// Forward convolution of a block of output channels from all input planes of their group:
 /// `out[o·len + f] = Σ_ci Σ_t w[o·cg·taps + ci·taps + t] · planes[ci·psize + off[t] + f]` for
@@ -77,19 +78,21 @@ pub const SKINNY_MAX_K: usize = 128;
 /// time, which the hardware prefetcher can follow, and fetched ahead. The kernel brings
 /// `background` into L2 as it goes.
 /// Returns false, touching nothing, where it does not apply: not f32 on AVX-512, `k` over
-/// [`SKINNY_MAX_K`], or `m` a multiple of neither 8 nor 9.
-pub fn skinny_matmul<T: Elem>(
+/// [`SKINNY_MAX_K`], or `m` a multiple of neither 8 nor 9. `c` need not be initialised.
+pub fn skinny_matmul<T: Elem, S: Slot<T>>(
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (&[T], usize, usize),
     (b, pitch): (&[T], usize),
-    (c, c_rs): (&mut [T], usize),
+    (c, c_rs): (&mut [S], usize),
     stream: bool,
     from_memory: bool,
     background: &[Background<T>],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if level() == Level::Avx512 && m > 0 && n > 0 && (1..=SKINNY_MAX_K).contains(&k) {
-        if let (Some(a), Some(b), Some(c)) = (as_f32(a), as_f32(b), as_f32_mut(c)) {
+        // SAFETY: the kernel writes only computed values into `c` (and reads back only those).
+        let c32 = unsafe { as_f32_slots::<T, S>(&mut *c) };
+        if let (Some(a), Some(b), Some(c)) = (as_f32(a), as_f32(b), c32) {
             assert!(
                 (m - 1) * a_rs + (k - 1) * a_cs < a.len()
                     && (k - 1) * pitch + n <= b.len()
@@ -162,9 +165,10 @@ pub fn pixels_fast<T: Elem>(outs: usize, npix: usize) -> bool {
 /// each tap loading the block's weights as vectors and broadcasting one input value per
 /// pixel. Only real output pixels are computed, where [`fwd_multi`] also computes the
 /// padding columns of its pitch layout (a quarter of the work on 7x7 planes), and the input
-/// needs only zero padding, not the polyphase split, at any stride.
-pub fn fwd_pixels<T: Elem>(
-    out: &mut [T],
+/// needs only zero padding, not the polyphase split, at any stride. `out` need not be
+/// initialised.
+pub fn fwd_pixels<T: Elem, S: Slot<T>>(
+    out: &mut [S],
     pix: &[usize],
     planes: &[T],
     psize: usize,
@@ -187,7 +191,9 @@ pub fn fwd_pixels<T: Elem>(
     );
     #[cfg(target_arch = "x86_64")]
     if pixels_fast::<T>(outs, np) {
-        if let (Some(planes), Some(wt), Some(out)) = (as_f32(planes), as_f32(wt), as_f32_mut(out)) {
+        // SAFETY: the kernels write only computed values into `out`.
+        let out32 = unsafe { as_f32_slots::<T, S>(&mut *out) };
+        if let (Some(planes), Some(wt), Some(out)) = (as_f32(planes), as_f32(wt), out32) {
             if level() == Level::Avx512 {
                 // SAFETY: AVX-512F detected; otherwise as below.
                 return unsafe { avx512::fwd_pixels_f32(out, pix, planes, psize, off, wt) };
@@ -205,7 +211,7 @@ pub fn fwd_pixels<T: Elem>(
                     sum += wt[(ci * taps + t) * outs + o] * planes[ci * psize + p + ot];
                 }
             }
-            *v = sum;
+            v.set(sum);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! [`skinny_wgrad`] (a stem's few rows of columns), and [`spread_dgrad`] (the input gradient
 //! of an unpadded 1x1 stride-2 convolution).
 
-use super::dispatch::{as_f32, as_f32_mut, level, Level};
+use super::dispatch::{as_f32, as_f32_mut, as_f32_slots, level, Level};
 use super::forward::pixels_fast;
 #[cfg(target_arch = "x86_64")]
 use super::helpers::regions;
@@ -13,6 +13,7 @@ pub use super::shared::WGRAD_BAND;
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
 use crate::elem::Elem;
+use crate::uninit::Slot;
 
 /// Lanes of the partial sums [`wgrad_multi`] accumulates into (one AVX2 f32 register).
 pub const WLANES: usize = 8;
@@ -120,19 +121,22 @@ pub fn spread_dgrad_applies<T: Elem>((cg, ho, wo): (usize, usize, usize)) -> boo
 /// unpadded 1x1 stride-2 convolution from its output gradient `dy` (`og` planes of
 /// `ho × wo`) and weights `a[ci, oc] = w[oc·w_cs + ci]`, written whole: the product at the
 /// even rows and columns, zeros elsewhere; non-temporally where `dx` is 64-byte aligned.
-/// Returns false, touching nothing, where [`spread_dgrad_applies`] says no.
-pub fn spread_dgrad<T: Elem>(
+/// Returns false, touching nothing, where [`spread_dgrad_applies`] says no. `dx` need not be
+/// initialised.
+pub fn spread_dgrad<T: Elem, S: Slot<T>>(
     (cg, og, ho, wo): (usize, usize, usize, usize),
     (w, w_cs): (&[T], usize),
     dy: &[T],
-    dx: &mut [T],
+    dx: &mut [S],
     ahead: Option<usize>,
     background: &[Background<T>],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if og > 0 && spread_dgrad_applies::<T>((cg, ho, wo)) {
+        // SAFETY: the kernel writes only computed values and zeros into `dx`.
+        let dx32 = unsafe { as_f32_slots::<T, S>(&mut *dx) };
         if let (Some(rows), Some(w), Some(dy), Some(dx)) =
-            (spread_rows(wo), as_f32(w), as_f32(dy), as_f32_mut(dx))
+            (spread_rows(wo), as_f32(w), as_f32(dy), dx32)
         {
             assert!(
                 (og - 1) * w_cs + cg <= w.len()

@@ -2,10 +2,11 @@
 //! joins ([`deinterleave2`], [`take_even`], [`interleave2`]), [`add_assign`],
 //! [`stream_copy`], and the [`Background`] regions a kernel prefetches for the next one.
 
-use super::dispatch::{as_f32, as_f32_mut, level, Level};
+use super::dispatch::{as_f32, as_f32_mut, as_f32_slots, level, Level};
 #[cfg(target_arch = "x86_64")]
 use super::{avx2, avx512};
 use crate::elem::Elem;
+use crate::uninit::{write_slice, Slot};
 
 /// The kernels' form of up to 4 [`Background`]s, and how many there are.
 #[cfg(target_arch = "x86_64")]
@@ -64,16 +65,19 @@ pub fn add_assign<T: Elem>(dst: &mut [T], src: &[T]) {
 
 /// `dst.copy_from_slice(src)` with non-temporal stores where the CPU has AVX-512: for a
 /// large output written once and not read soon, whose lines then need not be read first.
-pub fn stream_copy<T: Elem>(src: &[T], dst: &mut [T]) {
+/// `dst` need not be initialised.
+pub fn stream_copy<T: Elem, S: Slot<T>>(src: &[T], dst: &mut [S]) {
     assert_eq!(src.len(), dst.len(), "stream_copy: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if level() == Level::Avx512 {
-        if let (Some(s), Some(d)) = (as_f32(src), as_f32_mut(dst)) {
+        // SAFETY: the kernel writes only values of `src` into `dst`.
+        let d32 = unsafe { as_f32_slots::<T, S>(&mut *dst) };
+        if let (Some(s), Some(d)) = (as_f32(src), d32) {
             // SAFETY: AVX-512F detected; the lengths are equal (asserted above).
             return unsafe { avx512::stream_copy_f32(s, d) };
         }
     }
-    dst.copy_from_slice(src);
+    write_slice(dst, src);
 }
 
 /// `even[k] = src[2k]`, `odd[k] = src[2k + 1]` over the lengths of `even` and `odd`
@@ -125,8 +129,8 @@ pub fn take_even<T: Elem>(src: &[T], dst: &mut [T]) {
 }
 
 /// The inverse of [`deinterleave2`]: `dst[2k] = even[k]`, `dst[2k + 1] = odd[k]` for
-/// `2k (+ 1) < dst.len()`.
-pub fn interleave2<T: Elem>(even: &[T], odd: &[T], dst: &mut [T]) {
+/// `2k (+ 1) < dst.len()`. `dst` need not be initialised.
+pub fn interleave2<T: Elem, S: Slot<T>>(even: &[T], odd: &[T], dst: &mut [S]) {
     assert!(
         even.len() >= dst.len().div_ceil(2) && odd.len() >= dst.len() / 2,
         "interleave2: runs out of bounds"
@@ -134,14 +138,16 @@ pub fn interleave2<T: Elem>(even: &[T], odd: &[T], dst: &mut [T]) {
     let mut k = 0;
     #[cfg(target_arch = "x86_64")]
     if level() != Level::Base {
-        if let (Some(e), Some(o), Some(d)) = (as_f32(even), as_f32(odd), as_f32_mut(dst)) {
+        // SAFETY: the kernel writes only values of `even` and `odd` into `dst`.
+        let d32 = unsafe { as_f32_slots::<T, S>(&mut *dst) };
+        if let (Some(e), Some(o), Some(d)) = (as_f32(even), as_f32(odd), d32) {
             // SAFETY: AVX2 was detected by `level()`; the kernel writes whole pairs within
             // `dst` and reads the matching `even`/`odd` elements, in bounds as asserted.
             k = unsafe { avx2::interleave2_f32(e, o, d) };
         }
     }
     for (i, d) in dst.iter_mut().enumerate().skip(2 * k) {
-        *d = if i % 2 == 0 { even[i / 2] } else { odd[i / 2] };
+        d.set(if i % 2 == 0 { even[i / 2] } else { odd[i / 2] });
     }
 }
 

@@ -30,11 +30,15 @@ mod loops;
 mod shared;
 
 pub(crate) use dispatch::multiversion;
-pub use dispatch::{as_f32, as_f32_mut, level, Level, SIMD_ENV};
-pub use forward::{fwd_multi, fwd_pixels, pixel_weights, pixels_fast, skinny_matmul, SKINNY_MAX_K};
+#[cfg(test)]
+pub use dispatch::SIMD_ENV;
+pub use dispatch::{as_f32, as_f32_mut, as_f32_slots, level, Level};
+pub use forward::{fwd_multi, fwd_pixels, pixel_weights, pixels_fast, skinny_matmul};
+#[cfg(test)]
+pub use gradient::SKINNY_WGRAD_ROWS;
 pub use gradient::{
     add_lanes, fold_lanes, skinny_wgrad, skinny_wgrad_applies, spread_dgrad, spread_dgrad_applies,
-    wgrad_multi, wgrad_pixels, SKINNY_WGRAD_ROWS, WGRAD_BAND, WLANES,
+    wgrad_multi, wgrad_pixels, WGRAD_BAND, WLANES,
 };
 pub use helpers::{
     add_assign, deinterleave2, interleave2, stream_copy, take_even, transpose, Background,
