@@ -11,7 +11,10 @@
 //!   its BatchNorm and PReLU as one autograd node (what the backbones' conv units run).
 
 pub mod conv;
+mod elem;
 mod norm;
+mod scratch;
+mod uninit;
 
 pub use norm::{
     batch_norm_prelu_eval, batch_norm_prelu_train, batch_norm_train, conv_batch_norm_train, prelu,

@@ -16,7 +16,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::conv::Elem;
+use crate::elem::Elem;
+use crate::uninit::{assume_init, output_vec};
 
 fn dims4(x: &Tensor) -> Result<(usize, usize, usize)> {
     let (n, c, h, w) = x.dims4()?;
@@ -235,20 +236,16 @@ fn map_planes<T: Elem, const K: usize, P: Fn([T; K]) -> T>(
         hw > 0 && len.is_multiple_of(hw) && ins.iter().all(|s| s.len() == len),
         "map_planes: inputs of different lengths"
     );
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(hw)
-        .enumerate()
-        .for_each(|(i, o)| {
-            let k = kernel(i);
-            let planes = ins.map(|s| &s[i * hw..][..hw]);
-            for (j, slot) in o.iter_mut().enumerate() {
-                slot.write(k(planes.map(|p| p[j])));
-            }
-        });
+    let mut out = output_vec::<T>(len);
+    out.par_chunks_mut(hw).enumerate().for_each(|(i, o)| {
+        let k = kernel(i);
+        let planes = ins.map(|s| &s[i * hw..][..hw]);
+        for (j, slot) in o.iter_mut().enumerate() {
+            slot.write(k(planes.map(|p| p[j])));
+        }
+    });
     // SAFETY: the loop above wrote all `len / hw` planes of `hw` values each.
-    unsafe { out.set_len(len) };
-    out
+    unsafe { assume_init(out) }
 }
 
 /// Per-channel mean and biased variance (two passes, f64 sums), as a `[2, C]` tensor.

@@ -14,9 +14,12 @@
 
 use rayon::prelude::*;
 
-use super::scratch::output_vec;
 use super::simd::{self, level, multiversion, Level};
-use super::{Elem, Geom};
+use super::Geom;
+use crate::elem::Elem;
+use std::mem::MaybeUninit;
+
+use crate::uninit::{assume_init, output_vec};
 
 /// Channels per block: one AVX2 register of f32.
 const L: usize = 8;
@@ -98,10 +101,18 @@ fn pack<T: Elem>(planes: &[T], hw: (usize, usize), pad: usize, wp: usize, dst: &
 
 /// The inverse of [`pack`] for the (up to `L`) planes of `planes`, reading from `src` rows
 /// `pad..pad + h`, columns `pad..pad + w` of pitch `wp`.
-fn unpack<T: Elem>(src: &[T], hw: (usize, usize), pad: usize, wp: usize, planes: &mut [T]) {
+fn unpack<T: Elem>(
+    src: &[T],
+    hw: (usize, usize),
+    pad: usize,
+    wp: usize,
+    planes: &mut [MaybeUninit<T>],
+) {
     let (h, w) = hw;
     if planes.len() == L * h * w && fast_transpose() {
-        if let (Some(s), Some(d)) = (simd::as_f32(src), simd::as_f32_mut(planes)) {
+        // SAFETY: `unpack8` writes only values of `src`.
+        let d32 = unsafe { simd::as_f32_slots::<T, _>(&mut *planes) };
+        if let (Some(s), Some(d)) = (simd::as_f32(src), d32) {
             // SAFETY: as in `pack`.
             unsafe { x86::unpack8(s, h, w, pad, wp, d) };
             return;
@@ -111,7 +122,7 @@ fn unpack<T: Elem>(src: &[T], hw: (usize, usize), pad: usize, wp: usize, planes:
         for (hi, row) in plane.chunks_exact_mut(w).enumerate() {
             let base = ((hi + pad) * wp + pad) * L + l;
             for (k, v) in row.iter_mut().enumerate() {
-                *v = src[base + k * L];
+                v.write(src[base + k * L]);
             }
         }
     }
@@ -128,7 +139,14 @@ mod x86 {
     pub unsafe fn pack8(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
         unreachable!("fast_transpose() is false off x86_64")
     }
-    pub unsafe fn unpack8(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
+    pub unsafe fn unpack8(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [std::mem::MaybeUninit<f32>],
+    ) {
         unreachable!("fast_transpose() is false off x86_64")
     }
 }
@@ -137,8 +155,9 @@ mod x86 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
-    use super::simd::x86::transpose8 as transpose;
+    use super::simd::avx2::transpose8 as transpose;
 
     /// `dst[((hi + pad)·wp + pad + k)·8 + l] = src[l·h·w + hi·w + k]` for 8 planes.
     ///
@@ -188,10 +207,17 @@ mod x86 {
     /// # Safety
     /// AVX2 must be available.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn unpack8(src: &[f32], h: usize, w: usize, pad: usize, wp: usize, dst: &mut [f32]) {
+    pub unsafe fn unpack8(
+        src: &[f32],
+        h: usize,
+        w: usize,
+        pad: usize,
+        wp: usize,
+        dst: &mut [MaybeUninit<f32>],
+    ) {
         let hw = h * w;
         assert!(dst.len() >= 8 * hw && src.len() >= (h + 2 * pad) * wp * 8 && w + 2 * pad <= wp);
-        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr().cast::<f32>());
         for hi in 0..h {
             let inp = ((hi + pad) * wp + pad) * 8;
             let mut k = 0;
@@ -428,8 +454,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let sh = Shape::new(g, &p);
     let (ihw, ohw) = (g.in_hw(), g.out_hw());
     let wbs = block_weights(g, w);
-    // SAFETY: `per_block` covers `y`; `unpack` writes every element of each block.
-    let mut y = unsafe { output_vec::<T>(g.n * g.c * ohw) };
+    let mut y = output_vec::<T>(g.n * g.c * ohw);
     // One task per (image, channel block): the block's output planes are contiguous.
     per_block(&mut y, g.c * ohw, L * ohw).for_each(|(n, b, yblk)| {
         let lanes = yblk.len() / ohw;
@@ -442,7 +467,8 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             unpack(yb, (g.ho, g.wo), 0, g.wo, yblk);
         })
     });
-    y
+    // SAFETY: `per_block` covers `y`; `unpack` writes every element of each block.
+    unsafe { assume_init(y) }
 }
 
 /// Input gradient of a depthwise convolution at any stride (gathered per input position).
@@ -453,8 +479,7 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let mg = sh.gather_margin();
     let gp_len = (g.ho + 2 * mg) * (g.wo + 2 * mg) * L;
     let wbs = block_weights(g, w);
-    // SAFETY: `per_block` covers `dx`; `unpack` writes every element of each block.
-    let mut dx = unsafe { output_vec::<T>(g.n * g.c * ihw) };
+    let mut dx = output_vec::<T>(g.n * g.c * ihw);
     per_block(&mut dx, g.c * ihw, L * ihw).for_each(|(n, b, dblk)| {
         let lanes = dblk.len() / ihw;
         let c0 = b * L;
@@ -466,7 +491,8 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
             unpack(dxb, (g.h, g.w), 0, g.w, dblk);
         })
     });
-    dx
+    // SAFETY: `per_block` covers `dx`; `unpack` writes every element of each block.
+    unsafe { assume_init(dx) }
 }
 
 /// Weight gradient of a depthwise convolution: one task per channel block, summing images.

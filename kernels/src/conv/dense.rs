@@ -14,8 +14,13 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::scratch::output_vec;
-use super::{simd, valid_range, Elem, Geom};
+use super::{simd, valid_range, Geom};
+use crate::elem::Elem;
+use std::mem::MaybeUninit;
+
+use crate::uninit::{
+    assume_init, assume_init_mut, fill, output_vec, write_slice, zeroed_output, Slot,
+};
 
 /// Output positions per chunk below which several images are batched into one GEMM.
 const MIN_CHUNK_COLUMNS: usize = 256;
@@ -73,13 +78,42 @@ fn images_per_chunk(g: &Geom, threads: usize) -> usize {
     want.min(g.n.div_ceil(threads)).max(1)
 }
 
-/// `dst = lhs·rhs` (or `dst += lhs·rhs` when `accumulate`) for an `m×k` by `k×n` product.
-/// Matrices are given as slices with (row, column) strides; `dst` is row-major with row
-/// stride `dst_rs`.
-#[allow(clippy::too_many_arguments)]
-fn matmul<T: Elem>(
-    (m, n, k): (usize, usize, usize),
+/// `dst = lhs·rhs` for an `m×k` by `k×n` product. Matrices are given as slices with (row,
+/// column) strides; `dst` is row-major with row stride `dst_rs` and need not be initialised.
+fn matmul<T: Elem, S: Slot<T>>(
+    mnk: (usize, usize, usize),
+    dst: &mut [S],
+    dst_rs: usize,
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    par: Parallelism,
+) {
+    // SAFETY: not accumulating.
+    unsafe { gemm_into(mnk, dst, dst_rs, false, lhs, rhs, par) }
+}
+
+/// `dst += lhs·rhs`, otherwise as [`matmul`].
+fn matmul_add<T: Elem>(
+    mnk: (usize, usize, usize),
     dst: &mut [T],
+    dst_rs: usize,
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+    par: Parallelism,
+) {
+    // SAFETY: `dst` is initialised.
+    unsafe { gemm_into(mnk, dst, dst_rs, true, lhs, rhs, par) }
+}
+
+/// `dst = lhs·rhs`, or `dst += lhs·rhs` when `accumulate`, on the `gemm` crate.
+///
+/// # Safety
+/// With `accumulate`, the elements of `dst` the product covers are initialised (`gemm` reads
+/// `dst` only then).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Elem, S: Slot<T>>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [S],
     dst_rs: usize,
     accumulate: bool,
     (lhs, lhs_rs, lhs_cs): (&[T], usize, usize),
@@ -92,7 +126,7 @@ fn matmul<T: Elem>(
     if k == 0 {
         if !accumulate {
             for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(T::ZERO);
+                fill(&mut dst[r * dst_rs..r * dst_rs + n], T::ZERO);
             }
         }
         return;
@@ -108,13 +142,15 @@ fn matmul<T: Elem>(
         "matmul: rhs too short"
     );
     // SAFETY: the asserts above keep every index gemm computes from these strides inside the
-    // slices; `dst` is exclusively borrowed and does not overlap the shared inputs.
+    // slices; `dst` is exclusively borrowed and does not overlap the shared inputs, has `T`'s
+    // layout (`Slot`), and is read only when `accumulate` (initialised then, as the caller
+    // guarantees).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<T>(),
             1,
             dst_rs as isize,
             accumulate,
@@ -305,7 +341,16 @@ fn zero_wrapped<T: Elem>(
 /// copied rather than added, so `x` need not be zeroed first. Where [`col2im_s2`], `x` is
 /// overwritten whole (its old contents are not added to): callers must not rely on
 /// accumulating into it.
-fn col2im<T: Elem>(g: &Geom, col: &mut [T], pitch: usize, off: usize, x: &mut [T]) {
+///
+/// # Safety
+/// Unless [`col2im_overwrites`] or [`col2im_s2`], `x` is initialised (the taps add into it).
+unsafe fn col2im<T: Elem>(
+    g: &Geom,
+    col: &mut [T],
+    pitch: usize,
+    off: usize,
+    x: &mut [MaybeUninit<T>],
+) {
     if col2im_s2(g) {
         return col2im_rows_s2(g, col, pitch, off, x);
     }
@@ -327,9 +372,12 @@ fn col2im<T: Elem>(g: &Geom, col: &mut [T], pitch: usize, off: usize, x: &mut [T
             }
             let row = &mut col[((ci * g.kh + i) * g.kw + j) * pitch + off..][..ohw];
             if Some((i, j)) == centre {
-                xp.copy_from_slice(row);
+                write_slice(xp, row);
                 continue;
             }
+            // SAFETY: the centre tap, first in `taps`, wrote all of `xp` where there is one;
+            // elsewhere the caller initialised `x`.
+            let xp = unsafe { assume_init_mut(&mut *xp) };
             if let Some((d0, s0, len)) = same_size_span(g, (hlo, hhi), (wlo, whi), (i, j)) {
                 zero_wrapped(g, row, (hlo, hhi), (wlo, whi));
                 for (d, &v) in xp[s0..s0 + len].iter_mut().zip(&row[d0..d0 + len]) {
@@ -376,7 +424,13 @@ const SPREAD_PLANE: usize = 4096;
 /// contiguous run of columns into the row's even or odd phase, and the phases are
 /// interleaved into `x` once, overwriting it (rows no tap reaches get zeros). The strided
 /// scalar adds this replaces were a twelfth of a stride-2 3x3 layer's time (perf).
-fn col2im_rows_s2<T: Elem>(g: &Geom, col: &[T], pitch: usize, off: usize, x: &mut [T]) {
+fn col2im_rows_s2<T: Elem>(
+    g: &Geom,
+    col: &[T],
+    pitch: usize,
+    off: usize,
+    x: &mut [MaybeUninit<T>],
+) {
     let (p, hw) = (g.pad, g.in_hw());
     let (ne, no) = (g.w.div_ceil(2), g.w / 2);
     let (mut ev, mut od) = ([T::ZERO; MAX_PHASE], [T::ZERO; MAX_PHASE]);
@@ -431,10 +485,10 @@ fn col2im_rows_s2<T: Elem>(g: &Geom, col: &[T], pitch: usize, off: usize, x: &mu
 /// One input plane of an unpadded 1x1 stride-2 kernel's [`col2im`]: the even rows are the
 /// channel's column rows `col` (row stride `wo`) spread over the even columns with `zeros`
 /// between them; the odd rows, and rows past the last output row, are zeros.
-fn spread_plane<T: Elem>(g: &Geom, col: &[T], zeros: &[T], plane: &mut [T]) {
+fn spread_plane<T: Elem, S: Slot<T>>(g: &Geom, col: &[T], zeros: &[T], plane: &mut [S]) {
     for (ih, row) in plane.chunks_exact_mut(g.w).enumerate() {
         if ih % 2 == 1 || ih / 2 >= g.ho {
-            row.fill(T::ZERO);
+            fill(row, T::ZERO);
         } else {
             simd::interleave2(&col[ih / 2 * g.wo..][..g.wo], zeros, row);
         }
@@ -469,11 +523,11 @@ fn plan(g: &Geom) -> (usize, bool, Parallelism) {
 
 /// Runs `body(chunk_index, chunk)` over `data` split into `chunk_len` pieces, in parallel or
 /// not.
-fn for_chunks<T: Elem>(
-    data: &mut [T],
+fn for_chunks<E: Send>(
+    data: &mut [E],
     chunk_len: usize,
     parallel: bool,
-    body: impl Fn(usize, &mut [T]) + Sync + Send,
+    body: impl Fn(usize, &mut [E]) + Sync + Send,
 ) {
     if parallel {
         data.par_chunks_mut(chunk_len)
@@ -489,9 +543,7 @@ fn for_chunks<T: Elem>(
 /// Forward pass.
 pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (og, kk, ohw) = (g.og(), g.k(), g.out_hw());
-    // SAFETY: every chunk writes all of its groups' output rows below, through the GEMM
-    // (which does not read `dst` when not accumulating) or the copy out of `tmp`.
-    let mut y = unsafe { output_vec::<T>(g.n * g.o * ohw) };
+    let mut y = output_vec::<T>(g.n * g.o * ohw);
     let (nb, parallel, par) = plan(g);
     for_chunks(&mut y, nb * g.o * ohw, parallel, |chunk, yc| {
         let b = yc.len() / (g.o * ohw);
@@ -502,7 +554,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             if g.is_pointwise() && b == 1 {
                 let xg = group_planes(g, x, n0, grp);
                 let dst = &mut yc[grp * og * ohw..][..og * ohw];
-                matmul((og, ohw, kk), dst, ohw, false, wg, (xg, ohw, 1), par);
+                matmul((og, ohw, kk), dst, ohw, wg, (xg, ohw, 1), par);
                 continue;
             }
             let rows = rows_per_col_band(g);
@@ -511,7 +563,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
                 let pitch = rows * g.wo;
                 for_col_bands(g, xg, (rows, pitch), |r0, cols, col| {
                     let dst = &mut yc[grp * og * ohw + r0 * g.wo..];
-                    matmul((og, cols, kk), dst, ohw, false, wg, (col, pitch, 1), par);
+                    matmul((og, cols, kk), dst, ohw, wg, (col, pitch, 1), par);
                 });
                 continue;
             }
@@ -530,20 +582,23 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
                     if simd::skinny_matmul((og, ohw, kk), wg, cols, (dst, ohw), true, false, bg) {
                         return;
                     }
-                    matmul((og, ohw, kk), dst, ohw, false, wg, (col, pitch, 1), par);
+                    matmul((og, ohw, kk), dst, ohw, wg, (col, pitch, 1), par);
                     return;
                 }
-                matmul((og, pitch, kk), tmp, pitch, false, wg, (col, pitch, 1), par);
+                matmul((og, pitch, kk), tmp, pitch, wg, (col, pitch, 1), par);
                 for bi in 0..b {
                     for oc in 0..og {
                         let dst = &mut yc[(bi * g.o + grp * og + oc) * ohw..][..ohw];
-                        dst.copy_from_slice(&tmp[oc * pitch + bi * ohw..][..ohw]);
+                        write_slice(dst, &tmp[oc * pitch + bi * ohw..][..ohw]);
                     }
                 }
             });
         }
     });
-    y
+    // SAFETY: every chunk writes all of its groups' output rows above, through the GEMM or
+    // the skinny kernel (which do not read `dst` when not accumulating) or the copy out of
+    // `tmp`.
+    unsafe { assume_init(y) }
 }
 
 /// For a strided shortcut ([`is_strided_shortcut`]), the even input rows
@@ -574,7 +629,7 @@ fn group_planes<'a, T>(g: &Geom, x: &'a [T], n: usize, grp: usize) -> &'a [T] {
 fn spread_group<T: Elem>(
     g: &Geom,
     grp: usize,
-    (w, dyi, dxi): (&[T], &[T], &mut [T]),
+    (w, dyi, dxi): (&[T], &[T], &mut [MaybeUninit<T>]),
     ahead: Option<usize>,
     background: &[simd::Background<T>],
 ) -> bool {
@@ -588,13 +643,11 @@ fn spread_group<T: Elem>(
 /// Input gradient.
 pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     let (og, kk, ohw, chw) = (g.og(), g.k(), g.out_hw(), g.c * g.in_hw());
-    let mut dx = if col2im_overwrites(g) || col2im_s2(g) {
-        // SAFETY: every chunk writes all of its groups' input planes: the pointwise GEMM
-        // without accumulate, or `col2im`, which copies the centre tap or (stride 2)
-        // writes each row whole (see there).
-        unsafe { output_vec::<T>(g.n * chw) }
+    let overwrites = col2im_overwrites(g) || col2im_s2(g);
+    let mut dx = if overwrites {
+        output_vec::<T>(g.n * chw)
     } else {
-        vec![T::ZERO; g.n * chw]
+        zeroed_output::<T>(g.n * chw)
     };
     let (nb, parallel, par) = plan(g);
     for_chunks(&mut dx, nb * chw, parallel, |chunk, dxc| {
@@ -608,7 +661,7 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
             if g.is_pointwise() && b == 1 {
                 let dst = &mut dxc[grp * kk * ohw..][..kk * ohw];
                 let dyg = (&dyc[grp * og * ohw..][..og * ohw], ohw, 1);
-                matmul((kk, ohw, og), dst, ohw, false, wt, dyg, par);
+                matmul((kk, ohw, og), dst, ohw, wt, dyg, par);
                 continue;
             }
             if b == 1 && is_strided_shortcut(g) && spread_group(g, grp, (w, dyc, dxc), Some(2), &[])
@@ -659,25 +712,23 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                             &[],
                         );
                     if !skinny {
-                        matmul(
-                            (rows, pitch, og),
-                            col,
-                            pitch,
-                            false,
-                            wt,
-                            (dyg, pitch, 1),
-                            par,
-                        );
+                        matmul((rows, pitch, og), col, pitch, wt, (dyg, pitch, 1), par);
                     }
                     for bi in 0..b {
                         let dxg = &mut dxc[bi * chw + (grp * g.cg() + c0) * g.in_hw()..];
-                        col2im(&gb, col, pitch, bi * ohw, &mut dxg[..nc * g.in_hw()]);
+                        // SAFETY: `dx` is zeroed unless `overwrites` (for `g`, and so for
+                        // `gb`, which differs in channels only).
+                        unsafe { col2im(&gb, col, pitch, bi * ohw, &mut dxg[..nc * g.in_hw()]) };
                     }
                 }
             });
         }
     });
-    dx
+    // SAFETY: every chunk writes all of its groups' input planes: the pointwise GEMM
+    // without accumulate, `spread_dgrad` (whole planes), the skinny bands (which zero their
+    // planes first), or `col2im`, which copies the centre tap or (stride 2) writes each row
+    // whole (see there); elsewhere `dx` was zeroed.
+    unsafe { assume_init(dx) }
 }
 
 /// Whether `g` is an unpadded 1x1 stride-2 convolution whose output covers its input
@@ -710,7 +761,7 @@ fn dgrad_skinny_bands<T: Elem>(
     wt: (&[T], usize, usize),
     dyg: &[T],
     col: &mut [T],
-    planes: &mut [T],
+    planes: &mut [MaybeUninit<T>],
 ) -> bool {
     let ohw = g.out_hw();
     let band_rows = (DGRAD_SKINNY_BAND / g.wo).clamp(1, g.ho.max(1));
@@ -737,8 +788,10 @@ fn dgrad_skinny_bands<T: Elem>(
             return false;
         }
         if r0 == 0 {
-            planes.fill(T::ZERO);
+            fill(planes, T::ZERO);
         }
+        // SAFETY: zero-filled at the first band.
+        let planes = unsafe { assume_init_mut(&mut *planes) };
         col2im_band_add(g, col, pitch, (r0, r1), planes);
     }
     true
@@ -809,7 +862,7 @@ fn filter_chunk<T: Elem>(
         if g.is_pointwise() && b == 1 {
             let xg = (group_planes(g, x, n0, grp), 1, ohw);
             let dyg = (&dyc[grp * og * ohw..][..og * ohw], ohw, 1);
-            matmul((og, kk, ohw), dwg, kk, true, dyg, xg, par);
+            matmul_add((og, kk, ohw), dwg, kk, dyg, xg, par);
             continue;
         }
         if b == 1 && simd::skinny_wgrad_applies::<T>(kk) && g.wo <= simd::WGRAD_BAND {
@@ -828,7 +881,7 @@ fn filter_chunk<T: Elem>(
             let pitch = rows * g.wo;
             for_col_bands(g, xg, (rows, pitch), |r0, cols, col| {
                 let dyg = (&dyc[grp * og * ohw + r0 * g.wo..], ohw, 1);
-                matmul((og, kk, cols), dwg, kk, true, dyg, (col, 1, pitch), par);
+                matmul_add((og, kk, cols), dwg, kk, dyg, (col, 1, pitch), par);
             });
             continue;
         }
@@ -845,11 +898,10 @@ fn filter_chunk<T: Elem>(
                 tmp
             };
             // colᵀ: element (f, kk) sits at col[kk·pitch + f].
-            matmul(
+            matmul_add(
                 (og, kk, pitch),
                 dwg,
                 kk,
-                true,
                 (dyg, pitch, 1),
                 (col, 1, pitch),
                 par,
@@ -920,9 +972,7 @@ pub fn backward_spread<T: Elem>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Option<
     if !backward_spread_applies::<T>(g) {
         return None;
     }
-    // SAFETY: every image's planes are written whole by `spread_dgrad` below (checked to
-    // apply; it writes the odd rows and columns too), and the weight gradient after them.
-    let mut out = unsafe { output_vec::<T>(g.n * chw + g.o * kk) };
+    let mut out = output_vec::<T>(g.n * chw + g.o * kk);
     let (dx, dw) = out.split_at_mut(g.n * chw);
     let parts = rayon::current_num_threads().clamp(1, g.n.max(1));
     let per = g.n.div_ceil(parts).max(1);
@@ -969,6 +1019,8 @@ pub fn backward_spread<T: Elem>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Option<
             dw
         })
         .collect();
-    dw.copy_from_slice(&sum_partials(partials));
-    Some(out)
+    write_slice(dw, &sum_partials(partials));
+    // SAFETY: every image's planes were written whole by `spread_dgrad` (checked to apply;
+    // it writes the odd rows and columns too), and the weight gradient after them.
+    Some(unsafe { assume_init(out) })
 }

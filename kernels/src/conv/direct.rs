@@ -22,17 +22,17 @@
 //! Two shapes bypass the polyphase layout: 3x3 stride-1 depthwise convolutions (and so their
 //! input gradients) run on `dw3.rs` straight from the unpadded planes, and stride-2 depthwise
 //! ones on the channel-blocked kernels of `blocked.rs`. On CPUs with AVX-512F the f32
-//! kernels of `simd.rs` that vectorise over pixels or over 16-channel blocks hand over to
-//! their 16-lane versions in `avx512.rs`.
+//! kernels of `simd/` that vectorise over pixels or over 16-channel blocks hand over to
+//! their 16-lane versions in `simd/avx512.rs`.
 
 use rayon::prelude::*;
 
-use super::scratch::output_vec;
-use super::{blocked, dw3, simd, Elem, Geom};
+use super::split::min_tasks;
+use super::{blocked, dw3, simd, Geom};
+use crate::elem::Elem;
+use std::mem::MaybeUninit;
 
-/// Multiply-adds below which a rayon task is not worth its scheduling (GDC 7x7 on a 7x7
-/// input has 49 per plane).
-const MIN_TASK_MACS: usize = 1 << 15;
+use crate::uninit::{assume_init, output_vec, Slot};
 
 /// Polyphase layout of one padded input plane (see the module comment).
 struct Poly {
@@ -103,7 +103,7 @@ impl Poly {
     }
 
     /// Reads the real (unpadded) pixels of a polyphase plane `src` back into `x` (`h·w`).
-    fn unpack<T: Elem>(&self, g: &Geom, src: &[T], x: &mut [T]) {
+    fn unpack<T: Elem>(&self, g: &Geom, src: &[T], x: &mut [MaybeUninit<T>]) {
         for (hi, row) in x.chunks_exact_mut(g.w).enumerate() {
             for (base, first, q0) in self.row_runs(g, hi) {
                 if self.s == 1 {
@@ -112,7 +112,7 @@ impl Poly {
                 }
                 let sv = &src[base + q0..];
                 for (v, &s) in row[first..].iter_mut().step_by(self.s).zip(sv) {
-                    *v = s;
+                    v.write(s);
                 }
             }
         }
@@ -150,28 +150,31 @@ fn two_mut<T>(v: &mut [T], a: usize, la: usize, b: usize, lb: usize) -> (&mut [T
 /// took 22 % of a 14x14 depthwise layer's time (perf). Overlapping fixed-size blocks cover
 /// the tail, so only rows under 4 elements copy element by element.
 #[inline(always)]
-fn copy_row<T: Copy>(dst: &mut [T], src: &[T]) {
+fn copy_row<T: Copy, S: Slot<T>>(dst: &mut [S], src: &[T]) {
     let n = dst.len();
     assert_eq!(n, src.len(), "copy_row: lengths differ");
-    fn block<T: Copy, const K: usize>(dst: &mut [T], src: &[T], at: usize) {
+    fn block<T: Copy, S: Slot<T>, const K: usize>(dst: &mut [S], src: &[T], at: usize) {
         let mut b = [src[at]; K];
         b.copy_from_slice(&src[at..at + K]);
-        dst[at..at + K].copy_from_slice(&b);
+        let d = &mut dst[at..at + K];
+        // SAFETY: `d` holds K slots of `T`'s layout (`Slot`'s contract) and does not overlap
+        // `b`; a copy of constant size, unlike a loop of `set`, is sure to stay inline.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), d.as_mut_ptr().cast::<T>(), K) };
     }
     match n {
-        0..4 => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v),
+        0..4 => dst.iter_mut().zip(src).for_each(|(d, &v)| d.set(v)),
         4..8 => {
-            block::<T, 4>(dst, src, 0);
-            block::<T, 4>(dst, src, n - 4);
+            block::<T, S, 4>(dst, src, 0);
+            block::<T, S, 4>(dst, src, n - 4);
         }
         _ => {
             let mut i = 0;
             while i + 8 <= n {
-                block::<T, 8>(dst, src, i);
+                block::<T, S, 8>(dst, src, i);
                 i += 8;
             }
             if i < n {
-                block::<T, 8>(dst, src, n - 8);
+                block::<T, S, 8>(dst, src, n - 8);
             }
         }
     }
@@ -185,19 +188,15 @@ fn spread<T: Elem>(g: &Geom, wq: usize, y: &[T], ext: &mut [T]) {
     }
 }
 
-/// Rayon's minimum number of tasks per split, so that a task has about `MIN_TASK_MACS` work.
-pub(super) fn min_tasks(macs_per_task: usize) -> usize {
-    (MIN_TASK_MACS / macs_per_task.max(1)).max(1)
-}
-
-/// Runs `body(n, group, out_block, scratch)` in parallel over `out` split into one block per
-/// (image, group) (`out.len() / (n·groups)` elements each), with `scratch` elements of
-/// per-thread scratch: the task split of the forward and input-gradient kernels.
+/// Runs `body(n, group, out_block, scratch)` in parallel over the unwritten output `out`
+/// split into one block per (image, group) (`out.len() / (n·groups)` elements each), with
+/// `scratch` elements of per-thread scratch: the task split of the forward and
+/// input-gradient kernels.
 fn per_image_group<T: Elem>(
     g: &Geom,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     scratch: usize,
-    body: impl Fn(usize, usize, &mut [T], &mut [T]) + Send + Sync,
+    body: impl Fn(usize, usize, &mut [MaybeUninit<T>], &mut [T]) + Send + Sync,
 ) {
     let macs = g.og() * g.cg() * g.kh * g.kw * g.out_hw();
     let block = out.len() / (g.n * g.groups);
@@ -234,8 +233,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
-    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
-    let mut y = unsafe { output_vec::<T>(g.n * g.o * g.out_hw()) };
+    let mut y = output_vec::<T>(g.n * g.o * g.out_hw());
     per_image_group(g, &mut y, cg * psize + og * poly.len, |n, grp, yg, scr| {
         let (xs, acc) = scr.split_at_mut(cg * psize);
         let x0 = (n * g.c + grp * cg) * g.in_hw();
@@ -262,7 +260,8 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             }
         }
     });
-    y
+    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
+    unsafe { assume_init(y) }
 }
 
 /// Zero-padded input planes (no polyphase split) with the output pixels and kernel taps as
@@ -313,8 +312,7 @@ fn forward_pixels<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let pd = Padded::new(g);
     let (cg, og, taps) = (g.cg(), g.og(), g.kh * g.kw);
     let wt = simd::pixel_weights(w, g.groups, og, cg, taps);
-    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
-    let mut y = unsafe { output_vec::<T>(g.n * g.o * g.out_hw()) };
+    let mut y = output_vec::<T>(g.n * g.o * g.out_hw());
     per_image_group(g, &mut y, cg * pd.psize, |n, grp, yg, xs| {
         let x0 = (n * g.c + grp * cg) * g.in_hw();
         pd.pack(g, &x[x0..x0 + cg * g.in_hw()], xs);
@@ -322,7 +320,8 @@ fn forward_pixels<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
         let wg = &wt[w0..w0 + og * cg * taps];
         simd::fwd_pixels(yg, &pd.pix, xs, pd.psize, &pd.off, wg);
     });
-    y
+    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
+    unsafe { assume_init(y) }
 }
 
 /// [`backward_filter`] on [`simd::wgrad_pixels`] (f32 on AVX2, 16-channel blocks of outputs
@@ -375,8 +374,7 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
     }
     let poly = Poly::new(g);
     let (cg, og, taps, psize) = (g.cg(), g.og(), g.kh * g.kw, poly.size());
-    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
-    let mut dx = unsafe { output_vec::<T>(g.n * g.c * g.in_hw()) };
+    let mut dx = output_vec::<T>(g.n * g.c * g.in_hw());
     per_image_group(g, &mut dx, cg * psize + poly.len, |n, grp, dxg, scr| {
         let (xs, ext) = scr.split_at_mut(cg * psize);
         xs.fill(T::ZERO);
@@ -398,7 +396,8 @@ pub fn backward_data<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
             poly.unpack(g, plane, dxp);
         }
     });
-    dx
+    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
+    unsafe { assume_init(dx) }
 }
 
 /// Input gradient for stride `s > 1` as a gather on the forward kernel, phase by phase.
@@ -461,8 +460,7 @@ fn backward_data_phases<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
         .flat_map(|r| (0..wq).map(move |q| r * pitch + q))
         .collect();
     let (len, opitch) = if fast { (hq * wq, wq) } else { (len, pitch) };
-    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
-    let mut dx = unsafe { output_vec::<T>(g.n * g.c * g.in_hw()) };
+    let mut dx = output_vec::<T>(g.n * g.c * g.in_hw());
     per_image_group(
         g,
         &mut dx,
@@ -506,14 +504,15 @@ fn backward_data_phases<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
                     }
                     for first in 0..s.min(g.w) {
                         for (d, &v) in row[first..].iter_mut().step_by(s).zip(run(first)) {
-                            *d = v;
+                            d.write(v);
                         }
                     }
                 }
             }
         },
     );
-    dx
+    // SAFETY: the tasks of `per_image_group` cover it and each writes its whole block.
+    unsafe { assume_init(dx) }
 }
 
 /// For stride 1 (and padding below the kernel size), the input gradient is itself a forward
@@ -615,7 +614,7 @@ pub fn backward_filter<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<T> {
 const FULL_IMAGES_PER_TASK: usize = 8;
 
 /// `[0, kk, 2·kk, ...]`: the offsets of a group's `og` weight rows, as "taps" of the
-/// multi-row kernels of `simd.rs`.
+/// multi-row kernels of `simd/`.
 fn row_offsets(og: usize, kk: usize) -> Vec<usize> {
     (0..og).map(|r| r * kk).collect()
 }

@@ -13,9 +13,11 @@
 
 use rayon::prelude::*;
 
-use super::scratch::output_vec;
-use super::simd::{as_f32, as_f32_mut, level, Level};
-use super::{direct, Elem, Geom};
+use super::simd::{as_f32, as_f32_slots, level, Level};
+use super::split::min_tasks;
+use super::Geom;
+use crate::elem::Elem;
+use crate::uninit::{assume_init, output_vec};
 
 /// Whether `g` is a convolution this kernel handles, for element type `T` on this CPU: f32 on
 /// AVX2 + FMA, depthwise with multiplier 1, 3x3, stride 1, padding 1, rows of at least one
@@ -29,9 +31,10 @@ pub fn applies<T: Elem>(g: &Geom) -> bool {
 /// Forward pass; the caller checked [`applies`].
 pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let hw = g.in_hw();
-    // SAFETY: `x86::plane` stores every row and every column of each plane.
-    let mut y = unsafe { output_vec::<T>(g.n * g.o * hw) };
-    let (Some(xf), Some(wf), Some(yf)) = (as_f32(x), as_f32(w), as_f32_mut(&mut y)) else {
+    let mut y = output_vec::<T>(g.n * g.o * hw);
+    // SAFETY: `x86::plane` writes only computed values.
+    let yf = unsafe { as_f32_slots::<T, _>(&mut y[..]) };
+    let (Some(xf), Some(wf), Some(yf)) = (as_f32(x), as_f32(w), yf) else {
         unreachable!("dw3::forward called for a type other than f32")
     };
     assert!(
@@ -41,7 +44,7 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     yf.par_chunks_mut(hw)
         .zip(xf.par_chunks(hw))
         .enumerate()
-        .with_min_len(direct::min_tasks(9 * hw))
+        .with_min_len(min_tasks(9 * hw))
         .for_each(|(p, (yp, xp))| {
             let c = p % g.c;
             let k: &[f32; 9] = wf[c * 9..c * 9 + 9]
@@ -53,21 +56,23 @@ pub fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
                 x86::plane(g.h, g.w, xp, k, yp);
             }
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("dw3 applies only on x86_64 ({xp:?} {k:?} {yp:?})");
+            unreachable!("dw3 applies only on x86_64 ({xp:?} {k:?} {})", yp.len());
         });
-    y
+    // SAFETY: `x86::plane` stores every row and every column of each plane.
+    unsafe { assume_init(y) }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// Output plane `y` from input plane `x` (both `h·w`, row-major) and 3x3 kernel `k`.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; `w >= 8`; `x.len() == y.len() == h·w`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn plane(h: usize, w: usize, x: &[f32], k: &[f32; 9], y: &mut [f32]) {
+    pub unsafe fn plane(h: usize, w: usize, x: &[f32], k: &[f32; 9], y: &mut [MaybeUninit<f32>]) {
         assert!(
             w >= 8 && x.len() == h * w && y.len() == h * w,
             "dw3 plane bounds"
@@ -103,7 +108,7 @@ mod x86 {
         w: usize,
         x: &[f32],
         kv: &[__m256; 9],
-        y: &mut [f32],
+        y: &mut [MaybeUninit<f32>],
         ho: usize,
         col: usize,
     ) {
@@ -131,7 +136,7 @@ mod x86 {
             if ho + r < h {
                 let sum = _mm256_add_ps(_mm256_add_ps(pr[0], pr[1]), pr[2]);
                 // SAFETY: row `ho + r < h`, columns `col .. col + 8 <= w`.
-                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add((ho + r) * w + col), sum) };
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add((ho + r) * w + col).cast(), sum) };
             }
         }
     }

@@ -30,14 +30,12 @@
 //! grouped convolutions as one batched GEMM over the groups (`taps.rs`), instead of candle's
 //! loop of one convolution per group.
 
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 mod blocked;
 mod dense;
 mod direct;
 mod dw3;
-mod scratch;
 mod simd;
+mod split;
 pub mod taps;
 #[cfg(test)]
 mod tests;
@@ -45,7 +43,7 @@ mod tests;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
-pub use scratch::Elem;
+pub use crate::elem::Elem;
 
 /// Widest group (input channels per group) that goes to the direct kernels rather than
 /// im2col + GEMM. At 8-16 channels per group the GEMM is too thin (M = 8-16 rows) to reach

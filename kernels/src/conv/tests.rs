@@ -540,14 +540,14 @@ fn add_assign_adds_exactly() {
             // SAFETY: AVX2 detected; the lengths are equal below.
             versions.push((
                 "avx2",
-                Box::new(|d, s| unsafe { simd::x86::add_assign_f32(d, s) }),
+                Box::new(|d, s| unsafe { simd::avx2::add_assign_f32(d, s) }),
             ));
         }
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F detected; the lengths are equal below.
             versions.push((
                 "avx512",
-                Box::new(|d, s| unsafe { super::avx512::add_assign_f32(d, s) }),
+                Box::new(|d, s| unsafe { simd::avx512::add_assign_f32(d, s) }),
             ));
         }
     }

@@ -12,6 +12,10 @@
 //! callers assert the bounds and check the CPU.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use super::shared::{fwd_multi_kernel, wgrad_pixels_driver, WGRAD_BAND};
+use crate::uninit::write_slice;
 
 /// The mask of the first `n` lanes of a vector (all 16 from `n = 16` on).
 #[inline(always)]
@@ -26,14 +30,14 @@ fn first_lanes(n: usize) -> __mmask16 {
 /// Output pixels per register block of the forward kernel (one accumulator each).
 const FP: usize = 12;
 
-/// [`super::simd::fwd_pixels`] for f32 on AVX-512F.
+/// [`super::fwd_pixels`] for f32 on AVX-512F.
 ///
 /// # Safety
 /// The CPU has AVX-512F; `out.len() / pix.len()` is a positive multiple of 16,
 /// `pix.len() >= 8`, and the bounds asserted by `fwd_pixels` hold.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn fwd_pixels_f32(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     pix: &[usize],
     planes: &[f32],
     psize: usize,
@@ -68,7 +72,7 @@ pub unsafe fn fwd_pixels_f32(
 #[inline]
 #[allow(clippy::too_many_arguments)]
 unsafe fn fwd_block<const P: usize>(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     np: usize,
     o0: usize,
     p0: usize,
@@ -106,13 +110,13 @@ unsafe fn fwd_block<const P: usize>(
     for c in 0..16 {
         let dst = &mut out[(o0 + c) * np + p0..][..P];
         for (d, row) in dst.iter_mut().zip(&tile) {
-            *d = row[c];
+            d.write(row[c]);
         }
     }
 }
 
-super::simd::wgrad_pixels_driver! {
-    /// [`super::simd::wgrad_pixels`] for f32 on AVX-512F.
+wgrad_pixels_driver! {
+    /// [`super::wgrad_pixels`] for f32 on AVX-512F.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `gt.len() / pix.len()` is a positive multiple of 16, and the
@@ -159,8 +163,8 @@ unsafe fn wgrad_block<const K: usize>(
     }
 }
 
-super::simd::fwd_multi_kernel! {
-    /// [`super::simd::fwd_multi`] for f32 on AVX-512F: blocks of up to 4 output channels × 64
+fwd_multi_kernel! {
+    /// [`super::fwd_multi`] for f32 on AVX-512F: blocks of up to 4 output channels × 64
     /// to 128 outputs (16 accumulators), then 16 outputs, then one last overlapping vector.
     ///
     /// # Safety
@@ -182,7 +186,7 @@ const SKINNY_STREAMS: usize = 16;
 /// across the passes over `b`'s rows.
 const SKINNY_BAND_TILES: usize = 42;
 
-/// [`super::simd::skinny_matmul`] for f32 on AVX-512F: tiles of `MT` rows of `c` × `V`
+/// [`super::skinny_matmul`] for f32 on AVX-512F: tiles of `MT` rows of `c` × `V`
 /// vectors of columns (8 × 3 or 9 × 2: 24 or 18 accumulators; at 9 × 3 LLVM no longer kept
 /// them in registers), all rows of a tile of columns in turn while that tile of `b` sits in
 /// L1. With `from_memory`, bands of columns take `b`'s rows [`SKINNY_STREAMS`] at a time,
@@ -200,7 +204,7 @@ pub unsafe fn skinny_matmul_f32<const MT: usize, const V: usize>(
     (m, n, k): (usize, usize, usize),
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, pitch): (&[f32], usize),
-    (c, c_rs): (&mut [f32], usize),
+    (c, c_rs): (&mut [MaybeUninit<f32>], usize),
     stream: bool,
     from_memory: bool,
     background: &[Region],
@@ -295,12 +299,14 @@ unsafe fn skinny_tile<const MT: usize, const V: usize>(
     (r0, p0): (usize, usize),
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, pitch): (&[f32], usize),
-    (c, c_rs): (&mut [f32], usize),
+    (c, c_rs): (&mut [MaybeUninit<f32>], usize),
     pass: Pass,
     mask: __mmask16,
     fetch: Option<usize>,
 ) {
-    let cp = c.as_mut_ptr();
+    // Passes after the first read back what the first one stored (`pass.add`), nothing
+    // unwritten.
+    let cp = c.as_mut_ptr().cast::<f32>();
     // SAFETY (loads and stores of c): c reaches (m - 1)·c_rs + n, r0 + r < m, and the last
     // vector's lanes past n are masked off.
     let at = |r: usize, v: usize| unsafe { cp.add((r0 + r) * c_rs + p0 + 16 * v) };
@@ -370,10 +376,10 @@ const WGRAD_RB: usize = 9;
 /// Channel blocks ahead whose output gradient [`skinny_wgrad_f32`] fetches.
 const WGRAD_FETCH_BLOCKS: usize = 2;
 
-/// [`super::simd::skinny_wgrad`] for f32 on AVX-512F with `KK` rows of columns (a multiple
+/// [`super::skinny_wgrad`] for f32 on AVX-512F with `KK` rows of columns (a multiple
 /// of [`WGRAD_RB`]), 16 positions per vector, in register tiles of [`WGRAD_OB`] output
 /// channels x [`WGRAD_RB`] rows: the column operands come from L1 at fixed offsets (rows
-/// [`super::simd::WGRAD_BAND`] apart; with a stride known only at run time LLVM kept the
+/// [`super::WGRAD_BAND`] apart; with a stride known only at run time LLVM kept the
 /// row addresses as one chain of dependent adds, or spilled them, and either halved the
 /// speed). Each tile's accumulators are added into `lanes`. Each channel block fetches the
 /// output gradient of the block [`WGRAD_FETCH_BLOCKS`] ahead, and with `fetch_next` the last
@@ -433,7 +439,7 @@ unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
     fetch: Option<usize>,
     lanes: &mut [f32],
 ) {
-    const W: usize = super::simd::WGRAD_BAND;
+    const W: usize = WGRAD_BAND;
     let (dp, bp, lp) = (dy.as_ptr(), band.as_ptr(), lanes.as_mut_ptr());
     let mut acc = [[_mm512_setzero_ps(); RB]; OB];
     let mut step = |p: usize, mask: __mmask16| {
@@ -474,7 +480,7 @@ unsafe fn wgrad_tile<const KK: usize, const OB: usize, const RB: usize>(
     }
 }
 
-/// [`super::simd::add_assign`] for f32 on AVX-512F: four vectors a step, the tail masked.
+/// [`super::add_assign`] for f32 on AVX-512F: four vectors a step, the tail masked.
 ///
 /// # Safety
 /// The CPU has AVX-512F; `dst.len() == src.len()`.
@@ -508,28 +514,28 @@ pub unsafe fn add_assign_f32(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// [`super::simd::stream_copy`] for f32 on AVX-512F: the 64-byte aligned lines of `dst`
+/// [`super::stream_copy`] for f32 on AVX-512F: the 64-byte aligned lines of `dst`
 /// stored non-temporally, the ends before and after them ordinarily.
 ///
 /// # Safety
 /// The CPU has AVX-512F; `src.len() == dst.len()`.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn stream_copy_f32(src: &[f32], dst: &mut [f32]) {
+pub unsafe fn stream_copy_f32(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     let n = dst.len();
     let head = dst.as_ptr().align_offset(64).min(n);
-    dst[..head].copy_from_slice(&src[..head]);
+    write_slice(&mut dst[..head], &src[..head]);
     let mut i = head;
     while i + 16 <= n {
         // SAFETY: i + 16 <= n = src.len() = dst.len(); dst + i is 64-byte aligned.
         unsafe {
             _mm512_stream_ps(
-                dst.as_mut_ptr().add(i),
+                dst.as_mut_ptr().add(i).cast(),
                 _mm512_loadu_ps(src.as_ptr().add(i)),
             )
         };
         i += 16;
     }
-    dst[i..].copy_from_slice(&src[i..]);
+    write_slice(&mut dst[i..], &src[i..]);
     _mm_sfence();
 }
 
@@ -710,7 +716,7 @@ pub unsafe fn spread_dgrad_f32(
     rows: usize,
     (w, w_cs): (&[f32], usize),
     dy: &[f32],
-    dx: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
     stream: bool,
     ahead: Option<usize>,
     background: &[Region],
@@ -724,7 +730,7 @@ pub unsafe fn spread_dgrad_f32(
     let tile = rows * wo;
     let mut bg = Background::new(background, ho.div_ceil(rows) * row_tiles * (og / 2));
     // One pointer for every store, the staged ones included, which outlive a tile's call.
-    let dp = dx.as_mut_ptr();
+    let dp = dx.as_mut_ptr().cast::<f32>();
     let mut staged = Staged {
         lines: [_mm512_setzero_ps(); SPREAD_OUT],
         at: [std::ptr::null_mut(); SPREAD_OUT],
