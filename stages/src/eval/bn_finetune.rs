@@ -18,11 +18,11 @@
 //! `include_input`. All random choices are functions of (seed, step, image slot).
 
 use super::verify::{verify, EvalResult};
+use super::EvalError;
 use crate::models::is_buffer;
 use crate::train::artifact::LoadedModel;
 use crate::train::embed::embed_all;
 use crate::train::trainer::{batch_tensor, epoch_order};
-use super::EvalError;
 use crate::train::FaceSource;
 use crate::util::rng::stream;
 use candle_core::{Device, Tensor};

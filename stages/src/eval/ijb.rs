@@ -11,11 +11,11 @@
 //! the folder itself.
 
 use super::verify::EvalResult;
+use super::EvalError;
 use crate::data::align::norm_crop;
 use crate::eval::metrics::{auc, eer, pair_scores_cosine, pool_templates, roc, tpr_at_fpr};
 use crate::train::artifact::LoadedModel;
 use crate::train::trainer::batch_tensor;
-use super::EvalError;
 use crate::train::{FaceSource, TrainError};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -57,8 +57,7 @@ fn bad(path: &Path, line: usize, msg: impl std::fmt::Display) -> EvalError {
 }
 
 fn lines(path: &Path) -> Result<Vec<(usize, Vec<String>)>, EvalError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| EvalError::file(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::file(path, e))?;
     Ok(text
         .lines()
         .enumerate()
@@ -79,8 +78,7 @@ fn num<T: std::str::FromStr>(
 
 /// The one file in `dir` whose name ends with `suffix`.
 fn find(dir: &Path, suffix: &str) -> Result<PathBuf, EvalError> {
-    let rd = std::fs::read_dir(dir)
-        .map_err(|e| EvalError::file(dir, e))?;
+    let rd = std::fs::read_dir(dir).map_err(|e| EvalError::file(dir, e))?;
     let mut found: Vec<PathBuf> = rd
         .flatten()
         .map(|e| e.path())

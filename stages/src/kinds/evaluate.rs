@@ -14,9 +14,7 @@
 use crate::data::PackedDataset;
 use crate::eval::ijb::{ijb_features, ijb_verify, read_protocol};
 use crate::eval::metrics::{error_vs_reject, pair_distances, IJB_FPRS};
-use crate::eval::verify::{
-    drop_lowest, erc_rejects, pair_quality, verify, EvalResult, ERC_FMRS,
-};
+use crate::eval::verify::{drop_lowest, erc_rejects, pair_quality, verify, EvalResult, ERC_FMRS};
 use crate::train::artifact::load_model;
 use crate::train::embed::embed_all;
 use crate::train::TrainError;

@@ -6,9 +6,9 @@ use crate::eval::quality::{
     bn_features, centre_cosines, load_centres, to_score, write_quality, QAA_FILE, QAA_MODEL,
     QUALITY,
 };
+use crate::eval::EvalError;
 use crate::kinds::with_threads;
 use crate::train::artifact::load_model;
-use crate::eval::EvalError;
 use crate::train::{FaceSource, TrainError};
 use fpipe_engine::{
     ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
@@ -64,7 +64,6 @@ fn gbt_from(p: &BTreeMap<String, Value>) -> Result<GbtParams, String> {
     }
     Ok(g)
 }
-
 
 fn rmse(pred: &[f64], y: &[f32]) -> f64 {
     let s: f64 = pred

@@ -10,10 +10,10 @@
 
 pub mod gbt;
 
+use super::EvalError;
 use crate::models::probe::record_bn_inputs;
 use crate::train::artifact::{LoadedModel, CENTRES};
 use crate::train::trainer::batch_tensor;
-use super::EvalError;
 use crate::train::FaceSource;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -30,11 +30,7 @@ pub const SCORES: &str = "quality.safetensors";
 pub const QAA_FILE: &str = "qaa.json";
 
 /// Writes `scores` (0..100) into a `quality` artifact directory with `meta` as quality.json.
-pub fn write_quality(
-    dir: &Path,
-    scores: &[f32],
-    meta: serde_json::Value,
-) -> Result<(), EvalError> {
+pub fn write_quality(dir: &Path, scores: &[f32], meta: serde_json::Value) -> Result<(), EvalError> {
     std::fs::create_dir_all(dir)?;
     let mut t = HashMap::new();
     t.insert(
