@@ -1,7 +1,7 @@
 //! Computing one stage: the key lock, the input check, the stage kind's `run` in staging
 //! folders, and publishing its outputs and action record.
 
-use super::scheduler::Ending;
+use super::ending::Ending;
 use super::{Engine, Event, Recomputed, Reporter, RunOptions};
 use crate::error::{EngineError, Result};
 use crate::keys::KeyParts;

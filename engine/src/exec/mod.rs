@@ -3,6 +3,7 @@
 //! computing one stage into the cache (`compute`).
 
 mod compute;
+mod ending;
 mod keys;
 mod scheduler;
 mod status;
