@@ -37,6 +37,9 @@ const JOBS: usize = 16;
 const PART: usize = 8 << 20;
 /// Parts of one multipart upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Multipart uploads at once (each holds about 5 parts in memory: one being read, one queued,
+/// one being filled, two in flight).
+const LARGE_AT_ONCE: usize = 4;
 
 /// Errors of a remote. Each names the remote object or URL it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -356,11 +359,24 @@ impl Remote {
                 want.push(*id);
             }
         }
-        let size: u64 = want.iter().map(|id| dir_size(&store.object_path(id))).sum();
-        progress.start("push", want.len() as u64, size);
+        let sizes: Vec<u64> = want
+            .iter()
+            .map(|id| dir_size(&store.object_path(id)))
+            .collect();
+        progress.start("push", want.len() as u64, sizes.iter().sum());
+        let large = tokio::sync::Semaphore::new(LARGE_AT_ONCE);
         let results: Vec<(ArtifactId, Result<u64>)> = self.rt.block_on(async {
-            futures::stream::iter(want.iter().copied())
-                .map(|id| async move { (id, self.upload(store, id, progress).await) })
+            futures::stream::iter(want.iter().copied().zip(sizes))
+                .map(|(id, size)| {
+                    let large = &large;
+                    async move {
+                        let _turn = match size >= PART as u64 {
+                            true => large.acquire().await.ok(),
+                            false => None,
+                        };
+                        (id, self.upload(store, id, progress).await)
+                    }
+                })
                 .buffer_unordered(JOBS)
                 .collect()
                 .await
@@ -435,7 +451,7 @@ impl Remote {
     ) -> Result<u64> {
         let path = self.object_path(&id);
         let dir = store.object_path(&id);
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::result::Result<Vec<u8>, PackError>>(2);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::result::Result<Vec<u8>, PackError>>(1);
         let reader = tokio::task::spawn_blocking(move || {
             let sent = pack::pack_tree::<PackError>(&dir, &id, PART, |chunk| {
                 // A closed channel means the upload failed; stop reading.

@@ -105,50 +105,28 @@ fn merge(total: &mut SyncReport, r: SyncReport) {
 /// Pulls what `plan` needs from `remote`: the records of the stages whose keys are known and
 /// not cached here, with their outputs, then again for the stages whose keys those outputs
 /// make known, until the remote has nothing more. Stages forced by `opts` are not looked up.
+/// A failed transfer ends it with the error (what completed is kept).
 pub(super) fn pull_for_plan(
     engine: &Engine,
     plan: &Plan,
     opts: &RunOptions,
     remote: &Remote,
     progress: &dyn Progress,
-) -> Result<SyncReport, fpipe_remote::RemoteError> {
+) -> Result<SyncReport> {
     let mut total = SyncReport::default();
     let mut tried: HashSet<String> = HashSet::new();
     loop {
-        let status = engine
-            .status(plan, opts)
-            .map_err(|e| fpipe_remote::RemoteError::Store {
-                url: plan.pipeline.file.display().to_string(),
-                message: e.to_string(),
-            })?;
-        let keys: Vec<String> = status
-            .iter()
+        let keys: Vec<String> = engine
+            .status(plan, opts)?
+            .into_iter()
             .filter(|s| s.will_run && !s.reason.starts_with("forced"))
-            .filter_map(|s| s.key.clone())
+            .filter_map(|s| s.key)
             .filter(|k| tried.insert(k.clone()))
             .collect();
         if keys.is_empty() {
             return Ok(total);
         }
-        let r = match remote.pull(&engine.store, Some(&keys), progress) {
-            Ok(r) => r,
-            Err(fpipe_remote::RemoteError::Incomplete {
-                failed,
-                total: t,
-                problems,
-                report,
-            }) => {
-                let mut report = *report;
-                merge(&mut total, std::mem::take(&mut report));
-                return Err(fpipe_remote::RemoteError::Incomplete {
-                    failed,
-                    total: t,
-                    problems,
-                    report: Box::new(total),
-                });
-            }
-            Err(e) => return Err(e),
-        };
+        let r = remote.pull(&engine.store, Some(&keys), progress)?;
         let added = r.actions_copied;
         merge(&mut total, r);
         if added == 0 {
@@ -166,23 +144,21 @@ pub(super) fn push(
 ) -> Result<ExitCode> {
     let remote = open_remote(url)?;
     let _lock = store.lock_shared()?;
+    let engine = Engine { store, registry };
     let (records, ids, what) = match &pipeline {
         Some(p) => {
-            let plan = load(p, &registry)?;
-            let engine = Engine { store, registry };
+            let plan = load(p, &engine.registry)?;
             let (records, ids) = current_state(&engine, &plan, &RunOptions::default())?;
-            let store = engine.store;
-            (records, ids, (store, format!("{}", p.file.display())))
+            (records, ids, p.file.display().to_string())
         }
-        None => {
-            let records = store.actions()?;
-            let ids = store.objects()?;
-            (records, ids, (store, "the whole cache".to_string()))
-        }
+        None => (
+            engine.store.actions()?,
+            engine.store.objects()?,
+            "the whole cache".to_string(),
+        ),
     };
-    let (store, what) = what;
     let bar = Bar::new();
-    let r = remote.push(&store, &ids, &records, &bar);
+    let r = remote.push(&engine.store, &ids, &records, &bar);
     bar.done();
     let r = r.with_context(|| format!("pushing {what} to {url}"))?;
     println!(
@@ -214,7 +190,7 @@ pub(super) fn pull(
             };
             pull_for_plan(&engine, plan, &RunOptions::default(), &remote, &bar)
         }
-        None => remote.pull(store, None, &bar),
+        None => remote.pull(store, None, &bar).map_err(anyhow::Error::from),
     };
     bar.done();
     let r = r.with_context(|| format!("pulling from {url}"))?;

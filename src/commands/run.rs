@@ -134,7 +134,7 @@ fn fetch_from_remote(
         Err(e) => say_err!(
             "warning: fetching from {}: {}\n  the stages it could not supply are computed here",
             remote.url(),
-            fpipe_engine::text::visible(&e.to_string(), true)
+            fpipe_engine::text::visible(&format!("{e:#}"), true)
         ),
     }
     Ok(())
