@@ -404,7 +404,7 @@ fn s3_push_pull_and_run_with_remote() {
 }
 
 #[test]
-fn s3_corrupted_object_is_named_and_a_repush_repairs_nothing_silently() {
+fn s3_corrupted_object_is_named_and_replacing_it_repairs_the_remote() {
     let Some(s3) = S3::start() else { return };
     let env = s3.env(None);
     let url = s3_url("c");
@@ -579,4 +579,60 @@ fn s3_two_pushes_of_the_same_artifacts_at_once() {
     let c = team(PIPE);
     let r = run_env(&c, &["run", "p.yaml", "--remote", &url], &s3.env(None)).ok();
     assert_eq!(r.counts(), (0, 3, 0), "{}", r.stderr);
+}
+
+// ---- a face-recognition pipeline with a training stage ------------------------------------
+
+/// synthetic faces -> train -> evaluate, small enough for a test.
+#[cfg(feature = "faces")]
+const FACES: &str = r#"stages:
+  faces:
+    uses: synthetic-faces
+    with: {identities: 20, images_per_identity: 6, image_size: 32, test_identities: 6, pairs: 60}
+  train:
+    uses: train
+    inputs: {dataset: faces.dataset}
+    with: {backbone: mobilefacenet, width: 0.125, input_size: 32, embedding_size: 32, epochs: 1, batch_size: 32}
+  evaluate:
+    uses: evaluate
+    inputs: {model: train.model, pairs: faces.pairs}
+"#;
+
+#[cfg(feature = "faces")]
+#[test]
+fn train_pipeline_through_s3_and_a_file_remote() {
+    let remote = tempfile::tempdir().unwrap();
+    let file = file_url(remote.path());
+    let a = team(FACES);
+    let r = a
+        .fpipe(&["run", "p.yaml", "--remote", &file, "--push"])
+        .ok();
+    assert_eq!(r.counts(), (3, 0, 0));
+    assert!(r.stderr.contains("3 action records"), "{}", r.stderr);
+    // The second team trains nothing: the model and its evaluation come from the remote.
+    let b = team(FACES);
+    let r = b.fpipe(&["run", "p.yaml", "--remote", &file]).ok();
+    assert_eq!(r.counts(), (0, 3, 0), "{}", r.stderr);
+    assert_eq!(local_objects(&a), local_objects(&b));
+    let show = |p: &Project| p.fpipe(&["show", "p.yaml", "--json"]).ok().stdout;
+    assert!(show(&b).contains("\"evaluate\""), "{}", show(&b));
+
+    let Some(s3) = S3::start() else { return };
+    let env = s3.env(None);
+    let url = s3_url("faces");
+    let r = run_env(&b, &["cache", "push", &url, "p.yaml"], &env).ok();
+    assert!(r.stdout.contains("3 action records"), "{}", r.stdout);
+    let c = team(FACES);
+    let r = run_env(
+        &c,
+        &[
+            "cache", "pull", &url, "p.yaml", "--check", "1", "--seed", "0",
+        ],
+        &env,
+    )
+    .ok();
+    assert!(r.stdout.contains("pull accepted"), "{}", r.stdout);
+    let r = run_env(&c, &["run", "p.yaml", "--remote", &url], &env).ok();
+    assert_eq!(r.counts(), (0, 3, 0), "{}", r.stderr);
+    assert_eq!(local_objects(&a), local_objects(&c));
 }
