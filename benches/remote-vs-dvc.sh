@@ -2,25 +2,35 @@
 # fpipe's remote cache against `dvc push`/`dvc pull`, same bytes, same local S3 server (moto),
 # side by side in one run: an artifact of many small files and one large file.
 #   benches/remote-vs-dvc.sh [SMALL_FILES [LARGE_MB]]     (default 10000 files of 1 KiB, 512 MB)
-# Installs DVC (with its S3 plugin) and moto into .venv-engine-peers/ on first use, as
-# benches/engine-peers.sh does. Results: docs/benchmarks.md.
+# Installs DVC (with its S3 plugin) into .venv-engine-peers/ on first use, as
+# benches/engine-peers.sh does, and moto into the system python3 when missing. Results: docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 N=${1:-10000}
 LARGE_MB=${2:-512}
-VENV=${VENV:-.venv-engine-peers}
-if [ ! -x "$VENV/bin/dvc" ] || ! "$VENV/bin/python" -c 'import dvc_s3, moto.server, flask_cors' 2>/dev/null; then
+VENV=${VENV:-$ROOT/.venv-engine-peers}
+# DVC's S3 plugin and moto pin conflicting botocore versions: moto runs from the system
+# python3 (as in .ci/run), DVC from the venv.
+if [ ! -x "$VENV/bin/dvc" ] || ! "$VENV/bin/python" -c 'import dvc_s3' 2>/dev/null; then
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q 'dvc[s3]==3.67.1' 'moto[server]>=5,<6'
+    "$VENV/bin/pip" install -q 'dvc[s3]==3.67.1'
 fi
-cargo build --release --locked --no-default-features
-FPIPE=$ROOT/target/release/fpipe
+python3 -c 'import moto.server, flask_cors' 2>/dev/null || python3 -m pip install -q 'moto[server]>=5,<6'
+
+# FPIPE_BIN: an fpipe already built (else a release build of the bare engine, which has the
+# `shell` kind these stages use).
+if [ -n "${FPIPE_BIN:-}" ]; then
+    FPIPE=$FPIPE_BIN
+else
+    cargo build --release --locked --no-default-features
+    FPIPE=${CARGO_TARGET_DIR:-$ROOT/target}/release/fpipe
+fi
 "$VENV/bin/dvc" --version | sed 's/^/dvc /'
 
 WORK=$(mktemp -d)
-PORT=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$VENV/bin/python" -m moto.server -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+python3 -m moto.server -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
 MOTO=$!
 trap 'kill $MOTO 2>/dev/null; rm -rf "$WORK"' EXIT
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT" && break; sleep 0.1; done
@@ -42,7 +52,7 @@ printf '%s\n' 'stages:' '  large:' '    uses: shell' \
 SMALL_DIR=$("$FPIPE" out small -f small.yaml)/small
 LARGE_FILE=$("$FPIPE" out large -f large.yaml)/large.bin
 
-DVC=$ROOT/$VENV/bin/dvc
+DVC=$VENV/bin/dvc
 mkdir -p "$WORK/dvc" && cd "$WORK/dvc"
 git init -q . && "$DVC" init -q
 "$DVC" remote add -q -d s3 s3://bench/dvc

@@ -623,15 +623,10 @@ fn train_pipeline_through_s3_and_a_file_remote() {
     let r = run_env(&b, &["cache", "push", &url, "p.yaml"], &env).ok();
     assert!(r.stdout.contains("3 action records"), "{}", r.stdout);
     let c = team(FACES);
-    let r = run_env(
-        &c,
-        &[
-            "cache", "pull", &url, "p.yaml", "--check", "1", "--seed", "0",
-        ],
-        &env,
-    )
-    .ok();
-    assert!(r.stdout.contains("pull accepted"), "{}", r.stdout);
+    // (No --check here: `train`'s report holds timings, so a recomputed train never
+    // matches its record bit for bit.)
+    let r = run_env(&c, &["cache", "pull", &url, "p.yaml"], &env).ok();
+    assert!(r.stdout.contains("3 action records"), "{}", r.stdout);
     let r = run_env(&c, &["run", "p.yaml", "--remote", &url], &env).ok();
     assert_eq!(r.counts(), (0, 3, 0), "{}", r.stderr);
     assert_eq!(local_objects(&a), local_objects(&c));
