@@ -117,6 +117,14 @@ pub struct RunArgs {
     /// Print a line for every cached stage too.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Remote cache (s3://BUCKET/PREFIX, gs://..., az://..., file:///PATH) to look each stage
+    /// up in before computing it; credentials and endpoints come from the environment
+    /// (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
+    #[arg(long, value_name = "URL", env = "FPIPE_REMOTE")]
+    pub remote: Option<String>,
+    /// After the run, upload to the remote what the pipeline's current state needs.
+    #[arg(long, requires = "remote")]
+    pub push: bool,
 }
 
 /// Arguments of `fpipe status`.
@@ -136,6 +144,9 @@ pub struct StatusArgs {
 pub struct ValidateArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    /// The remote cache a run would use (shown, not contacted).
+    #[arg(long, value_name = "URL", env = "FPIPE_REMOTE")]
+    pub remote: Option<String>,
 }
 
 /// Arguments of `fpipe dag`.
@@ -192,6 +203,13 @@ pub struct GcArgs {
     pub keep_runs: usize,
     #[arg(long)]
     pub dry_run: bool,
+    /// Collect garbage on this remote cache instead: remove the remote artifacts that nothing
+    /// this cache keeps references, and the records naming them. A dry run unless --yes.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// With --remote: really remove (after a dry run showed what goes).
+    #[arg(long, requires = "remote")]
+    pub yes: bool,
 }
 
 /// Arguments of `fpipe cache`.
@@ -216,34 +234,62 @@ pub enum CacheCommand {
         #[arg(long)]
         repair: bool,
     },
-    /// Copy this cache's entries into another cache directory (verified on arrival).
-    Push { dir: PathBuf },
+    /// Copy this cache's entries to a remote cache URL or into another cache directory.
+    ///
+    /// To a URL (s3://BUCKET/PREFIX, gs://..., az://..., file:///PATH): the artifacts and
+    /// action records FILE's current state needs (everything with --all or no FILE), only
+    /// what the remote lacks. To a directory: everything, verified on arrival.
+    Push {
+        /// Remote URL, or a cache directory.
+        dest: String,
+        /// Push what this pipeline's current state needs (its cache: --cache, else the
+        /// pipeline's `.fpipe/`).
+        #[arg(conflicts_with = "all")]
+        file: Option<PathBuf>,
+        /// Push everything in the cache.
+        #[arg(long)]
+        all: bool,
+        /// Override a parameter of FILE: -p key=value.
+        #[arg(
+            short = 'p',
+            long = "param",
+            value_name = "KEY=VALUE",
+            requires = "file"
+        )]
+        params: Vec<String>,
+        /// Parameter file(s) for FILE.
+        #[arg(long = "params", value_name = "FILE", requires = "file")]
+        params_files: Vec<PathBuf>,
+    },
     /// Copy another cache's entries into this one (verified on arrival).
     ///
     /// Artifacts are checked against their hashes, but an action record is trusted like code
     /// you run: it says which result a stage key has. `--check N --pipeline FILE` recomputes N
     /// stages of FILE whose cached results came from this pull and refuses the pull (removes
     /// every record it added, exits 1) if any result differs.
+    ///
+    /// From a remote URL, every artifact is rehashed before it is stored, and each record
+    /// pulled says where it came from (`pulled_from` URL, shown by `status` and `cache verify`).
+    #[command(group(clap::ArgGroup::new("the_pipeline").args(["file", "pipeline"])))]
     Pull {
-        dir: PathBuf,
+        /// Remote URL, or a cache directory.
+        src: String,
+        /// From a remote URL: pull only what this pipeline needs (the records of its stages'
+        /// keys, then of the keys their outputs make known), into its cache.
+        file: Option<PathBuf>,
         /// Recompute this many pulled stages of the pipeline (chosen at random, reproducibly
-        /// with --seed) and refuse the pull on any mismatch.
-        #[arg(long, value_name = "N", requires = "pipeline")]
+        /// with --seed) and refuse the pull on any mismatch. Needs FILE or --pipeline.
+        #[arg(long, value_name = "N", requires = "the_pipeline")]
         check: Option<usize>,
         /// The pipeline whose stages --check recomputes (its cache: --cache, else the
         /// pipeline's `.fpipe/`).
-        #[arg(long, value_name = "FILE", requires = "check")]
+        #[arg(long, value_name = "FILE", requires = "check", conflicts_with = "file")]
         pipeline: Option<PathBuf>,
-        /// Override a parameter of --pipeline: -p key=value.
-        #[arg(
-            short = 'p',
-            long = "param",
-            value_name = "KEY=VALUE",
-            requires = "pipeline"
-        )]
+        /// Override a parameter of the pipeline: -p key=value.
+        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
         params: Vec<String>,
-        /// Parameter file(s) for --pipeline.
-        #[arg(long = "params", value_name = "FILE", requires = "pipeline")]
+        /// Parameter file(s) for the pipeline.
+        #[arg(long = "params", value_name = "FILE")]
         params_files: Vec<PathBuf>,
         /// Seed of the choice of stages to recompute (default: random, printed).
         #[arg(long, requires = "check")]
@@ -273,7 +319,7 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run(_)) {
+    if !matches!(cli.command, Command::Run(_)) && !uses_network(&cli.command) {
         // A command whose output is piped into `head` ends quietly when the reader goes
         // away, as other Unix tools do, instead of panicking on the broken pipe. `run`
         // keeps going instead (see `say!`): its stages must finish and be recorded.
@@ -298,6 +344,18 @@ fn main() -> ExitCode {
             }
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
+    }
+}
+
+/// Whether the command talks to a remote cache: a connection the server closes must be an
+/// error of that request (EPIPE), not a SIGPIPE that kills fpipe half way through a transfer.
+fn uses_network(c: &Command) -> bool {
+    match c {
+        Command::Cache(CacheArgs {
+            command: CacheCommand::Push { dest: url, .. } | CacheCommand::Pull { src: url, .. },
+        }) => fpipe_remote::is_url(url),
+        Command::Gc(g) => g.remote.is_some(),
+        _ => false,
     }
 }
 

@@ -250,11 +250,26 @@ impl ArtifactStore {
 
     /// Hashes the staged tree and publishes it under its id by one rename. If the id already
     /// exists (same bytes computed before), the staged copy is discarded.
-    pub fn commit(&self, mut staging: Staging) -> Result<ArtifactId> {
+    pub fn commit(&self, staging: Staging) -> Result<ArtifactId> {
+        let (id, _) = tree_id(&staging.path)?;
+        self.commit_as(staging, &id)?;
+        Ok(id)
+    }
+
+    /// Like [`Self::commit`], for a tree that must be artifact `expected` (one copied from
+    /// elsewhere): hashes it once and publishes it only when the hash matches, else refuses
+    /// with [`CacheError::HashMismatch`] and discards it.
+    pub fn commit_as(&self, mut staging: Staging, expected: &ArtifactId) -> Result<()> {
         let (id, entries) = tree_id(&staging.path)?;
+        if id != *expected {
+            return Err(CacheError::HashMismatch {
+                expected: expected.to_hex(),
+                actual: id.to_hex(),
+            });
+        }
         let dest = self.object_path(&id);
         if dest.is_dir() {
-            return Ok(id); // drop removes the duplicate
+            return Ok(());
         }
         make_read_only(&staging.path)?;
         let parent = dest.parent().unwrap_or(&self.root);
@@ -263,10 +278,9 @@ impl ArtifactStore {
             Ok(()) => {
                 staging.armed = false;
                 self.write_fingerprint(&id, &entries);
-                Ok(id)
+                Ok(())
             }
-            // Another process published the same id between our check and our rename.
-            Err(_) if dest.is_dir() => Ok(id),
+            Err(_) if dest.is_dir() => Ok(()),
             Err(e) => Err(io_err(&dest)(e)),
         }
     }
@@ -661,9 +675,17 @@ pub fn iso8601(unix: f64) -> String {
     )
 }
 
+impl ActionRecord {
+    /// This record with `meta.origin = {how: from, "at": at}` stamped on it (`how` is
+    /// `pulled_from` or `pushed_from`), keeping an earlier origin under `earlier`.
+    pub fn with_origin(self, how: &str, from: &str, at: &str) -> ActionRecord {
+        with_origin(self, how, from, at)
+    }
+}
+
 /// Stamps `meta.origin` on a copied record, keeping an earlier origin under `earlier`.
-fn with_origin(mut rec: ActionRecord, how: &str, from: &Path, at: &str) -> ActionRecord {
-    let mut origin = serde_json::json!({ how: from.to_string_lossy(), "at": at });
+fn with_origin(mut rec: ActionRecord, how: &str, from: &str, at: &str) -> ActionRecord {
+    let mut origin = serde_json::json!({ how: from, "at": at });
     if let Some(earlier) = rec.meta.get("origin") {
         origin["earlier"] = earlier.clone();
     }
@@ -695,21 +717,14 @@ fn sync(
         let staging = dst.staging()?;
         let from = src.object_path(&id);
         report.bytes_copied += copy_tree(&from, staging.path())?;
-        let (actual, _) = tree_id(staging.path())?;
-        if actual != id {
-            return Err(CacheError::HashMismatch {
-                expected: id.to_hex(),
-                actual: actual.to_hex(),
-            });
-        }
-        dst.commit(staging)?;
+        dst.commit_as(staging, &id)?;
         report.objects_copied += 1;
     }
     let at = iso8601(now_unix());
     for rec in src.actions()? {
         if rec.outputs.values().all(|id| dst.contains(id)) && dst.action(&rec.key)?.is_none() {
             let key = rec.key.clone();
-            dst.put_action(&with_origin(rec, how, src.root(), &at))?;
+            dst.put_action(&with_origin(rec, how, &src.root().to_string_lossy(), &at))?;
             report.actions_copied += 1;
             report.actions_added.push(key);
         }

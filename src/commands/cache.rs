@@ -4,13 +4,23 @@ use super::*;
 
 /// `fpipe gc`: removes artifacts that no pipeline state or recent run record keeps.
 pub fn gc(cache: &Option<PathBuf>, args: GcArgs) -> Result<ExitCode> {
-    let GcArgs { keep_runs, dry_run } = args;
+    let GcArgs {
+        keep_runs,
+        dry_run,
+        remote,
+        yes,
+    } = args;
     let store = open_store(&cache_dir(cache, None))?;
-    let Some(_lock) = store.try_lock_exclusive()? else {
-        bail!(
-            "a run is using the cache {}; try gc again when it has finished",
-            store.root().display()
-        );
+    // A remote gc only reads this cache; a local one needs it alone.
+    let _lock = match remote {
+        Some(_) => store.lock_shared()?,
+        None => match store.try_lock_exclusive()? {
+            Some(l) => l,
+            None => bail!(
+                "a run is using the cache {}; try gc again when it has finished",
+                store.root().display()
+            ),
+        },
     };
     let mut keep: HashSet<ArtifactId> = HashSet::new();
     for st in PipelineState::all(&store) {
@@ -23,6 +33,14 @@ pub fn gc(cache: &Option<PathBuf>, args: GcArgs) -> Result<ExitCode> {
         for s in &r.stages {
             keep.extend(s.outputs.values().copied());
         }
+    }
+    if let Some(url) = remote {
+        if dry_run && yes {
+            bail!(
+                "--dry-run and --yes contradict each other; a remote gc is a dry run without --yes"
+            );
+        }
+        return super::remote::gc(&keep, &url, yes);
     }
     let report = store.gc(&keep, dry_run)?;
     let verb = if dry_run { "would remove" } else { "removed" };
@@ -40,9 +58,11 @@ pub fn gc(cache: &Option<PathBuf>, args: GcArgs) -> Result<ExitCode> {
 /// `fpipe cache verify|push|pull`.
 pub fn cache(cache: &Option<PathBuf>, registry: Registry, args: CacheArgs) -> Result<ExitCode> {
     let CacheArgs { command } = args;
-    // `pull --check --pipeline FILE` works on FILE's cache, like `run FILE`.
+    // `pull --check --pipeline FILE`, `push|pull URL FILE` work on FILE's cache, like
+    // `run FILE`.
     let file = match &command {
-        CacheCommand::Pull { pipeline, .. } => pipeline.clone(),
+        CacheCommand::Pull { pipeline, file, .. } => pipeline.clone().or(file.clone()),
+        CacheCommand::Push { file, .. } => file.clone(),
         _ => None,
     };
     let store = open_store(&cache_dir(cache, file.as_deref()))?;
@@ -80,7 +100,25 @@ pub fn cache(cache: &Option<PathBuf>, registry: Registry, args: CacheArgs) -> Re
                 ExitCode::from(1)
             })
         }
-        CacheCommand::Push { dir } => {
+        CacheCommand::Push {
+            dest,
+            file,
+            all: _,
+            params,
+            params_files,
+        } => {
+            if fpipe_remote::is_url(&dest) {
+                let pipeline = file.map(|file| PipelineArgs {
+                    file,
+                    params,
+                    params_files,
+                });
+                return super::remote::push(store, registry, &dest, pipeline);
+            }
+            if file.is_some() {
+                bail!("{dest} is a cache folder: a push to a folder copies the whole cache; a pipeline FILE chooses what to push only to a remote URL ({})", fpipe_remote::SCHEMES);
+            }
+            let dir = PathBuf::from(dest);
             let _lock = store.lock_shared()?;
             let other = open_store(&dir)?;
             let r = store.push(&other, None)?;
@@ -95,13 +133,58 @@ pub fn cache(cache: &Option<PathBuf>, registry: Registry, args: CacheArgs) -> Re
             Ok(ExitCode::SUCCESS)
         }
         CacheCommand::Pull {
-            dir,
+            src,
+            file,
             check,
             pipeline,
             params,
             params_files,
             seed,
         } => {
+            let remote = fpipe_remote::is_url(&src);
+            if file.is_some() && !remote {
+                bail!("{src} is a cache folder: a pull from a folder copies the whole cache; a pipeline FILE chooses what to pull only from a remote URL ({})", fpipe_remote::SCHEMES);
+            }
+            let pipeline = pipeline.or(file.clone());
+            if pipeline.is_none() && !(params.is_empty() && params_files.is_empty()) {
+                bail!("-p/--params override a pipeline's parameters: give the pipeline FILE too");
+            }
+            if remote {
+                let plan = match &pipeline {
+                    Some(file) => Some(crate::budget::while_loading(|| {
+                        fpipe_engine::load_plan(
+                            file,
+                            &Overrides {
+                                files: params_files.clone(),
+                                pairs: params.clone(),
+                            },
+                            &registry,
+                        )
+                    })?),
+                    None => None,
+                };
+                // Only FILE's needs when FILE was given as what to pull.
+                let needs = if file.is_some() { plan.as_ref() } else { None };
+                let _lock = match check {
+                    Some(_) => match store.try_lock_exclusive()? {
+                        Some(l) => l,
+                        None => bail!(
+                            "a run is using the cache {}; a checked pull needs it alone, try again when the run has finished",
+                            store.root().display()
+                        ),
+                    },
+                    None => store.lock_shared()?,
+                };
+                let r = super::remote::pull(&store, &registry, &src, needs)?;
+                return match (check, plan, pipeline) {
+                    (Some(n), Some(plan), Some(file)) => {
+                        let engine = Engine { store, registry };
+                        check_pull(&engine, &plan, &file, &r.actions_added, n, seed)
+                    }
+                    _ => Ok(ExitCode::SUCCESS),
+                };
+            }
+            let dir = PathBuf::from(src);
             if !dir.join("objects").is_dir() {
                 bail!(
                     "{} is not an fpipe cache (no objects/ folder)",

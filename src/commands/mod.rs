@@ -2,6 +2,7 @@
 
 mod artifacts;
 mod cache;
+mod remote;
 mod run;
 mod stages;
 mod validate;
@@ -11,7 +12,7 @@ use crate::{
     RunArgs, ShowArgs, StagesArgs, StatusArgs, ValidateArgs,
 };
 use anyhow::{anyhow, bail, Context, Result};
-use fpipe_cache::{ArtifactId, ArtifactStore};
+use fpipe_cache::{ActionRecord, ArtifactId, ArtifactStore};
 use fpipe_engine::records::{PipelineState, RunRecord, StageState};
 use fpipe_engine::{Engine, Overrides, Plan, Registry, Reporter, RunOptions};
 use std::collections::{BTreeMap, BTreeSet, HashSet};

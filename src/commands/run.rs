@@ -14,6 +14,8 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
         gpus,
         device,
         verbose,
+        remote,
+        push,
     } = args;
     let plan = load(&pipeline, &registry)?;
     let store = open_store(&cache_dir(cache, Some(&pipeline.file)))?;
@@ -33,6 +35,13 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
     if dry_run {
         print_status(&engine.status(&plan, &opts)?, false);
         return Ok(ExitCode::SUCCESS);
+    }
+    let remote = match &remote {
+        Some(url) => Some(super::remote::open_remote(url)?),
+        None => None,
+    };
+    if let Some(remote) = &remote {
+        fetch_from_remote(&engine, &plan, &opts, remote)?;
     }
     let c = cancel.clone();
     let _ = ctrlc::set_handler(move || {
@@ -66,6 +75,30 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
         );
     }
     say!("{}", summary.line());
+    if let (Some(remote), true, false) = (&remote, push, summary.interrupted) {
+        let _lock = engine.store.lock_shared()?;
+        let (records, ids) = super::remote::current_state(&engine, &plan, &opts)?;
+        let bar = super::remote::Bar::new();
+        let r = remote.push(&engine.store, &ids, &records, &bar);
+        bar.done();
+        let r = r.with_context(|| {
+            format!(
+                "the run is done and cached here, but pushing its results to {} failed; `fpipe cache push {} {}` retries",
+                remote.url(),
+                remote.url(),
+                pipeline.file.display()
+            )
+        })?;
+        // On stderr: the summary stays the last line on stdout.
+        say_err!(
+            "pushed {} artifacts ({:.1} MB) and {} action records to {}; {} artifacts already there",
+            r.objects_copied,
+            r.bytes_copied as f64 / 1e6,
+            r.actions_copied,
+            remote.url(),
+            r.objects_present
+        );
+    }
     Ok(if summary.interrupted {
         ExitCode::from(130)
     } else if summary.failed > 0 {
@@ -73,6 +106,38 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Before a run with `--remote`: fetches from the remote the results of the stages whose keys
+/// are known and not cached here (repeatedly, as fetched outputs make more keys known). A
+/// remote that cannot be reached, or an object that fails its check, is a warning: those
+/// stages are computed here instead.
+fn fetch_from_remote(
+    engine: &Engine,
+    plan: &Plan,
+    opts: &RunOptions,
+    remote: &fpipe_remote::Remote,
+) -> Result<()> {
+    let _lock = engine.store.lock_shared()?;
+    let bar = super::remote::Bar::new();
+    let r = super::remote::pull_for_plan(engine, plan, opts, remote, &bar);
+    bar.done();
+    match r {
+        Ok(r) if r.actions_copied > 0 => say_err!(
+            "fetched the results of {} stage(s) ({} artifacts, {:.1} MB) from {}",
+            r.actions_copied,
+            r.objects_copied,
+            r.bytes_copied as f64 / 1e6,
+            remote.url()
+        ),
+        Ok(_) => {}
+        Err(e) => say_err!(
+            "warning: fetching from {}: {}\n  the stages it could not supply are computed here",
+            remote.url(),
+            fpipe_engine::text::visible(&format!("{e:#}"), true)
+        ),
+    }
+    Ok(())
 }
 
 /// `fpipe status`: what `run` would do and why.

@@ -4,9 +4,20 @@ use super::*;
 
 /// `fpipe validate`: plans the pipeline and shows everything it would run.
 pub fn validate(registry: Registry, args: ValidateArgs) -> Result<ExitCode> {
-    let ValidateArgs { pipeline } = args;
+    let ValidateArgs { pipeline, remote } = args;
     let plan = load(&pipeline, &registry)?;
     print!("{}", validation_report(&pipeline.file, &plan));
+    match remote {
+        Some(url) => {
+            // Checked, not contacted: a bad URL is an error here, before any run.
+            super::remote::open_remote(&url)?;
+            println!(
+                "remote cache a run would use: {}",
+                fpipe_engine::text::visible_line(&fpipe_remote::Remote::describe(&url))
+            );
+        }
+        None => println!("remote cache: none (--remote URL or FPIPE_REMOTE sets one)"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -31,7 +31,8 @@ impl Project {
         let mut c = Command::new(env!("CARGO_BIN_EXE_fpipe"));
         c.args(args)
             .current_dir(self.path())
-            .env_remove("FPIPE_CACHE");
+            .env_remove("FPIPE_CACHE")
+            .env_remove("FPIPE_REMOTE");
         c
     }
 }
