@@ -1,6 +1,7 @@
 //! The `bn-finetune` stage kind: parameters, reading its inputs and writing the snapshot
 //! report around [`crate::eval::bn_finetune`].
 
+use super::params::kind_params;
 use super::with_threads;
 use crate::data::PackedDataset;
 use crate::eval::bn_finetune::{
@@ -9,141 +10,66 @@ use crate::eval::bn_finetune::{
 use crate::train::artifact::{save_model, CENTRES};
 use crate::train::{FaceSource, TrainError};
 use crate::util::png::{Canvas, Series};
-use fpipe_engine::{
-    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
-};
+use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 const MIXES: &[&str] = &["none", "blur", "noise", "out-of-domain"];
 const SELECTS: &[&str] = &["auc", "accuracy", "tpr"];
 
-fn params() -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::with_default(
-            "mix",
-            ParamType::Enum(MIXES),
-            json!("none"),
-            "what is mixed into the batches",
-        ),
-        ParamSpec::with_default(
-            "fraction",
-            ParamType::Float,
-            json!(0.05),
-            "blur/out-of-domain: probability per image; noise: extra tensors per batch image",
-        ),
-        ParamSpec::with_default(
-            "sigma_min",
-            ParamType::Float,
-            json!(3.0),
-            "blur: smallest σ, pixels at 112x112 (scaled by image side/112)",
-        ),
-        ParamSpec::with_default(
-            "sigma_max",
-            ParamType::Float,
-            json!(5.0),
-            "blur: largest σ, pixels at 112x112",
-        ),
-        ParamSpec::with_default(
-            "epochs",
-            ParamType::Float,
-            json!(1.0),
-            "passes over the data set (unless steps > 0)",
-        ),
-        ParamSpec::with_default(
-            "steps",
-            ParamType::Int,
-            json!(0),
-            "batches (overrides epochs)",
-        ),
-        ParamSpec::with_default("batch_size", ParamType::Int, json!(64), "images per batch"),
-        ParamSpec::with_default(
-            "snapshot_every",
-            ParamType::Int,
-            json!(10),
-            "evaluate a snapshot every N steps (and after the last)",
-        ),
-        ParamSpec::with_default(
-            "select",
-            ParamType::Enum(SELECTS),
-            json!("auc"),
-            "snapshot ranking on the held-out pairs",
-        ),
-        ParamSpec::with_default(
-            "select_fpr",
-            ParamType::Float,
-            json!(1e-2),
-            "select tpr: the FPR",
-        ),
-        ParamSpec::with_default(
-            "include_input",
-            ParamType::Bool,
-            json!(false),
-            "the input model (step 0) may win the selection",
-        ),
-        ParamSpec::with_default(
-            "fprs",
-            ParamType::List(Box::new(ParamType::Float)),
-            json!([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]),
-            "FPR targets reported (those below 1 / impostor pairs are dropped)",
-        ),
-        ParamSpec::with_default(
-            "flip",
-            ParamType::Bool,
-            json!(true),
-            "random horizontal flip",
-        ),
-        ParamSpec::with_default(
-            "seed",
-            ParamType::Int,
-            json!(0),
-            "seed of order, flips and mixing",
-        ),
-        ParamSpec::with_default(
-            "eval_batch_size",
-            ParamType::Int,
-            json!(64),
-            "images per forward pass when evaluating",
-        )
-        .volatile(),
-    ]
+kind_params! {
+    /// Parameters of `bn-finetune`.
+    pub struct BnFinetuneParams {
+        mix: String = Enum(MIXES), default "none", "what is mixed into the batches";
+        fraction: f64 = Float, default 0.05,
+            "blur/out-of-domain: probability per image; noise: extra tensors per batch image";
+        sigma_min: f64 = Float, default 3.0,
+            "blur: smallest σ, pixels at 112x112 (scaled by image side/112)";
+        sigma_max: f64 = Float, default 5.0, "blur: largest σ, pixels at 112x112";
+        epochs: f64 = Float, default 1.0, "passes over the data set (unless steps > 0)";
+        steps: i64 = Int, default 0, "batches (overrides epochs)";
+        batch_size: i64 = Int, default 64, "images per batch";
+        snapshot_every: i64 = Int, default 10,
+            "evaluate a snapshot every N steps (and after the last)";
+        select: String = Enum(SELECTS), default "auc", "snapshot ranking on the held-out pairs";
+        select_fpr: f64 = Float, default 1e-2, "select tpr: the FPR";
+        include_input: bool = Bool, default false,
+            "the input model (step 0) may win the selection";
+        fprs: Vec<f64> = List(Box::new(Float)), default [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+            "FPR targets reported (those below 1 / impostor pairs are dropped)";
+        flip: bool = Bool, default true, "random horizontal flip";
+        seed: i64 = Int, default 0, "seed of order, flips and mixing";
+        eval_batch_size: i64 = Int, default 64, volatile,
+            "images per forward pass when evaluating";
+    }
 }
 
-fn check(p: &BTreeMap<String, Value>) -> Result<(), String> {
-    let f = |k: &str| p.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-    let i = |k: &str| p.get(k).and_then(Value::as_i64).unwrap_or(0);
-    let fraction = f("fraction");
-    if !(fraction > 0.0 && fraction <= 0.5) {
-        return Err(format!("fraction {fraction} must lie in (0, 0.5]"));
+impl BnFinetuneParams {
+    fn check(&self) -> Result<(), String> {
+        let fraction = self.fraction;
+        if !(fraction > 0.0 && fraction <= 0.5) {
+            return Err(format!("fraction {fraction} must lie in (0, 0.5]"));
+        }
+        if !(self.sigma_min > 0.0 && self.sigma_max >= self.sigma_min && self.sigma_max <= 50.0) {
+            return Err("need 0 < sigma_min <= sigma_max <= 50".into());
+        }
+        if self.batch_size < 2 {
+            return Err("batch_size must be at least 2 (BatchNorm)".into());
+        }
+        if self.snapshot_every < 1 {
+            return Err("snapshot_every must be at least 1".into());
+        }
+        if self.epochs <= 0.0 && self.steps <= 0 {
+            return Err("give epochs > 0 or steps > 0".into());
+        }
+        if self.fprs.is_empty() || self.fprs.iter().any(|&x| !(x > 0.0 && x < 1.0)) {
+            return Err("fprs must be a non-empty list of rates in (0, 1)".into());
+        }
+        if !(self.select_fpr > 0.0 && self.select_fpr < 1.0) {
+            return Err("select_fpr must lie in (0, 1)".into());
+        }
+        Ok(())
     }
-    if !(f("sigma_min") > 0.0 && f("sigma_max") >= f("sigma_min") && f("sigma_max") <= 50.0) {
-        return Err("need 0 < sigma_min <= sigma_max <= 50".into());
-    }
-    if i("batch_size") < 2 {
-        return Err("batch_size must be at least 2 (BatchNorm)".into());
-    }
-    if i("snapshot_every") < 1 {
-        return Err("snapshot_every must be at least 1".into());
-    }
-    if f("epochs") <= 0.0 && i("steps") <= 0 {
-        return Err("give epochs > 0 or steps > 0".into());
-    }
-    let fprs = p
-        .get("fprs")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    if fprs.is_empty()
-        || fprs
-            .iter()
-            .any(|v| !v.as_f64().is_some_and(|x| x > 0.0 && x < 1.0))
-    {
-        return Err("fprs must be a non-empty list of rates in (0, 1)".into());
-    }
-    if !(f("select_fpr") > 0.0 && f("select_fpr") < 1.0) {
-        return Err("select_fpr must lie in (0, 1)".into());
-    }
-    Ok(())
 }
 
 /// The `bn-finetune` stage kind.
@@ -179,13 +105,14 @@ impl Stage for BnFinetuneStage {
                 ),
                 PortSpec::new("report", "report", "snapshots.csv/png and summary.json"),
             ],
-            params: params(),
+            params: BnFinetuneParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        check(p)
+        BnFinetuneParams::from_params(p)?.check()
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let p = BnFinetuneParams::from_params(&ctx.params).map_err(StageError::msg)?;
         let dev = super::device(ctx)?;
         let model_dir = ctx.input("model")?.to_path_buf();
         let model = crate::train::artifact::load_model(&model_dir, &dev)?;
@@ -199,51 +126,45 @@ impl Stage for BnFinetuneStage {
             Some(d) => Some(PackedDataset::open(d).map_err(TrainError::from)?),
             None => None,
         };
-        let fraction = ctx.param_f64("fraction")?;
-        let mix = match ctx.param_str("mix")? {
+        let fraction = p.fraction;
+        let mix = match p.mix.as_str() {
             "blur" => Mix::Blur {
                 fraction,
-                sigma: (ctx.param_f64("sigma_min")?, ctx.param_f64("sigma_max")?),
+                sigma: (p.sigma_min, p.sigma_max),
             },
             "noise" => Mix::Noise { fraction },
             "out-of-domain" => Mix::OutOfDomain { fraction },
             _ => Mix::None,
         };
-        let select = match ctx.param_str("select")? {
+        let select = match p.select.as_str() {
             "accuracy" => Select::Accuracy,
-            "tpr" => Select::Tpr(ctx.param_f64("select_fpr")?),
+            "tpr" => Select::Tpr(p.select_fpr),
             _ => Select::Auc,
         };
-        let requested: Vec<f64> = ctx
-            .param("fprs")?
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_f64).collect())
-            .unwrap_or_default();
+        let requested = &p.fprs;
         let impostors = pairs.iter().filter(|p| !p.2).count();
-        let fprs = available_fprs(&requested, impostors);
+        let fprs = available_fprs(requested, impostors);
         if fprs.len() < requested.len() {
             ctx.log(&format!(
                 "{impostors} impostor pairs: TPR reported at FPR {fprs:?} only"
             ));
         }
-        let bs = ctx.param_i64("batch_size")?.max(2) as usize;
-        let steps = match ctx.param_i64("steps")? {
+        let bs = p.batch_size.max(2) as usize;
+        let steps = match p.steps {
             s if s > 0 => s as u64,
-            _ => (ctx.param_f64("epochs")? * data.len() as f64 / bs as f64)
-                .ceil()
-                .max(1.0) as u64,
+            _ => (p.epochs * data.len() as f64 / bs as f64).ceil().max(1.0) as u64,
         };
         let cfg = FinetuneConfig {
             mix,
             steps,
             batch_size: bs,
-            snapshot_every: ctx.param_i64("snapshot_every")?.max(1) as u64,
+            snapshot_every: p.snapshot_every.max(1) as u64,
             select,
-            include_input: ctx.param_bool("include_input")?,
-            flip: ctx.param_bool("flip")?,
-            seed: ctx.param_i64("seed")? as u64,
+            include_input: p.include_input,
+            flip: p.flip,
+            seed: p.seed as u64,
             fprs,
-            eval_batch: ctx.param_i64("eval_batch_size")?.max(1) as usize,
+            eval_batch: p.eval_batch_size.max(1) as usize,
         };
         let sink = &*ctx;
         let on_snapshot = |s: &Snapshot, total: u64| {
@@ -273,7 +194,7 @@ impl Stage for BnFinetuneStage {
         let training = json!({
             "kind": "bn-finetune",
             "from": card.training,
-            "mix": ctx.param_str("mix")?,
+            "mix": p.mix,
             "fraction": fraction,
             "steps": steps,
             "best_step": best.step,

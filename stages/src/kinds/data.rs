@@ -1,12 +1,11 @@
 //! The data stage kinds: thin wrappers that read parameters from the [`StageContext`], call
 //! the format modules and write packed data sets into the output ports.
 
+use super::params::kind_params;
 use crate::data::synth::{self, SynthParams};
 use crate::data::{DATASET, PAIRS};
-use fpipe_engine::{
-    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
-};
-use serde_json::{json, Value};
+use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 /// Progress and cancellation of a running stage, for the format modules.
@@ -21,21 +20,30 @@ impl synth::Monitor for CtxMonitor<'_> {
     }
 }
 
-fn get_usize(params: &BTreeMap<String, Value>, name: &str) -> Result<usize, String> {
-    let v = params
-        .get(name)
-        .ok_or_else(|| format!("parameter `{name}` missing"))?;
-    v.as_u64()
-        .map(|x| x as usize)
-        .ok_or_else(|| format!("parameter `{name}` must be a non-negative integer, got {v}"))
-}
-
-fn get_f64(params: &BTreeMap<String, Value>, name: &str) -> Result<f64, String> {
-    let v = params
-        .get(name)
-        .ok_or_else(|| format!("parameter `{name}` missing"))?;
-    v.as_f64()
-        .ok_or_else(|| format!("parameter `{name}` must be a number, got {v}"))
+kind_params! {
+    /// Parameters of `synthetic-faces`; the defaults are [`SynthParams::default`]'s.
+    pub struct SyntheticFacesParams {
+        identities: usize = Int, default (SynthParams::default().identities),
+            "training identities";
+        images_per_identity: usize = Int, default (SynthParams::default().images_per_identity),
+            "images per training identity";
+        image_size: usize = Int, default (SynthParams::default().image_size),
+            "square image side in pixels";
+        seed: u64 = Int, default (SynthParams::default().seed), "random seed";
+        label_noise: f64 = Float, default (SynthParams::default().label_noise),
+            "fraction of training images labelled with another identity";
+        low_quality: f64 = Float, default (SynthParams::default().low_quality),
+            "fraction of training images heavily blurred / dark / noisy / occluded";
+        out_of_domain: f64 = Float, default (SynthParams::default().out_of_domain),
+            "fraction of training images that are not faces";
+        test_identities: usize = Int, default (SynthParams::default().test_identities),
+            "held-out identities in the verification set";
+        test_images_per_identity: usize = Int,
+            default (SynthParams::default().test_images_per_identity),
+            "images per held-out identity";
+        pairs: usize = Int, default (SynthParams::default().pairs),
+            "verification pairs (half same identity)";
+    }
 }
 
 /// `synthetic-faces`: the embedded procedurally rendered data set.
@@ -43,17 +51,18 @@ pub struct SyntheticFaces;
 
 impl SyntheticFaces {
     fn params(params: &BTreeMap<String, Value>) -> Result<SynthParams, String> {
+        let p = SyntheticFacesParams::from_params(params)?;
         let p = SynthParams {
-            identities: get_usize(params, "identities")?,
-            images_per_identity: get_usize(params, "images_per_identity")?,
-            image_size: get_usize(params, "image_size")?,
-            seed: get_usize(params, "seed")? as u64,
-            label_noise: get_f64(params, "label_noise")?,
-            low_quality: get_f64(params, "low_quality")?,
-            out_of_domain: get_f64(params, "out_of_domain")?,
-            test_identities: get_usize(params, "test_identities")?,
-            test_images_per_identity: get_usize(params, "test_images_per_identity")?,
-            pairs: get_usize(params, "pairs")?,
+            identities: p.identities,
+            images_per_identity: p.images_per_identity,
+            image_size: p.image_size,
+            seed: p.seed,
+            label_noise: p.label_noise,
+            low_quality: p.low_quality,
+            out_of_domain: p.out_of_domain,
+            test_identities: p.test_identities,
+            test_images_per_identity: p.test_images_per_identity,
+            pairs: p.pairs,
         };
         p.check()?;
         Ok(p)
@@ -72,7 +81,6 @@ impl Stage for SyntheticFaces {
          (training set + held-out verification pairs); nothing to download"
     }
     fn signature(&self) -> StageSignature {
-        let d = SynthParams::default();
         StageSignature {
             inputs: vec![],
             outputs: vec![
@@ -83,63 +91,7 @@ impl Stage for SyntheticFaces {
                     "verification set of held-out identities, 50/50 same/different pairs",
                 ),
             ],
-            params: vec![
-                ParamSpec::with_default(
-                    "identities",
-                    ParamType::Int,
-                    json!(d.identities),
-                    "training identities",
-                ),
-                ParamSpec::with_default(
-                    "images_per_identity",
-                    ParamType::Int,
-                    json!(d.images_per_identity),
-                    "images per training identity",
-                ),
-                ParamSpec::with_default(
-                    "image_size",
-                    ParamType::Int,
-                    json!(d.image_size),
-                    "square image side in pixels",
-                ),
-                ParamSpec::with_default("seed", ParamType::Int, json!(d.seed), "random seed"),
-                ParamSpec::with_default(
-                    "label_noise",
-                    ParamType::Float,
-                    json!(d.label_noise),
-                    "fraction of training images labelled with another identity",
-                ),
-                ParamSpec::with_default(
-                    "low_quality",
-                    ParamType::Float,
-                    json!(d.low_quality),
-                    "fraction of training images heavily blurred / dark / noisy / occluded",
-                ),
-                ParamSpec::with_default(
-                    "out_of_domain",
-                    ParamType::Float,
-                    json!(d.out_of_domain),
-                    "fraction of training images that are not faces",
-                ),
-                ParamSpec::with_default(
-                    "test_identities",
-                    ParamType::Int,
-                    json!(d.test_identities),
-                    "held-out identities in the verification set",
-                ),
-                ParamSpec::with_default(
-                    "test_images_per_identity",
-                    ParamType::Int,
-                    json!(d.test_images_per_identity),
-                    "images per held-out identity",
-                ),
-                ParamSpec::with_default(
-                    "pairs",
-                    ParamType::Int,
-                    json!(d.pairs),
-                    "verification pairs (half same identity)",
-                ),
-            ],
+            params: SyntheticFacesParams::specs(),
         }
     }
     fn check_params(&self, params: &BTreeMap<String, Value>) -> Result<(), String> {
@@ -158,6 +110,16 @@ impl Stage for SyntheticFaces {
         ctx.metric("test_images", counts.test_images as f64);
         ctx.metric("pairs", counts.pairs as f64);
         Ok(())
+    }
+}
+
+kind_params! {
+    /// Parameters of `align` and `align-pairs`.
+    pub struct AlignParams {
+        image_size: usize = Int, default 112,
+            "output side in pixels (112, 128, 224, ...: estimate_norm rules)";
+        on_missing: String = Enum(&["skip", "fail"]), default "skip",
+            "images without landmarks: leave out and count, or stop";
     }
 }
 
@@ -194,24 +156,11 @@ impl Stage for Align {
         StageSignature {
             inputs: vec![PortSpec::new(port, ty, "images with 5-point landmarks")],
             outputs: vec![PortSpec::new(port, ty, "aligned images")],
-            params: vec![
-                ParamSpec::with_default(
-                    "image_size",
-                    ParamType::Int,
-                    json!(112),
-                    "output side in pixels (112, 128, 224, ...: estimate_norm rules)",
-                ),
-                ParamSpec::with_default(
-                    "on_missing",
-                    ParamType::Enum(&["skip", "fail"]),
-                    json!("skip"),
-                    "images without landmarks: leave out and count, or stop",
-                ),
-            ],
+            params: AlignParams::specs(),
         }
     }
     fn check_params(&self, params: &BTreeMap<String, Value>) -> Result<(), String> {
-        let s = get_usize(params, "image_size")?;
+        let s = AlignParams::from_params(params)?.image_size;
         if !(8..=2048).contains(&s) {
             return Err(format!("`image_size` {s} must be in 8..=2048"));
         }
@@ -219,8 +168,9 @@ impl Stage for Align {
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let port = if self.pairs { "pairs" } else { "dataset" };
-        let size = get_usize(&ctx.params, "image_size").map_err(StageError::Failed)?;
-        let on_missing = match ctx.param_str("on_missing")? {
+        let p = AlignParams::from_params(&ctx.params).map_err(StageError::Failed)?;
+        let size = p.image_size;
+        let on_missing = match p.on_missing.as_str() {
             "fail" => crate::data::align::OnMissing::Fail,
             _ => crate::data::align::OnMissing::Skip,
         };
@@ -238,20 +188,21 @@ impl Stage for Align {
     }
 }
 
-fn on_error(ctx: &StageContext) -> Result<crate::data::recordio::OnError, StageError> {
-    Ok(match ctx.param_str("on_error")? {
-        "fail" => crate::data::recordio::OnError::Fail,
-        _ => crate::data::recordio::OnError::Skip,
-    })
+kind_params! {
+    /// What the readers do with input they cannot read.
+    pub struct OnErrorParams {
+        on_error: String = Enum(&["skip", "fail"]), default "fail",
+            "a corrupt record or undecodable image: stop, or leave it out and count it";
+    }
 }
 
-fn on_error_param() -> ParamSpec {
-    ParamSpec::with_default(
-        "on_error",
-        ParamType::Enum(&["skip", "fail"]),
-        json!("fail"),
-        "a corrupt record or undecodable image: stop, or leave it out and count it",
-    )
+impl OnErrorParams {
+    fn mode(&self) -> crate::data::recordio::OnError {
+        match self.on_error.as_str() {
+            "fail" => crate::data::recordio::OnError::Fail,
+            _ => crate::data::recordio::OnError::Skip,
+        }
+    }
 }
 
 fn report_import(ctx: &mut StageContext, c: &crate::data::recordio::ImportCounts) {
@@ -260,6 +211,15 @@ fn report_import(ctx: &mut StageContext, c: &crate::data::recordio::ImportCounts
     }
     ctx.metric("images", c.images as f64);
     ctx.metric("skipped", c.skipped as f64);
+}
+
+kind_params! {
+    /// Parameters of `recordio`.
+    pub struct RecordIoParams {
+        path: String = Path { companions: &["idx"] }, required,
+            "the .rec file; its .idx must lie beside it";
+        ..read: OnErrorParams;
+    }
 }
 
 /// `recordio`: imports insightface `train.rec` + `train.idx`.
@@ -281,26 +241,25 @@ impl Stage for RecordIo {
         StageSignature {
             inputs: vec![],
             outputs: vec![PortSpec::new("dataset", DATASET, "the images and labels")],
-            params: vec![
-                ParamSpec::required(
-                    "path",
-                    ParamType::Path {
-                        companions: &["idx"],
-                    },
-                    "the .rec file; its .idx must lie beside it",
-                ),
-                on_error_param(),
-            ],
+            params: RecordIoParams::specs(),
         }
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let rec = std::path::PathBuf::from(ctx.param_str("path")?);
+        let p = RecordIoParams::from_params(&ctx.params).map_err(StageError::Failed)?;
+        let rec = std::path::PathBuf::from(p.path);
         let out = ctx.output("dataset")?.to_path_buf();
         let c =
-            crate::data::recordio::import_recordio(&rec, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+            crate::data::recordio::import_recordio(&rec, &out, p.read.mode(), &CtxMonitor(ctx))?;
         ctx.check_cancel()?;
         report_import(ctx, &c);
         Ok(())
+    }
+}
+
+kind_params! {
+    /// Parameters of `write-recordio`.
+    pub struct WriteRecordIoParams {
+        quality: usize = Int, default 95, "JPEG quality 1..100";
     }
 }
 
@@ -325,28 +284,33 @@ impl Stage for WriteRecordIo {
                 "files",
                 "train.rec, train.idx, property",
             )],
-            params: vec![ParamSpec::with_default(
-                "quality",
-                ParamType::Int,
-                json!(95),
-                "JPEG quality 1..100",
-            )],
+            params: WriteRecordIoParams::specs(),
         }
     }
     fn check_params(&self, params: &BTreeMap<String, Value>) -> Result<(), String> {
-        let q = get_usize(params, "quality")?;
+        let q = WriteRecordIoParams::from_params(params)?.quality;
         if !(1..=100).contains(&q) {
             return Err(format!("`quality` {q} must be in 1..=100"));
         }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let q = get_usize(&ctx.params, "quality").map_err(StageError::Failed)?;
+        let q = WriteRecordIoParams::from_params(&ctx.params)
+            .map_err(StageError::Failed)?
+            .quality;
         let input = ctx.input("dataset")?.to_path_buf();
         let out = ctx.output("files")?.to_path_buf();
         let n = crate::data::recordio::export_recordio(&input, &out, q.clamp(1, 100) as u8)?;
         ctx.metric("images", n as f64);
         Ok(())
+    }
+}
+
+kind_params! {
+    /// Parameters of `verification-bin`.
+    pub struct VerificationBinParams {
+        path: String = Path { companions: &[] }, required, "the .bin file";
+        ..read: OnErrorParams;
     }
 }
 
@@ -373,19 +337,26 @@ impl Stage for VerificationBin {
                 PAIRS,
                 "images and pairs (2i, 2i+1, same)",
             )],
-            params: vec![
-                ParamSpec::required("path", ParamType::Path { companions: &[] }, "the .bin file"),
-                on_error_param(),
-            ],
+            params: VerificationBinParams::specs(),
         }
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let path = std::path::PathBuf::from(ctx.param_str("path")?);
+        let p = VerificationBinParams::from_params(&ctx.params).map_err(StageError::Failed)?;
+        let path = std::path::PathBuf::from(p.path);
         let out = ctx.output("pairs")?.to_path_buf();
-        let c = crate::data::vbin::import_bin(&path, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+        let c = crate::data::vbin::import_bin(&path, &out, p.read.mode(), &CtxMonitor(ctx))?;
         ctx.check_cancel()?;
         report_import(ctx, &c);
         Ok(())
+    }
+}
+
+kind_params! {
+    /// Parameters of `image-folder`.
+    pub struct ImageFolderParams {
+        path: String = Path { companions: &[] }, required,
+            "the folder holding one sub-folder per identity";
+        ..read: OnErrorParams;
     }
 }
 
@@ -408,20 +379,14 @@ impl Stage for ImageFolder {
         StageSignature {
             inputs: vec![],
             outputs: vec![PortSpec::new("dataset", DATASET, "the images and labels")],
-            params: vec![
-                ParamSpec::required(
-                    "path",
-                    ParamType::Path { companions: &[] },
-                    "the folder holding one sub-folder per identity",
-                ),
-                on_error_param(),
-            ],
+            params: ImageFolderParams::specs(),
         }
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let root = std::path::PathBuf::from(ctx.param_str("path")?);
+        let p = ImageFolderParams::from_params(&ctx.params).map_err(StageError::Failed)?;
+        let root = std::path::PathBuf::from(p.path);
         let out = ctx.output("dataset")?.to_path_buf();
-        let c = crate::data::folder::import_folder(&root, &out, on_error(ctx)?, &CtxMonitor(ctx))?;
+        let c = crate::data::folder::import_folder(&root, &out, p.read.mode(), &CtxMonitor(ctx))?;
         ctx.check_cancel()?;
         report_import(ctx, &c);
         Ok(())

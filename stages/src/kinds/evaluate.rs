@@ -11,6 +11,7 @@
 //! lowest-quality pairs before every other metric, with the table of both in
 //! `drop_lowest.csv`.
 
+use super::params::kind_params;
 use crate::data::PackedDataset;
 use crate::eval::ijb::{ijb_features, ijb_verify, read_protocol};
 use crate::eval::metrics::{error_vs_reject, pair_distances, IJB_FPRS};
@@ -19,12 +20,24 @@ use crate::train::artifact::load_model;
 use crate::train::embed::embed_all;
 use crate::train::TrainError;
 use crate::util::png::{Canvas, Series};
-use fpipe_engine::{
-    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
-};
+use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+kind_params! {
+    /// Parameters of `evaluate`.
+    pub struct EvaluateParams {
+        batch_size: i64 = Int, default 64, volatile, "images per forward pass";
+        flip: bool = Bool, default true, "flip-sum embeddings";
+        fprs: Vec<f64> = List(Box::new(Float)), default [1e-4, 1e-3, 1e-2, 1e-1],
+            "FPR targets for TPR@FPR (IJB: always 1e-6 ... 1e-1)";
+        ijb: Vec<String> = List(Box::new(Path { companions: &[] })), default [],
+            "IJB-B/C folder (meta/*_face_tid_mid.txt, *_template_pair_label.txt, *_name_5pts_score.txt, loose_crop/): template verification instead of `pairs`";
+        drop_lowest: f64 = Float, default 0.0,
+            "discard this fraction of pairs with the lowest quality (needs `quality`)";
+    }
+}
 
 /// The `evaluate` stage kind.
 pub struct EvaluateStage;
@@ -63,81 +76,39 @@ impl Stage for EvaluateStage {
                 PortSpec::new("metrics", "metrics", "metrics.json"),
                 PortSpec::new("report", "report", "roc.png and roc.csv"),
             ],
-            params: vec![
-                ParamSpec::with_default(
-                    "batch_size",
-                    ParamType::Int,
-                    json!(64),
-                    "images per forward pass",
-                )
-                .volatile(),
-                ParamSpec::with_default(
-                    "flip",
-                    ParamType::Bool,
-                    json!(true),
-                    "flip-sum embeddings",
-                ),
-                ParamSpec::with_default(
-                    "fprs",
-                    ParamType::List(Box::new(ParamType::Float)),
-                    json!([1e-4, 1e-3, 1e-2, 1e-1]),
-                    "FPR targets for TPR@FPR (IJB: always 1e-6 ... 1e-1)",
-                ),
-                ParamSpec::with_default(
-                    "ijb",
-                    ParamType::List(Box::new(ParamType::Path { companions: &[] })),
-                    json!([]),
-                    "IJB-B/C folder (meta/*_face_tid_mid.txt, *_template_pair_label.txt, *_name_5pts_score.txt, loose_crop/): template verification instead of `pairs`",
-                ),
-                ParamSpec::with_default(
-                    "drop_lowest",
-                    ParamType::Float,
-                    json!(0.0),
-                    "discard this fraction of pairs with the lowest quality (needs `quality`)",
-                ),
-            ],
+            params: EvaluateParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        if p.get("ijb").and_then(Value::as_array).map_or(0, Vec::len) > 1 {
+        let p = EvaluateParams::from_params(p)?;
+        if p.ijb.len() > 1 {
             return Err("ijb: give one IJB folder".into());
         }
-        let fprs = p.get("fprs").and_then(Value::as_array);
-        if let Some(f) = fprs
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_f64)
-            .find(|f| !(*f > 0.0 && *f <= 1.0))
-        {
+        if let Some(f) = p.fprs.iter().find(|f| !(**f > 0.0 && **f <= 1.0)) {
             return Err(format!("fprs: {f} is not in (0, 1]"));
         }
-        let d = p.get("drop_lowest").and_then(Value::as_f64).unwrap_or(0.0);
+        let d = p.drop_lowest;
         if !(0.0..0.95).contains(&d) {
             return Err(format!("drop_lowest {d} must lie in [0, 0.95)"));
         }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let p = EvaluateParams::from_params(&ctx.params).map_err(StageError::msg)?;
         let dev = super::device(ctx)?;
         let model = load_model(ctx.input("model")?, &dev)?;
-        let ijb: Option<String> = ctx
-            .param("ijb")?
-            .as_array()
-            .and_then(|a| a.first())
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        if let Some(dir) = ijb {
+        if let Some(dir) = p.ijb.first() {
             if ctx.input_opt("pairs").is_some() {
                 return Err(StageError::msg(
                     "give the `pairs` input or the `ijb` parameter, not both",
                 ));
             }
-            if ctx.input_opt("quality").is_some() || ctx.param_f64("drop_lowest")? > 0.0 {
+            if ctx.input_opt("quality").is_some() || p.drop_lowest > 0.0 {
                 return Err(StageError::msg(
                     "`quality` and `drop_lowest` apply to a `pairs` input, not to IJB templates",
                 ));
             }
-            return run_ijb(ctx, &model, Path::new(&dir), &dev);
+            return run_ijb(ctx, &p, &model, Path::new(dir), &dev);
         }
         let Some(pairs_dir) = ctx.input_opt("pairs") else {
             return Err(StageError::msg(
@@ -149,19 +120,15 @@ impl Stage for EvaluateStage {
             .pairs()
             .ok_or_else(|| StageError::msg("the `pairs` input has no verification pairs"))?
             .to_vec();
-        let fprs: Vec<f64> = ctx
-            .param("fprs")?
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_f64).collect())
-            .unwrap_or_default();
-        let bs = ctx.param_i64("batch_size")?.max(1) as usize;
-        let flip = ctx.param_bool("flip")?;
+        let fprs = &p.fprs;
+        let bs = p.batch_size.max(1) as usize;
+        let flip = p.flip;
         let sink = &*ctx;
         let emb = embed_all(&model, &data, bs, flip, &dev, &|d, t| {
             sink.progress(d, t, "embedding")
         })?;
         let dim = model.card.embedding_size;
-        let drop = ctx.param_f64("drop_lowest")?;
+        let drop = p.drop_lowest;
         let report = ctx.output("report")?.to_path_buf();
         let pairs = match ctx.input_opt("quality") {
             Some(qdir) => {
@@ -180,9 +147,9 @@ impl Stage for EvaluateStage {
                     ctx.metric(&format!("erc_auc@fmr={f:e}"), *a);
                 }
                 if drop > 0.0 {
-                    let full = verify(&emb, dim, &pairs, &fprs)?;
+                    let full = verify(&emb, dim, &pairs, fprs)?;
                     let kept = drop_lowest(&pairs, &pq, drop);
-                    let cut = verify(&emb, dim, &kept, &fprs)?;
+                    let cut = verify(&emb, dim, &kept, fprs)?;
                     write_drop_table(&report, &[(0.0, &full), (drop, &cut)])?;
                     ctx.metric("dropped_pairs", (pairs.len() - kept.len()) as f64);
                     kept
@@ -197,7 +164,7 @@ impl Stage for EvaluateStage {
             }
             None => pairs,
         };
-        let r = verify(&emb, dim, &pairs, &fprs)?;
+        let r = verify(&emb, dim, &pairs, fprs)?;
         let mut m = serde_json::Map::new();
         m.insert("accuracy".into(), json!(r.accuracy));
         m.insert("accuracy_std".into(), json!(r.accuracy_std));
@@ -252,13 +219,14 @@ fn write_outputs(
 /// IJB-B/C template verification of `model` on the protocol in `dir`.
 fn run_ijb(
     ctx: &mut StageContext,
+    p: &EvaluateParams,
     model: &crate::train::artifact::LoadedModel,
     dir: &Path,
     dev: &candle_core::Device,
 ) -> Result<(), StageError> {
     let protocol = read_protocol(dir)?;
-    let bs = ctx.param_i64("batch_size")?.max(1) as usize;
-    let flip = ctx.param_bool("flip")?;
+    let bs = p.batch_size.max(1) as usize;
+    let flip = p.flip;
     let sink = &*ctx;
     let feats = ijb_features(model, &protocol, bs, flip, dev, &|d, t| {
         sink.progress(d, t, "embedding")

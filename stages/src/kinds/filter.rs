@@ -8,13 +8,12 @@
 //! identity was dropped is cleared. Otherwise labels are unchanged. Verification pairs with
 //! both images kept are kept (re-indexed); ground-truth flags travel with their images.
 
+use super::params::kind_params;
 use crate::data::{PackedDataset, PackedWriter, DATASET};
 use crate::eval::filter::{filter, precision_recall, Method, Outcome, Reason};
 use crate::eval::quality::{QUALITY, SCORES};
 use candle_core::{DType, Device};
-use fpipe_engine::{
-    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
-};
+use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -118,16 +117,14 @@ fn check_aligned(data: &PackedDataset, labels: &[i64]) -> Result<(), StageError>
     Ok(())
 }
 
-fn method(ctx: &StageContext) -> Result<Method, StageError> {
-    Ok(match ctx.param_str("method")? {
+fn method(p: &FilterParams) -> Method {
+    match p.method.as_str() {
         "dbscan" => Method::Dbscan {
-            eps: ctx.param_f64("eps")?,
-            min_samples: ctx.param_i64("min_samples")?.max(1) as usize,
+            eps: p.eps,
+            min_samples: p.min_samples.max(1) as usize,
         },
-        _ => Method::Graph {
-            offset: ctx.param_f64("offset")?,
-        },
-    })
+        _ => Method::Graph { offset: p.offset },
+    }
 }
 
 /// Writes the kept images of `data` into `out`; returns the label map (new label -> old)
@@ -231,6 +228,21 @@ fn opt(v: Option<f64>) -> Value {
     v.map_or(Value::Null, |x| json!(x))
 }
 
+kind_params! {
+    /// Parameters of `filter`.
+    pub struct FilterParams {
+        method: String = Enum(&["graph", "dbscan"]), default "graph",
+            "graph: quality graph + label propagation; dbscan: the DBSCAN baseline";
+        offset: f64 = Float, default 0.1,
+            "graph: images i, j are joined when cos >= min(q_i, q_j) - offset";
+        eps: f64 = Float, default 0.3, "dbscan: neighbourhood radius in cosine distance 1 - cos";
+        min_samples: i64 = Int, default 2,
+            "dbscan: images within eps (itself included) that make a core image";
+        quality_default: f64 = Float, default QUALITY_DEFAULT,
+            "graph: quality (0..1) of every image when no `quality` input is wired";
+    }
+}
+
 /// The `filter` stage kind.
 pub struct FilterStage;
 
@@ -267,52 +279,42 @@ impl Stage for FilterStage {
                     "filter.json (counts, clusters per identity, precision/recall vs ground truth), removed.csv",
                 ),
             ],
-            params: vec![
-                ParamSpec::with_default("method", ParamType::Enum(&["graph", "dbscan"]), json!("graph"),
-                    "graph: quality graph + label propagation; dbscan: the DBSCAN baseline"),
-                ParamSpec::with_default("offset", ParamType::Float, json!(0.1),
-                    "graph: images i, j are joined when cos >= min(q_i, q_j) - offset"),
-                ParamSpec::with_default("eps", ParamType::Float, json!(0.3),
-                    "dbscan: neighbourhood radius in cosine distance 1 - cos"),
-                ParamSpec::with_default("min_samples", ParamType::Int, json!(2),
-                    "dbscan: images within eps (itself included) that make a core image"),
-                ParamSpec::with_default("quality_default", ParamType::Float, json!(QUALITY_DEFAULT),
-                    "graph: quality (0..1) of every image when no `quality` input is wired"),
-            ],
+            params: FilterParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        let f = |k: &str| p.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        let offset = f("offset");
+        let p = FilterParams::from_params(p)?;
+        let offset = p.offset;
         if !(-1.0..=2.0).contains(&offset) {
             return Err(format!(
                 "offset must lie in [-1, 2] (it is subtracted from a quality in [0, 1] to give a cosine threshold), got {offset}"
             ));
         }
-        let eps = f("eps");
+        let eps = p.eps;
         if !(eps > 0.0 && eps <= 2.0) {
             return Err(format!(
                 "eps must lie in (0, 2] (a cosine distance), got {eps}"
             ));
         }
-        if p.get("min_samples").and_then(Value::as_i64).unwrap_or(0) < 1 {
+        if p.min_samples < 1 {
             return Err("min_samples must be at least 1".into());
         }
-        let q = f("quality_default");
+        let q = p.quality_default;
         if !(0.0..=1.0).contains(&q) {
             return Err(format!("quality_default must lie in [0, 1], got {q}"));
         }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let p = FilterParams::from_params(&ctx.params).map_err(StageError::msg)?;
         let data = PackedDataset::open(ctx.input("dataset")?)?;
         let (emb, labels, dim) = read_embeddings(ctx.input("embeddings")?)?;
         check_aligned(&data, &labels)?;
         let quality = match ctx.input_opt("quality") {
             Some(dir) => read_quality(dir, data.len())?,
-            None => vec![ctx.param_f64("quality_default")? as f32; data.len()],
+            None => vec![p.quality_default as f32; data.len()],
         };
-        let m = method(ctx)?;
+        let m = method(&p);
         // Identities are clustered in parallel, on the cores the engine granted.
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(ctx.threads.max(1))
@@ -332,11 +334,11 @@ impl Stage for FilterStage {
             (None, None)
         };
         let params = json!({
-            "method": ctx.param_str("method")?,
-            "offset": ctx.param_f64("offset")?,
-            "eps": ctx.param_f64("eps")?,
-            "min_samples": ctx.param_i64("min_samples")?,
-            "quality": if ctx.input_opt("quality").is_some() { json!("input") } else { json!(ctx.param_f64("quality_default")?) },
+            "method": p.method,
+            "offset": p.offset,
+            "eps": p.eps,
+            "min_samples": p.min_samples,
+            "quality": if ctx.input_opt("quality").is_some() { json!("input") } else { json!(p.quality_default) },
         });
         let count = |r: Reason| o.removed.iter().filter(|x| **x == Some(r)).count();
         let emptied = o.identities.iter().filter(|id| id.kept.is_none()).count();
@@ -435,7 +437,7 @@ impl Stage for FilterStage {
         }
         ctx.log(&format!(
             "{}: kept {kept} of {} images, removed {removed} ({} in no cluster, {} outside the largest), {emptied} identities emptied{}",
-            ctx.param_str("method")?,
+            p.method,
             data.len(),
             count(Reason::Noise),
             count(Reason::SmallerCluster),

@@ -2,17 +2,26 @@
 //! section 4): inactive fraction, unique filters, a PNG grid of the filters, and the per-epoch
 //! history when the model was trained with `reactivation` checks.
 
+use super::params::kind_params;
 use crate::train::artifact::{ModelCard, CARD, WEIGHTS};
 use crate::train::reactivation::{analyse, first_conv, FilterEpoch, ReactivationConfig};
 use crate::train::TrainError;
 use crate::util::png::Canvas;
 use candle_core::{DType, Device};
-use fpipe_engine::{
-    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
-};
+use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+kind_params! {
+    /// Parameters of the first-layer filter analysis.
+    pub struct FilterActivityParams {
+        tau: f64 = Float, default 0.1, "inactive when ‖W_i‖ < tau · max_j ‖W_j‖";
+        threshold: f64 = Float, default 0.0, "absolute activity threshold; > 0 replaces tau";
+        same_cos: f64 = Float, default 0.9,
+            "|cos| at or above which two filters count as one pattern";
+    }
+}
 
 /// Pixels per weight in the grid.
 const CELL: usize = 8;
@@ -58,14 +67,13 @@ pub fn filter_grid(w: &[f32], n: usize, k: usize, path: &Path) -> std::io::Resul
 /// 2026-12-07; the old name is registered as an alias).
 pub struct FilterActivityStage;
 
-fn config_from(p: &BTreeMap<String, Value>) -> ReactivationConfig {
-    let d = ReactivationConfig::default();
-    let f = |k: &str, v: f64| p.get(k).and_then(|x| x.as_f64()).unwrap_or(v);
+/// The analysis settings (the other fields matter only to training).
+fn config_from(p: &FilterActivityParams) -> ReactivationConfig {
     ReactivationConfig {
-        tau: f("tau", d.tau),
-        threshold: f("threshold", d.threshold),
-        same_cos: f("same_cos", d.same_cos),
-        ..d
+        tau: p.tau,
+        threshold: p.threshold,
+        same_cos: p.same_cos,
+        ..ReactivationConfig::default()
     }
 }
 
@@ -87,35 +95,17 @@ impl Stage for FilterActivityStage {
                 "report",
                 "filters.json, filters.png, history.csv",
             )],
-            params: vec![
-                ParamSpec::with_default(
-                    "tau",
-                    ParamType::Float,
-                    json!(0.1),
-                    "inactive when ‖W_i‖ < tau · max_j ‖W_j‖",
-                ),
-                ParamSpec::with_default(
-                    "threshold",
-                    ParamType::Float,
-                    json!(0.0),
-                    "absolute activity threshold; > 0 replaces tau",
-                ),
-                ParamSpec::with_default(
-                    "same_cos",
-                    ParamType::Float,
-                    json!(0.9),
-                    "|cos| at or above which two filters count as one pattern",
-                ),
-            ],
+            params: FilterActivityParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        config_from(p)
+        config_from(&FilterActivityParams::from_params(p)?)
             .validate()
             .map_err(|e| e.replace("reactivation_", ""))
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let cfg = config_from(&ctx.params);
+        let cfg =
+            config_from(&FilterActivityParams::from_params(&ctx.params).map_err(StageError::msg)?);
         let dir = ctx.input("model")?.to_path_buf();
         let weights = dir.join(WEIGHTS);
         let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)

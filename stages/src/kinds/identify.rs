@@ -4,6 +4,7 @@
 //! identities kept out of the gallery (open set) and the accuracy of face_recognition's k-NN
 //! decision, using [`crate::eval::metrics::identify`](crate::eval::metrics::identify()).
 
+use super::params::kind_params;
 use crate::data::PackedDataset;
 use crate::eval::metrics::{identify, split_gallery_probe, IdentifyConfig, Split, Vote};
 use crate::train::artifact::load_model;
@@ -11,9 +12,7 @@ use crate::train::embed::embed_all;
 use crate::train::{FaceSource, TrainError};
 use crate::util::png::{Canvas, Series};
 use candle_core::{DType, Device};
-use fpipe_engine::{
-    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
-};
+use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -71,37 +70,19 @@ fn read_list(files: &[String], n: usize) -> Result<Vec<usize>, TrainError> {
     Ok(out)
 }
 
-fn string_list(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn float_list(v: Option<&Value>) -> Vec<f64> {
-    v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_f64).collect())
-        .unwrap_or_default()
-}
-
 /// The split from `gallery_list`/`probe_list` when given, otherwise the seeded split.
-fn make_split(ctx: &StageContext, labels: &[i64]) -> Result<Split, StageError> {
-    let gl = string_list(ctx.param("gallery_list")?);
-    let pl = string_list(ctx.param("probe_list")?);
-    if gl.is_empty() {
+fn make_split(p: &IdentifyParams, labels: &[i64]) -> Result<Split, StageError> {
+    if p.gallery_list.is_empty() {
         return split_gallery_probe(
             labels,
-            ctx.param_i64("gallery_per_identity")?.max(1) as usize,
-            ctx.param_f64("unknown_fraction")?,
-            ctx.param_i64("seed")? as u64,
+            p.gallery_per_identity.max(1) as usize,
+            p.unknown_fraction,
+            p.seed as u64,
         )
         .map_err(|e| StageError::msg(e.to_string()));
     }
-    let gallery = read_list(&gl, labels.len())?;
-    let probes = read_list(&pl, labels.len())?;
+    let gallery = read_list(&p.gallery_list, labels.len())?;
+    let probes = read_list(&p.probe_list, labels.len())?;
     // 0 unlisted, 1 gallery, 2 probe.
     let mut seen = vec![0u8; labels.len()];
     for (list, which) in [(&gallery, 1u8), (&probes, 2u8)] {
@@ -160,6 +141,29 @@ fn rows(v: &[f32], dim: usize, idx: &[usize]) -> Vec<f32> {
         .collect()
 }
 
+kind_params! {
+    /// Parameters of `identify`.
+    pub struct IdentifyParams {
+        gallery_per_identity: i64 = Int, default 1,
+            "images of each enrolled identity put in the gallery; the rest are probes";
+        unknown_fraction: f64 = Float, default 0.2,
+            "fraction of identities kept out of the gallery (open-set probes), in [0, 1)";
+        k: i64 = Int, default 1, "neighbours that vote in the k-NN decision";
+        vote: String = Enum(&["distance", "uniform"]), default "distance",
+            "k-NN vote: weight 1/distance (face_recognition's example) or one vote each";
+        distance_threshold: f64 = Float, default 1.0,
+            "k-NN: unknown when the nearest gallery image is farther (Euclidean, unit vectors: 1.0 = cosine 0.5)";
+        fpirs: Vec<f64> = List(Box::new(Float)), default [0.01, 0.1], "FPIR targets for DIR@FPIR";
+        seed: i64 = Int, default 0, "seed of the gallery/probe split";
+        gallery_list: Vec<String> = List(Box::new(Path { companions: &[] })), default [],
+            "files of gallery image indices (one a line) instead of the seeded split; needs probe_list";
+        probe_list: Vec<String> = List(Box::new(Path { companions: &[] })), default [],
+            "files of probe image indices (one a line); needs gallery_list";
+        batch_size: i64 = Int, default 64, volatile, "images per forward pass";
+        flip: bool = Bool, default true, "flip-sum embeddings";
+    }
+}
+
 /// The `identify` stage kind.
 pub struct IdentifyStage;
 
@@ -198,60 +202,39 @@ impl Stage for IdentifyStage {
                 "report",
                 "identify.json, cmc.csv, cmc.png, predictions.csv",
             )],
-            params: vec![
-                ParamSpec::with_default("gallery_per_identity", ParamType::Int, json!(1),
-                    "images of each enrolled identity put in the gallery; the rest are probes"),
-                ParamSpec::with_default("unknown_fraction", ParamType::Float, json!(0.2),
-                    "fraction of identities kept out of the gallery (open-set probes), in [0, 1)"),
-                ParamSpec::with_default("k", ParamType::Int, json!(1), "neighbours that vote in the k-NN decision"),
-                ParamSpec::with_default("vote", ParamType::Enum(&["distance", "uniform"]), json!("distance"),
-                    "k-NN vote: weight 1/distance (face_recognition's example) or one vote each"),
-                ParamSpec::with_default("distance_threshold", ParamType::Float, json!(1.0),
-                    "k-NN: unknown when the nearest gallery image is farther (Euclidean, unit vectors: 1.0 = cosine 0.5)"),
-                ParamSpec::with_default("fpirs", ParamType::List(Box::new(ParamType::Float)), json!([0.01, 0.1]),
-                    "FPIR targets for DIR@FPIR"),
-                ParamSpec::with_default("seed", ParamType::Int, json!(0), "seed of the gallery/probe split"),
-                ParamSpec::with_default("gallery_list", ParamType::List(Box::new(ParamType::Path { companions: &[] })), json!([]),
-                    "files of gallery image indices (one a line) instead of the seeded split; needs probe_list"),
-                ParamSpec::with_default("probe_list", ParamType::List(Box::new(ParamType::Path { companions: &[] })), json!([]),
-                    "files of probe image indices (one a line); needs gallery_list"),
-                ParamSpec::with_default("batch_size", ParamType::Int, json!(64), "images per forward pass").volatile(),
-                ParamSpec::with_default("flip", ParamType::Bool, json!(true), "flip-sum embeddings"),
-            ],
+            params: IdentifyParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        let i = |k: &str| p.get(k).and_then(Value::as_i64).unwrap_or(0);
-        let f = |k: &str| p.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-        if i("gallery_per_identity") < 1 {
+        let p = IdentifyParams::from_params(p)?;
+        if p.gallery_per_identity < 1 {
             return Err("gallery_per_identity must be at least 1".into());
         }
-        if !(0.0..1.0).contains(&f("unknown_fraction")) {
+        if !(0.0..1.0).contains(&p.unknown_fraction) {
             return Err("unknown_fraction must lie in [0, 1)".into());
         }
-        if i("k") < 1 {
+        if p.k < 1 {
             return Err("k must be at least 1".into());
         }
-        if f("distance_threshold").is_nan() || f("distance_threshold") < 0.0 {
+        if p.distance_threshold.is_nan() || p.distance_threshold < 0.0 {
             return Err(
                 "distance_threshold must be >= 0 (distances between unit vectors lie in [0, 2])"
                     .into(),
             );
         }
-        if i("seed") < 0 {
+        if p.seed < 0 {
             return Err("seed must be >= 0".into());
         }
-        let fpirs = float_list(p.get("fpirs"));
-        if let Some(x) = fpirs.iter().find(|x| !(**x > 0.0 && **x <= 1.0)) {
+        if let Some(x) = p.fpirs.iter().find(|x| !(**x > 0.0 && **x <= 1.0)) {
             return Err(format!("fpirs: {x} is not in (0, 1]"));
         }
-        let n = |k: &str| p.get(k).and_then(Value::as_array).map_or(0, Vec::len);
-        if (n("gallery_list") == 0) != (n("probe_list") == 0) {
+        if p.gallery_list.is_empty() != p.probe_list.is_empty() {
             return Err("give both gallery_list and probe_list, or neither".into());
         }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let p = IdentifyParams::from_params(&ctx.params).map_err(StageError::msg)?;
         let images = match (ctx.input_opt("dataset"), ctx.input_opt("pairs")) {
             (Some(_), Some(_)) => {
                 return Err(StageError::msg(
@@ -264,7 +247,7 @@ impl Stage for IdentifyStage {
             match (ctx.input_opt("embeddings"), ctx.input_opt("model"), images) {
                 (Some(e), None, None) => {
                     let (emb, labels, dim) = read_embeddings(e)?;
-                    let split = make_split(ctx, &labels)?;
+                    let split = make_split(&p, &labels)?;
                     (emb, labels, split, dim, "embeddings")
                 }
                 (None, Some(m), Some(d)) => {
@@ -272,12 +255,12 @@ impl Stage for IdentifyStage {
                     let model = load_model(m, &dev)?;
                     let data = PackedDataset::open(&d).map_err(TrainError::from)?;
                     let labels: Vec<i64> = (0..data.len()).map(|i| data.label(i)).collect();
-                    let split = make_split(ctx, &labels)?;
+                    let split = make_split(&p, &labels)?;
                     // Embed only the listed images: gallery then probes.
                     let used: Vec<usize> =
                         split.gallery.iter().chain(&split.probes).copied().collect();
-                    let bs = ctx.param_i64("batch_size")?.max(1) as usize;
-                    let flip = ctx.param_bool("flip")?;
+                    let bs = p.batch_size.max(1) as usize;
+                    let flip = p.flip;
                     let sink = &*ctx;
                     let e = embed_all(
                         &model,
@@ -304,16 +287,16 @@ impl Stage for IdentifyStage {
                     ))
                 }
             };
-        let vote = if ctx.param_str("vote")? == "uniform" {
+        let vote = if p.vote == "uniform" {
             Vote::Uniform
         } else {
             Vote::Distance
         };
         let cfg = IdentifyConfig {
-            k: ctx.param_i64("k")?.max(1) as usize,
+            k: p.k.max(1) as usize,
             vote,
-            distance_threshold: ctx.param_f64("distance_threshold")?,
-            fpirs: float_list(Some(ctx.param("fpirs")?)),
+            distance_threshold: p.distance_threshold,
+            fpirs: p.fpirs.clone(),
         };
         let g_labels: Vec<i64> = split.gallery.iter().map(|&i| labels[i]).collect();
         let p_labels: Vec<i64> = split.probes.iter().map(|&i| labels[i]).collect();
@@ -352,7 +335,7 @@ impl Stage for IdentifyStage {
             "dir_at_fpir": dir_json,
             "knn": {
                 "k": cfg.k,
-                "vote": ctx.param_str("vote")?,
+                "vote": p.vote,
                 "distance_threshold": cfg.distance_threshold,
                 "accuracy": r.knn_accuracy,
                 "mated_accuracy": r.knn_mated_accuracy,

@@ -8,6 +8,7 @@ pub mod evaluate;
 pub mod filter;
 pub mod filter_activity;
 pub mod identify;
+pub mod params;
 pub mod quality;
 pub mod train;
 

@@ -1,5 +1,6 @@
 //! The `qaa` and `qaa-score` stage kinds.
 
+use super::params::kind_params;
 use crate::data::PackedDataset;
 use crate::eval::quality::gbt::{Gbt, GbtParams};
 use crate::eval::quality::{
@@ -10,9 +11,7 @@ use crate::eval::EvalError;
 use crate::kinds::with_threads;
 use crate::train::artifact::load_model;
 use crate::train::{FaceSource, TrainError};
-use fpipe_engine::{
-    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
-};
+use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -31,38 +30,48 @@ pub struct QaaModel {
     pub regressor: Gbt,
 }
 
-fn gbt_params() -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::with_default("depth", ParamType::Int, json!(6), "tree depth (reference CatBoost: 10; 6 suits a few thousand images)"),
-        ParamSpec::with_default("lr", ParamType::Float, json!(0.05), "learning rate (reference: 0.03)"),
-        ParamSpec::with_default("iterations", ParamType::Int, json!(300), "trees (reference: 2500; 300 is CPU-sized)"),
-        ParamSpec::with_default("l2", ParamType::Float, json!(2.0), "L2 regularisation of leaves (reference: 2)"),
-        ParamSpec::with_default("bins", ParamType::Int, json!(64), "quantisation bins per feature (2..=256)"),
-        ParamSpec::with_default("holdout", ParamType::Float, json!(0.2),
-            "fraction of images (every k-th) held out of a second fit to report out-of-sample error (0 = skip)"),
-        ParamSpec::with_default("batch_size", ParamType::Int, json!(64), "images per forward pass").volatile(),
-    ]
+kind_params! {
+    /// Parameters of `qaa`.
+    pub struct QaaParams {
+        depth: i64 = Int, default 6,
+            "tree depth (reference CatBoost: 10; 6 suits a few thousand images)";
+        lr: f64 = Float, default 0.05, "learning rate (reference: 0.03)";
+        iterations: i64 = Int, default 300, "trees (reference: 2500; 300 is CPU-sized)";
+        l2: f64 = Float, default 2.0, "L2 regularisation of leaves (reference: 2)";
+        bins: i64 = Int, default 64, "quantisation bins per feature (2..=256)";
+        holdout: f64 = Float, default 0.2,
+            "fraction of images (every k-th) held out of a second fit to report out-of-sample error (0 = skip)";
+        batch_size: i64 = Int, default 64, volatile, "images per forward pass";
+    }
 }
 
-fn gbt_from(p: &BTreeMap<String, Value>) -> Result<GbtParams, String> {
-    let i = |k: &str| p.get(k).and_then(Value::as_i64).unwrap_or(0);
-    let f = |k: &str| p.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-    let nonneg = |k: &str| -> Result<usize, String> {
-        usize::try_from(i(k)).map_err(|_| format!("{k} must be >= 0"))
-    };
-    let g = GbtParams {
-        depth: nonneg("depth")?,
-        lr: f("lr"),
-        iterations: nonneg("iterations")?,
-        l2: f("l2"),
-        bins: nonneg("bins")?,
-    };
-    g.check()?;
-    let h = f("holdout");
-    if !(0.0..0.9).contains(&h) {
-        return Err(format!("holdout {h} must lie in [0, 0.9)"));
+impl QaaParams {
+    /// The regressor's settings, checked, and the holdout fraction.
+    fn gbt(&self) -> Result<GbtParams, String> {
+        let nonneg = |k: &str, v: i64| -> Result<usize, String> {
+            usize::try_from(v).map_err(|_| format!("{k} must be >= 0"))
+        };
+        let g = GbtParams {
+            depth: nonneg("depth", self.depth)?,
+            lr: self.lr,
+            iterations: nonneg("iterations", self.iterations)?,
+            l2: self.l2,
+            bins: nonneg("bins", self.bins)?,
+        };
+        g.check()?;
+        let h = self.holdout;
+        if !(0.0..0.9).contains(&h) {
+            return Err(format!("holdout {h} must lie in [0, 0.9)"));
+        }
+        Ok(g)
     }
-    Ok(g)
+}
+
+kind_params! {
+    /// Parameters of `qaa-score`.
+    pub struct QaaScoreParams {
+        batch_size: i64 = Int, default 64, volatile, "images per forward pass";
+    }
 }
 
 fn rmse(pred: &[f64], y: &[f32]) -> f64 {
@@ -125,15 +134,16 @@ impl Stage for QaaStage {
                     "fit.json: errors, quality by ground truth",
                 ),
             ],
-            params: gbt_params(),
+            params: QaaParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        gbt_from(p).map(|_| ())
+        QaaParams::from_params(p)?.gbt().map(|_| ())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let params = gbt_from(&ctx.params).map_err(StageError::msg)?;
-        let holdout = ctx.param_f64("holdout")?;
+        let p = QaaParams::from_params(&ctx.params).map_err(StageError::msg)?;
+        let params = p.gbt().map_err(StageError::msg)?;
+        let holdout = p.holdout;
         let dev = super::device(ctx)?;
         let model_dir = ctx.input("model")?.to_path_buf();
         let model = load_model(&model_dir, &dev)?;
@@ -146,7 +156,7 @@ impl Stage for QaaStage {
                 data.num_classes()
             )));
         }
-        let bs = ctx.param_i64("batch_size")?.max(1) as usize;
+        let bs = p.batch_size.max(1) as usize;
         let sink = &*ctx;
         let dim = model.card.embedding_size;
         let (rows, target, fit, held) = with_threads(ctx.threads, || {
@@ -290,16 +300,11 @@ impl Stage for QaaScoreStage {
                 PortSpec::optional("pairs", "pairs", "verification set whose images to score"),
             ],
             outputs: vec![PortSpec::new("quality", QUALITY, "one score per image")],
-            params: vec![ParamSpec::with_default(
-                "batch_size",
-                ParamType::Int,
-                json!(64),
-                "images per forward pass",
-            )
-            .volatile()],
+            params: QaaScoreParams::specs(),
         }
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let p = QaaScoreParams::from_params(&ctx.params).map_err(StageError::msg)?;
         let images = match (ctx.input_opt("dataset"), ctx.input_opt("pairs")) {
             (Some(d), None) | (None, Some(d)) => d.to_path_buf(),
             _ => {
@@ -318,7 +323,7 @@ impl Stage for QaaScoreStage {
             )));
         }
         let data = PackedDataset::open(&images).map_err(TrainError::from)?;
-        let bs = ctx.param_i64("batch_size")?.max(1) as usize;
+        let bs = p.batch_size.max(1) as usize;
         let sink = &*ctx;
         let rows = with_threads(ctx.threads, || {
             bn_features(&model, &data, bs, &dev, &|d, t| {

@@ -1,5 +1,6 @@
 //! The `train`, `distil`, `import-model`, `embed` and `evaluate` stage kinds.
 
+use super::params::kind_params;
 use super::with_threads;
 use crate::data::PackedDataset;
 use crate::loss::objective::ObjectiveConfig;
@@ -13,148 +14,127 @@ use crate::train::reactivation::{ReactivationConfig, ReactivationMode};
 use crate::train::trainer::{train, RunEnv, Teacher, TrainConfig};
 use crate::train::{load_model_weights, TrainError};
 use candle_core::{Device, Tensor};
-use fpipe_engine::{
-    ParamSpec, ParamType, PortSpec, Stage, StageContext, StageError, StageSignature,
-};
+use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-fn backbone_params() -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::with_default(
-            "backbone",
-            ParamType::Enum(BACKBONES.as_slice()),
-            json!("mobilefacenet"),
-            "backbone architecture",
-        ),
-        ParamSpec::with_default(
-            "width",
-            ParamType::Float,
-            json!(1.0),
-            "channel multiplier (1 = reference size)",
-        ),
-        ParamSpec::with_default(
-            "input_size",
-            ParamType::Int,
-            json!(112),
-            "square input size; images are resized to it",
-        ),
-        ParamSpec::with_default(
-            "embedding_size",
-            ParamType::Int,
-            json!(512),
-            "embedding dimension",
-        ),
-        ParamSpec::with_default(
-            "se",
-            ParamType::Bool,
-            json!(true),
-            "vargfacenet: squeeze-and-excitation in normal blocks",
-        ),
-    ]
+kind_params! {
+    /// The backbone parameters of `train`, `distil` and `import-model`.
+    pub struct BackboneParams {
+        backbone: String = Enum(BACKBONES.as_slice()), default "mobilefacenet",
+            "backbone architecture";
+        width: f64 = Float, default 1.0, "channel multiplier (1 = reference size)";
+        input_size: i64 = Int, default 112, "square input size; images are resized to it";
+        embedding_size: i64 = Int, default 512, "embedding dimension";
+        se: bool = Bool, default true, "vargfacenet: squeeze-and-excitation in normal blocks";
+    }
 }
 
-fn backbone_from(p: &BTreeMap<String, Value>) -> Result<BackboneConfig, String> {
-    let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("");
-    let f = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
-    let i = |k: &str, d: i64| p.get(k).and_then(|v| v.as_i64()).unwrap_or(d);
-    let width = f("width", 1.0);
-    if !(width > 0.0 && width <= 4.0) {
-        return Err("width must lie in (0, 4]".into());
+impl BackboneParams {
+    fn config(&self) -> Result<BackboneConfig, String> {
+        if !(self.width > 0.0 && self.width <= 4.0) {
+            return Err("width must lie in (0, 4]".into());
+        }
+        if !(16..=1024).contains(&self.input_size) {
+            return Err("input_size must lie in 16..=1024".into());
+        }
+        if !(2..=8192).contains(&self.embedding_size) {
+            return Err("embedding_size must lie in 2..=8192".into());
+        }
+        let options = BackboneOptions {
+            width: self.width,
+            input_size: self.input_size as usize,
+            num_features: self.embedding_size as usize,
+            se: self.se,
+        };
+        BackboneConfig::from_name(&self.backbone, &options).map_err(|e| e.to_string())
     }
-    let input_size = i("input_size", 112);
-    if !(16..=1024).contains(&input_size) {
-        return Err("input_size must lie in 16..=1024".into());
-    }
-    let emb = i("embedding_size", 512);
-    if !(2..=8192).contains(&emb) {
-        return Err("embedding_size must lie in 2..=8192".into());
-    }
-    let options = BackboneOptions {
-        width,
-        input_size: input_size as usize,
-        num_features: emb as usize,
-        se: p.get("se").and_then(|v| v.as_bool()).unwrap_or(true),
-    };
-    BackboneConfig::from_name(s("backbone"), &options).map_err(|e| e.to_string())
 }
 
-fn train_params() -> Vec<ParamSpec> {
-    let mut v = backbone_params();
-    v.extend([
-        ParamSpec::with_default("loss", ParamType::Enum(LOSSES), json!("arcface"),
-            "arcface (1,0.5,0), cosface (1,0,0.4), combined (1,0.3,0.2), sphereface (4,0,0), norm-softmax (1,0,0), custom (m1/m2/m3); softmax, center, triplet (see docs/training.md)"),
-        ParamSpec::with_default("m1", ParamType::Float, json!(1.0), "custom: multiplicative angular margin (SphereFace; real, (0, 8])"),
-        ParamSpec::with_default("m2", ParamType::Float, json!(0.5), "custom: additive angular margin"),
-        ParamSpec::with_default("m3", ParamType::Float, json!(0.0), "custom: additive cosine margin"),
-        ParamSpec::with_default("margin_variant", ParamType::Enum(&["straight-through", "differentiable", "easy-margin"]), json!("straight-through"),
-            "how the angular margin enters the gradient (see docs/training.md)"),
-        ParamSpec::with_default("scale", ParamType::Float, json!(64.0), "logit scale s"),
-        ParamSpec::with_default("sphere_lambda_base", ParamType::Float, json!(1000.0), "SphereFace (m1 ≠ 1): λ = max(min, base·(1+gamma·iter)^-power) blends cos θ into ψ(θ)"),
-        ParamSpec::with_default("sphere_lambda_gamma", ParamType::Float, json!(0.12), "SphereFace: λ decay rate"),
-        ParamSpec::with_default("sphere_lambda_power", ParamType::Float, json!(1.0), "SphereFace: λ decay power"),
-        ParamSpec::with_default("sphere_lambda_min", ParamType::Float, json!(5.0), "SphereFace: λ floor"),
-        ParamSpec::with_default("center_lambda", ParamType::Float, json!(0.003), "center: weight λ of λ/2·‖x − c_y‖²"),
-        ParamSpec::with_default("center_alpha", ParamType::Float, json!(0.5), "center: centre update rate α"),
-        ParamSpec::with_default("triplet_margin", ParamType::Float, json!(0.2), "triplet: hinge margin on squared distances of normalised embeddings"),
-        ParamSpec::with_default("triplet_mining", ParamType::Enum(&["semi-hard", "batch-hard"]), json!("semi-hard"), "triplet: online selection (FaceNet semi-hard, or batch-hard)"),
-        ParamSpec::with_default("triplet_k", ParamType::Int, json!(4), "triplet: images per identity K in a batch (P = batch_size / K)"),
-        ParamSpec::with_default("interclass_threshold", ParamType::Float, json!(0.0), "zero non-target cosines above this (0 = off)"),
-        ParamSpec::with_default("sample_rate", ParamType::Float, json!(1.0), "PartialFC: fraction of class centres per step"),
-        ParamSpec::with_default("optimizer", ParamType::Enum(&["sgd", "adamw"]), json!("sgd"), "optimiser"),
-        ParamSpec::with_default("lr", ParamType::Float, json!(0.1), "peak learning rate"),
-        ParamSpec::with_default("momentum", ParamType::Float, json!(0.9), "SGD momentum"),
-        ParamSpec::with_default("weight_decay", ParamType::Float, json!(5e-4), "weight decay"),
-        ParamSpec::with_default("no_decay_bn", ParamType::Bool, json!(false), "no weight decay on BN/PReLU/bias"),
-        ParamSpec::with_default("epochs", ParamType::Float, json!(20.0), "training length in epochs (unless steps > 0)"),
-        ParamSpec::with_default("steps", ParamType::Int, json!(0), "training length in steps (overrides epochs)"),
-        ParamSpec::with_default("warmup_epochs", ParamType::Float, json!(0.0), "linear warm-up, in epochs"),
-        ParamSpec::with_default("batch_size", ParamType::Int, json!(128), "images per step"),
-        ParamSpec::with_default("grad_clip", ParamType::Float, json!(5.0), "backbone gradient-norm clip (0 = off)"),
-        ParamSpec::with_default("flip", ParamType::Bool, json!(true), "random horizontal flip"),
-        ParamSpec::with_default("seed", ParamType::Int, json!(0), "seed of initialisation, order, flips and sampling"),
-        ParamSpec::with_default("checkpoint_every", ParamType::Int, json!(200), "checkpoint every N steps").volatile(),
-        ParamSpec::with_default("reactivation", ParamType::Enum(&["none", "scaled-random", "craft"]), json!("none"),
-            "re-initialise inactive first-layer filters (CRAFT; see docs/training.md)"),
-        ParamSpec::with_default("reactivation_tau", ParamType::Float, json!(0.1), "inactive when ||W_i|| < tau * max_j ||W_j||"),
-        ParamSpec::with_default("reactivation_threshold", ParamType::Float, json!(0.0), "absolute activity threshold; > 0 replaces tau"),
-        ParamSpec::with_default("reactivation_every", ParamType::Int, json!(1), "check at the end of every N epochs"),
-        ParamSpec::with_default("reactivation_quiet", ParamType::Float, json!(0.2), "no reactivation in this last fraction of training"),
-        ParamSpec::with_default("reactivation_same_cos", ParamType::Float, json!(0.9), "|cos| at or above which filters are the same pattern"),
-        ParamSpec::with_default("reactivation_perturb", ParamType::Float, json!(0.05), "relative noise on repeated CRAFT complements"),
-    ]);
-    v
+kind_params! {
+    /// Parameters of `train` (and the first ones of `distil`).
+    pub struct TrainParams {
+        ..arch: BackboneParams;
+        loss: String = Enum(LOSSES), default "arcface",
+            "arcface (1,0.5,0), cosface (1,0,0.4), combined (1,0.3,0.2), sphereface (4,0,0), norm-softmax (1,0,0), custom (m1/m2/m3); softmax, center, triplet (see docs/training.md)";
+        m1: f64 = Float, default 1.0,
+            "custom: multiplicative angular margin (SphereFace; real, (0, 8])";
+        m2: f64 = Float, default 0.5, "custom: additive angular margin";
+        m3: f64 = Float, default 0.0, "custom: additive cosine margin";
+        margin_variant: String =
+            Enum(&["straight-through", "differentiable", "easy-margin"]),
+            default "straight-through",
+            "how the angular margin enters the gradient (see docs/training.md)";
+        scale: f64 = Float, default 64.0, "logit scale s";
+        sphere_lambda_base: f64 = Float, default 1000.0,
+            "SphereFace (m1 ≠ 1): λ = max(min, base·(1+gamma·iter)^-power) blends cos θ into ψ(θ)";
+        sphere_lambda_gamma: f64 = Float, default 0.12, "SphereFace: λ decay rate";
+        sphere_lambda_power: f64 = Float, default 1.0, "SphereFace: λ decay power";
+        sphere_lambda_min: f64 = Float, default 5.0, "SphereFace: λ floor";
+        center_lambda: f64 = Float, default 0.003, "center: weight λ of λ/2·‖x − c_y‖²";
+        center_alpha: f64 = Float, default 0.5, "center: centre update rate α";
+        triplet_margin: f64 = Float, default 0.2,
+            "triplet: hinge margin on squared distances of normalised embeddings";
+        triplet_mining: String = Enum(&["semi-hard", "batch-hard"]), default "semi-hard",
+            "triplet: online selection (FaceNet semi-hard, or batch-hard)";
+        triplet_k: i64 = Int, default 4,
+            "triplet: images per identity K in a batch (P = batch_size / K)";
+        interclass_threshold: f64 = Float, default 0.0,
+            "zero non-target cosines above this (0 = off)";
+        sample_rate: f64 = Float, default 1.0, "PartialFC: fraction of class centres per step";
+        optimizer: String = Enum(&["sgd", "adamw"]), default "sgd", "optimiser";
+        lr: f64 = Float, default 0.1, "peak learning rate";
+        momentum: f64 = Float, default 0.9, "SGD momentum";
+        weight_decay: f64 = Float, default 5e-4, "weight decay";
+        no_decay_bn: bool = Bool, default false, "no weight decay on BN/PReLU/bias";
+        epochs: f64 = Float, default 20.0, "training length in epochs (unless steps > 0)";
+        steps: i64 = Int, default 0, "training length in steps (overrides epochs)";
+        warmup_epochs: f64 = Float, default 0.0, "linear warm-up, in epochs";
+        batch_size: i64 = Int, default 128, "images per step";
+        grad_clip: f64 = Float, default 5.0, "backbone gradient-norm clip (0 = off)";
+        flip: bool = Bool, default true, "random horizontal flip";
+        seed: i64 = Int, default 0, "seed of initialisation, order, flips and sampling";
+        checkpoint_every: i64 = Int, default 200, volatile, "checkpoint every N steps";
+        reactivation: String = Enum(&["none", "scaled-random", "craft"]), default "none",
+            "re-initialise inactive first-layer filters (CRAFT; see docs/training.md)";
+        reactivation_tau: f64 = Float, default 0.1,
+            "inactive when ||W_i|| < tau * max_j ||W_j||";
+        reactivation_threshold: f64 = Float, default 0.0,
+            "absolute activity threshold; > 0 replaces tau";
+        reactivation_every: i64 = Int, default 1, "check at the end of every N epochs";
+        reactivation_quiet: f64 = Float, default 0.2,
+            "no reactivation in this last fraction of training";
+        reactivation_same_cos: f64 = Float, default 0.9,
+            "|cos| at or above which filters are the same pattern";
+        reactivation_perturb: f64 = Float, default 0.05,
+            "relative noise on repeated CRAFT complements";
+    }
 }
 
-fn reactivation_from(p: &BTreeMap<String, Value>) -> Result<ReactivationConfig, String> {
-    let d = ReactivationConfig::default();
-    let f = |k: &str, v: f64| p.get(k).and_then(|x| x.as_f64()).unwrap_or(v);
-    let mode = match p
-        .get("reactivation")
-        .and_then(|v| v.as_str())
-        .unwrap_or("none")
-    {
-        "scaled-random" => ReactivationMode::ScaledRandom,
-        "craft" => ReactivationMode::Craft,
-        _ => ReactivationMode::None,
-    };
-    let every = p
-        .get("reactivation_every")
-        .and_then(|v| v.as_i64())
-        .unwrap_or(1);
-    let cfg = ReactivationConfig {
-        mode,
-        tau: f("reactivation_tau", d.tau),
-        threshold: f("reactivation_threshold", d.threshold),
-        every: every.max(0) as u64,
-        quiet: f("reactivation_quiet", d.quiet),
-        same_cos: f("reactivation_same_cos", d.same_cos),
-        perturb: f("reactivation_perturb", d.perturb),
-    };
-    cfg.validate()?;
-    Ok(cfg)
+kind_params! {
+    /// Parameters of `distil`: those of `train`, and the weight of the distillation loss.
+    pub struct DistilParams {
+        ..train: TrainParams;
+        alpha: f64 = Float, default 7.0, "weight of the angular distillation loss";
+    }
+}
+
+kind_params! {
+    /// Parameters of `import-model`.
+    pub struct ImportModelParams {
+        ..arch: BackboneParams;
+        weights: String = Path { companions: &[] }, required, "the .pth (or .safetensors) file";
+    }
+}
+
+kind_params! {
+    /// Parameters of `embed`.
+    pub struct EmbedParams {
+        batch_size: i64 = Int, default 64, volatile, "images per forward pass";
+        flip: bool = Bool, default true, "add the embedding of the flipped image";
+    }
 }
 
 const LOSSES: &[&str] = &[
@@ -169,134 +149,138 @@ const LOSSES: &[&str] = &[
     "triplet",
 ];
 
-fn margin_from(p: &BTreeMap<String, Value>) -> Result<MarginConfig, String> {
-    let f = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
-    let (m1, m2, m3) = match p.get("loss").and_then(|v| v.as_str()).unwrap_or("arcface") {
-        "arcface" => (1.0, 0.5, 0.0),
-        "cosface" => (1.0, 0.0, 0.4),
-        "combined" => (1.0, 0.3, 0.2),
-        "sphereface" => (4.0, 0.0, 0.0),
-        "custom" => (f("m1", 1.0), f("m2", 0.5), f("m3", 0.0)),
-        // norm-softmax; softmax, center and triplet do not use the margin head.
-        _ => (1.0, 0.0, 0.0),
-    };
-    let d = LambdaSchedule::default();
-    let sphere_lambda = (m1 != 1.0).then(|| LambdaSchedule {
-        base: f("sphere_lambda_base", d.base),
-        gamma: f("sphere_lambda_gamma", d.gamma),
-        power: f("sphere_lambda_power", d.power),
-        min: f("sphere_lambda_min", d.min),
-    });
-    let variant = match p.get("margin_variant").and_then(|v| v.as_str()) {
-        Some("differentiable") => MarginVariant::Differentiable,
-        Some("easy-margin") => MarginVariant::EasyMargin,
-        _ => MarginVariant::StraightThrough,
-    };
-    let cfg = MarginConfig {
-        s: f("scale", 64.0),
-        m1,
-        m2,
-        m3,
-        variant,
-        interclass_threshold: f("interclass_threshold", 0.0),
-        sphere_lambda,
-    };
-    cfg.validate().map_err(|e| e.to_string())?;
-    Ok(cfg)
-}
+impl TrainParams {
+    fn reactivation(&self) -> Result<ReactivationConfig, String> {
+        let mode = match self.reactivation.as_str() {
+            "scaled-random" => ReactivationMode::ScaledRandom,
+            "craft" => ReactivationMode::Craft,
+            _ => ReactivationMode::None,
+        };
+        let cfg = ReactivationConfig {
+            mode,
+            tau: self.reactivation_tau,
+            threshold: self.reactivation_threshold,
+            every: self.reactivation_every.max(0) as u64,
+            quiet: self.reactivation_quiet,
+            same_cos: self.reactivation_same_cos,
+            perturb: self.reactivation_perturb,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
 
-fn objective_from(p: &BTreeMap<String, Value>) -> Result<ObjectiveConfig, String> {
-    let f = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
-    let cfg = match p.get("loss").and_then(|v| v.as_str()).unwrap_or("arcface") {
-        "softmax" => ObjectiveConfig::Softmax,
-        "center" => ObjectiveConfig::Center {
-            lambda: f("center_lambda", 0.003),
-            alpha: f("center_alpha", 0.5),
-        },
-        "triplet" => ObjectiveConfig::Triplet {
-            margin: f("triplet_margin", 0.2),
-            mining: match p.get("triplet_mining").and_then(|v| v.as_str()) {
-                Some("batch-hard") => Mining::BatchHard,
-                _ => Mining::SemiHard,
+    fn margin(&self) -> Result<MarginConfig, String> {
+        let (m1, m2, m3) = match self.loss.as_str() {
+            "arcface" => (1.0, 0.5, 0.0),
+            "cosface" => (1.0, 0.0, 0.4),
+            "combined" => (1.0, 0.3, 0.2),
+            "sphereface" => (4.0, 0.0, 0.0),
+            "custom" => (self.m1, self.m2, self.m3),
+            // norm-softmax; softmax, center and triplet do not use the margin head.
+            _ => (1.0, 0.0, 0.0),
+        };
+        let sphere_lambda = (m1 != 1.0).then_some(LambdaSchedule {
+            base: self.sphere_lambda_base,
+            gamma: self.sphere_lambda_gamma,
+            power: self.sphere_lambda_power,
+            min: self.sphere_lambda_min,
+        });
+        let variant = match self.margin_variant.as_str() {
+            "differentiable" => MarginVariant::Differentiable,
+            "easy-margin" => MarginVariant::EasyMargin,
+            _ => MarginVariant::StraightThrough,
+        };
+        let cfg = MarginConfig {
+            s: self.scale,
+            m1,
+            m2,
+            m3,
+            variant,
+            interclass_threshold: self.interclass_threshold,
+            sphere_lambda,
+        };
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    fn objective(&self) -> Result<ObjectiveConfig, String> {
+        let cfg = match self.loss.as_str() {
+            "softmax" => ObjectiveConfig::Softmax,
+            "center" => ObjectiveConfig::Center {
+                lambda: self.center_lambda,
+                alpha: self.center_alpha,
             },
-            per_identity: p
-                .get("triplet_k")
-                .and_then(|v| v.as_i64())
-                .unwrap_or(4)
-                .clamp(0, 1 << 20) as usize,
-        },
-        _ => ObjectiveConfig::Margin,
-    };
-    let bs = p
-        .get("batch_size")
-        .and_then(|v| v.as_i64())
-        .unwrap_or(128)
-        .clamp(0, 1 << 30) as usize;
-    cfg.validate(bs, f("sample_rate", 1.0))
-        .map_err(|e| e.to_string())?;
-    Ok(cfg)
-}
+            "triplet" => ObjectiveConfig::Triplet {
+                margin: self.triplet_margin,
+                mining: match self.triplet_mining.as_str() {
+                    "batch-hard" => Mining::BatchHard,
+                    _ => Mining::SemiHard,
+                },
+                per_identity: self.triplet_k.clamp(0, 1 << 20) as usize,
+            },
+            _ => ObjectiveConfig::Margin,
+        };
+        let bs = self.batch_size.clamp(0, 1 << 30) as usize;
+        cfg.validate(bs, self.sample_rate)
+            .map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
 
-fn check_train_params(p: &BTreeMap<String, Value>) -> Result<(), String> {
-    backbone_from(p)?;
-    margin_from(p)?;
-    reactivation_from(p)?;
-    objective_from(p)?;
-    let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-    if !(f("sample_rate") > 0.0 && f("sample_rate") <= 1.0) {
-        return Err("sample_rate must lie in (0, 1]".into());
+    fn check(&self) -> Result<(), String> {
+        self.arch.config()?;
+        self.margin()?;
+        self.reactivation()?;
+        self.objective()?;
+        if !(self.sample_rate > 0.0 && self.sample_rate <= 1.0) {
+            return Err("sample_rate must lie in (0, 1]".into());
+        }
+        if self.lr <= 0.0 {
+            return Err("lr must be > 0".into());
+        }
+        if self.batch_size < 2 {
+            return Err("batch_size must be at least 2".into());
+        }
+        if self.epochs <= 0.0 && self.steps <= 0 {
+            return Err("give epochs > 0 or steps > 0".into());
+        }
+        Ok(())
     }
-    if f("lr") <= 0.0 {
-        return Err("lr must be > 0".into());
-    }
-    if p.get("batch_size").and_then(|v| v.as_i64()).unwrap_or(0) < 2 {
-        return Err("batch_size must be at least 2".into());
-    }
-    if f("epochs") <= 0.0 && p.get("steps").and_then(|v| v.as_i64()).unwrap_or(0) <= 0 {
-        return Err("give epochs > 0 or steps > 0".into());
-    }
-    Ok(())
-}
 
-fn config_from(ctx: &StageContext, n_images: usize) -> Result<(TrainConfig, u64), StageError> {
-    let backbone = backbone_from(&ctx.params).map_err(StageError::msg)?;
-    let margin = margin_from(&ctx.params).map_err(StageError::msg)?;
-    let objective = objective_from(&ctx.params).map_err(StageError::msg)?;
-    let bs = ctx.param_i64("batch_size")?.max(2) as usize;
-    let steps_per_epoch = (n_images as f64 / bs as f64).max(1.0);
-    let steps = match ctx.param_i64("steps")? {
-        s if s > 0 => s as u64,
-        _ => (ctx.param_f64("epochs")? * steps_per_epoch).ceil() as u64,
-    };
-    let warmup = (ctx.param_f64("warmup_epochs")? * steps_per_epoch).round() as u64;
-    let cfg = TrainConfig {
-        backbone,
-        margin,
-        objective,
-        sample_rate: ctx.param_f64("sample_rate")?,
-        optimizer: if ctx.param_str("optimizer")? == "adamw" {
-            OptimizerKind::Adamw
-        } else {
-            OptimizerKind::Sgd
-        },
-        lr: ctx.param_f64("lr")?,
-        momentum: ctx.param_f64("momentum")?,
-        weight_decay: ctx.param_f64("weight_decay")?,
-        no_decay_bn: ctx.param_bool("no_decay_bn")?,
-        steps,
-        warmup_steps: warmup.min(steps),
-        batch_size: bs,
-        grad_clip: ctx.param_f64("grad_clip")?,
-        flip: ctx.param_bool("flip")?,
-        seed: ctx.param_i64("seed")? as u64,
-        distil_alpha: ctx
-            .params
-            .get("alpha")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(0.0),
-        reactivation: reactivation_from(&ctx.params).map_err(StageError::msg)?,
-    };
-    Ok((cfg, ctx.param_i64("checkpoint_every")?.max(0) as u64))
+    /// The training configuration for `n_images` images and the distillation weight `alpha`,
+    /// with the checkpoint interval.
+    fn config(&self, n_images: usize, alpha: f64) -> Result<(TrainConfig, u64), String> {
+        let bs = self.batch_size.max(2) as usize;
+        let steps_per_epoch = (n_images as f64 / bs as f64).max(1.0);
+        let steps = match self.steps {
+            s if s > 0 => s as u64,
+            _ => (self.epochs * steps_per_epoch).ceil() as u64,
+        };
+        let warmup = (self.warmup_epochs * steps_per_epoch).round() as u64;
+        let cfg = TrainConfig {
+            backbone: self.arch.config()?,
+            margin: self.margin()?,
+            objective: self.objective()?,
+            sample_rate: self.sample_rate,
+            optimizer: if self.optimizer == "adamw" {
+                OptimizerKind::Adamw
+            } else {
+                OptimizerKind::Sgd
+            },
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            no_decay_bn: self.no_decay_bn,
+            steps,
+            warmup_steps: warmup.min(steps),
+            batch_size: bs,
+            grad_clip: self.grad_clip,
+            flip: self.flip,
+            seed: self.seed as u64,
+            distil_alpha: alpha,
+            reactivation: self.reactivation()?,
+        };
+        Ok((cfg, self.checkpoint_every.max(0) as u64))
+    }
 }
 
 pub(crate) fn data_id(dir: &Path, n: usize, classes: usize) -> Value {
@@ -307,11 +291,16 @@ pub(crate) fn data_id(dir: &Path, n: usize, classes: usize) -> Value {
     })
 }
 
-/// Shared body of `train` and `distil`.
-fn run_training(ctx: &mut StageContext, teacher_port: Option<&str>) -> Result<(), StageError> {
+/// Shared body of `train` and `distil` (`alpha`: weight of the distillation loss).
+fn run_training(
+    ctx: &mut StageContext,
+    params: &TrainParams,
+    alpha: f64,
+    teacher_port: Option<&str>,
+) -> Result<(), StageError> {
     let data_dir = ctx.input("dataset")?.to_path_buf();
     let data = PackedDataset::open(&data_dir).map_err(TrainError::from)?;
-    let (cfg, every) = config_from(ctx, data.len())?;
+    let (cfg, every) = params.config(data.len(), alpha).map_err(StageError::msg)?;
     let device = super::device(ctx)?;
     let teacher = match teacher_port {
         Some(port) => {
@@ -446,14 +435,15 @@ impl Stage for TrainStage {
                 PortSpec::new("model", "model", "weights, model card and class centres"),
                 PortSpec::new("report", "report", "loss/lr curve (CSV, PNG) and summary"),
             ],
-            params: train_params(),
+            params: TrainParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        check_train_params(p)
+        TrainParams::from_params(p)?.check()
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        run_training(ctx, None)
+        let p = TrainParams::from_params(&ctx.params).map_err(StageError::msg)?;
+        run_training(ctx, &p, 0.0, None)
     }
 }
 
@@ -477,13 +467,6 @@ impl Stage for DistilStage {
         "train a student with margin loss + alpha * angular distillation to a teacher"
     }
     fn signature(&self) -> StageSignature {
-        let mut params = train_params();
-        params.push(ParamSpec::with_default(
-            "alpha",
-            ParamType::Float,
-            json!(7.0),
-            "weight of the angular distillation loss",
-        ));
         StageSignature {
             inputs: vec![
                 PortSpec::new("dataset", "dataset", "packed training set"),
@@ -498,18 +481,20 @@ impl Stage for DistilStage {
                 ),
                 PortSpec::new("report", "report", "loss/lr curve (CSV, PNG) and summary"),
             ],
-            params,
+            params: DistilParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        check_train_params(p)?;
-        if p.get("alpha").and_then(|v| v.as_f64()).unwrap_or(0.0) < 0.0 {
+        let p = DistilParams::from_params(p)?;
+        p.train.check()?;
+        if p.alpha < 0.0 {
             return Err("alpha must be >= 0".into());
         }
         Ok(())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        run_training(ctx, Some("teacher"))
+        let p = DistilParams::from_params(&ctx.params).map_err(StageError::msg)?;
+        run_training(ctx, &p.train, p.alpha, Some("teacher"))
     }
 }
 
@@ -527,24 +512,19 @@ impl Stage for ImportModelStage {
         "import an insightface PyTorch .pth state dict (iresnet, mobilefacenet) as a model"
     }
     fn signature(&self) -> StageSignature {
-        let mut params = backbone_params();
-        params.push(ParamSpec::required(
-            "weights",
-            ParamType::Path { companions: &[] },
-            "the .pth (or .safetensors) file",
-        ));
         StageSignature {
             inputs: vec![],
             outputs: vec![PortSpec::new("model", "model", "weights and model card")],
-            params,
+            params: ImportModelParams::specs(),
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        backbone_from(p).map(|_| ())
+        ImportModelParams::from_params(p)?.arch.config().map(|_| ())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let cfg = backbone_from(&ctx.params).map_err(StageError::msg)?;
-        let path = ctx.param_str("weights")?.to_string();
+        let p = ImportModelParams::from_params(&ctx.params).map_err(StageError::msg)?;
+        let cfg = p.arch.config().map_err(StageError::msg)?;
+        let path = p.weights;
         let store = ParamStore::new(0);
         Backbone::new(&cfg, store.vb(&Device::Cpu).pp("backbone")).map_err(TrainError::from)?;
         load_model_weights(&store, "backbone.", Path::new(&path))?;
@@ -589,29 +569,16 @@ impl Stage for EmbedStage {
                 "embeddings",
                 "embeddings.safetensors (embeddings [N, D], labels [N])",
             )],
-            params: vec![
-                ParamSpec::with_default(
-                    "batch_size",
-                    ParamType::Int,
-                    json!(64),
-                    "images per forward pass",
-                )
-                .volatile(),
-                ParamSpec::with_default(
-                    "flip",
-                    ParamType::Bool,
-                    json!(true),
-                    "add the embedding of the flipped image",
-                ),
-            ],
+            params: EmbedParams::specs(),
         }
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let dev = super::device(ctx)?;
         let model = load_model(ctx.input("model")?, &dev)?;
         let data = PackedDataset::open(ctx.input("dataset")?).map_err(TrainError::from)?;
-        let bs = ctx.param_i64("batch_size")?.max(1) as usize;
-        let flip = ctx.param_bool("flip")?;
+        let p = EmbedParams::from_params(&ctx.params).map_err(StageError::msg)?;
+        let bs = p.batch_size.max(1) as usize;
+        let flip = p.flip;
         let sink = &*ctx;
         let emb = with_threads(ctx.threads, || {
             embed_all(&model, &data, bs, flip, &dev, &|d, t| {
