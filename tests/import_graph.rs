@@ -237,7 +237,7 @@ impl Crate {
     /// followed through one `pub use` of that module.
     fn resolve(&self, abs: &[String]) -> ModPath {
         let mut k = abs.len();
-        while k > 0 && !self.files.contains_key(&abs[..k].to_vec()) {
+        while k > 0 && !self.files.contains_key(&abs[..k]) {
             k -= 1;
         }
         let module: ModPath = abs[..k].to_vec();
@@ -246,7 +246,7 @@ impl Crate {
                 if path.last() == Some(name) {
                     if let Some(target) = self.absolute(&module, &path) {
                         let mut j = target.len();
-                        while j > 0 && !self.files.contains_key(&target[..j].to_vec()) {
+                        while j > 0 && !self.files.contains_key(&target[..j]) {
                             j -= 1;
                         }
                         return target[..j].to_vec();
