@@ -301,6 +301,19 @@ pub fn id_of_entries(entries: &[TreeEntry]) -> ArtifactId {
     ArtifactId(*h.finalize().as_bytes())
 }
 
+/// Bytes of the files under `path` (0 where it cannot be read): what removing it frees.
+pub fn tree_size(path: &Path) -> u64 {
+    walk(path)
+        .map(|files| {
+            files
+                .iter()
+                .filter_map(|(_, abs, _)| std::fs::metadata(abs).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ mod memo;
 mod store;
 
 pub use check::{CheckDepth, Damage};
-pub use hash::{hash_file, tree_id, walk, ArtifactId, TreeEntry};
+pub use hash::{hash_file, tree_id, tree_size, walk, ArtifactId, TreeEntry};
 pub use lock::{KeyLock, StoreLock};
 pub use memo::PathHasher;
 pub use store::{

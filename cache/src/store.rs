@@ -11,7 +11,7 @@
 //! ROOT/memo/paths           stat memo of user files (local speed-up, never shared)
 //! ```
 
-use crate::hash::{tree_id, walk, ArtifactId, TreeEntry};
+use crate::hash::{tree_id, tree_size, walk, ArtifactId, TreeEntry};
 use crate::lock::{KeyLock, StoreLock};
 use crate::{io_err, CacheError, Result};
 use serde::{Deserialize, Serialize};
@@ -795,18 +795,6 @@ fn remove_tree(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(_) => std::fs::remove_dir_all(path).map_err(io_err(path)),
     }
-}
-
-fn tree_size(path: &Path) -> u64 {
-    walk(path)
-        .map(|files| {
-            files
-                .iter()
-                .filter_map(|(_, abs, _)| std::fs::metadata(abs).ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {

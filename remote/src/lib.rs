@@ -283,48 +283,45 @@ impl Remote {
         }
     }
 
-    /// Ids of the artifacts on the remote, with the size of each pack.
-    pub fn objects(&self) -> Result<BTreeMap<ArtifactId, u64>> {
-        let dir = self.prefix.clone().join("objects");
+    /// Names (without `suffix`) and sizes of the objects under `folder` whose names end in
+    /// `suffix`.
+    fn list_named(&self, folder: &str, suffix: &str) -> Result<Vec<(String, u64)>> {
+        let dir = self.prefix.clone().join(folder);
         let err = self.store_err(&dir);
         self.rt.block_on(async {
-            let mut out = BTreeMap::new();
+            let mut out = Vec::new();
             let mut list = self.store.list(Some(&dir));
             while let Some(meta) = list.next().await {
                 let meta = meta.map_err(&err)?;
-                if let Some(id) = meta
+                if let Some(name) = meta
                     .location
                     .filename()
-                    .and_then(|n| n.strip_suffix(".pack"))
-                    .and_then(|h| h.parse::<ArtifactId>().ok())
+                    .and_then(|n| n.strip_suffix(suffix))
                 {
-                    out.insert(id, meta.size);
+                    out.push((name.to_string(), meta.size));
                 }
             }
             Ok(out)
         })
     }
 
+    /// Ids of the artifacts on the remote, with the size of each pack.
+    pub fn objects(&self) -> Result<BTreeMap<ArtifactId, u64>> {
+        Ok(self
+            .list_named("objects", ".pack")?
+            .into_iter()
+            .filter_map(|(name, size)| Some((name.parse::<ArtifactId>().ok()?, size)))
+            .collect())
+    }
+
     /// Keys of the action records on the remote.
     pub fn action_keys(&self) -> Result<HashSet<String>> {
-        let dir = self.prefix.clone().join("actions");
-        let err = self.store_err(&dir);
-        self.rt.block_on(async {
-            let mut out = HashSet::new();
-            let mut list = self.store.list(Some(&dir));
-            while let Some(meta) = list.next().await {
-                let meta = meta.map_err(&err)?;
-                if let Some(key) = meta
-                    .location
-                    .filename()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .filter(|k| valid_key(k))
-                {
-                    out.insert(key.to_string());
-                }
-            }
-            Ok(out)
-        })
+        Ok(self
+            .list_named("actions", ".json")?
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|k| valid_key(k))
+            .collect())
     }
 
     /// Uploads the artifacts `ids` that the remote lacks (read from `store`), then the
@@ -361,7 +358,7 @@ impl Remote {
         }
         let sizes: Vec<u64> = want
             .iter()
-            .map(|id| dir_size(&store.object_path(id)))
+            .map(|id| fpipe_cache::tree_size(&store.object_path(id)))
             .collect();
         progress.start("push", want.len() as u64, sizes.iter().sum());
         let large = tokio::sync::Semaphore::new(LARGE_AT_ONCE);
@@ -803,18 +800,6 @@ fn valid_key(k: &str) -> bool {
         && k.len() <= 200
         && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-fn dir_size(path: &std::path::Path) -> u64 {
-    fpipe_cache::walk(path)
-        .map(|files| {
-            files
-                .iter()
-                .filter_map(|(_, abs, _)| std::fs::metadata(abs).ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// An object_store error on one line, without the request's full debug dump.

@@ -6,10 +6,7 @@
 //! CPU generator cannot be seeded) whose names match the PyTorch state dicts of the
 //! reference definitions, so insightface `.pth` checkpoints load directly.
 
-pub mod iresnet;
-pub mod mobilefacenet;
 pub mod probe;
-pub mod vargfacenet;
 
 use crate::util::rng::SplitMix;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
@@ -667,10 +664,13 @@ pub trait Architecture: Sized {
     fn forward(model: &Self::Model, x: &Tensor, train: bool) -> Result<Tensor>;
 }
 
-/// Declares every backbone: `Variant => module`, where `module::Config` implements
-/// [`Architecture`]. The variant's lowercase name is the `arch` tag of model cards.
+/// Declares every backbone: `Variant => module` declares the module `module` (its file in this
+/// folder), whose `Config` implements [`Architecture`]. The variant's lowercase name is the
+/// `arch` tag of model cards.
 macro_rules! backbones {
     ($($variant:ident => $module:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
         /// Architecture and hyper-parameters of a backbone, tagged by `arch` (as in the model card).
         #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
         #[serde(tag = "arch", rename_all = "lowercase")]
@@ -747,8 +747,8 @@ macro_rules! backbones {
     };
 }
 
-// A new backbone: its file in this folder implementing `Architecture`, its `pub mod` above,
-// and one line here (docs/architecture.md, "Adding a backbone").
+// A new backbone: its file in this folder implementing `Architecture`, and one line here
+// (docs/architecture.md, "Adding a backbone").
 backbones! {
     Iresnet => iresnet,
     Mobilefacenet => mobilefacenet,
