@@ -117,8 +117,8 @@ pub struct RunArgs {
     /// Print a line for every cached stage too.
     #[arg(short, long)]
     pub verbose: bool,
-    /// Remote cache (s3://BUCKET/PREFIX, gs://..., az://..., file:///PATH) to look each stage
-    /// up in before computing it; credentials and endpoints come from the environment
+    /// Remote cache (s3://BUCKET/PREFIX, gs://..., az://..., file:///PATH) whose results are
+    /// pulled before the run starts; credentials and endpoints come from the environment
     /// (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
     #[arg(long, value_name = "URL", env = "FPIPE_REMOTE")]
     pub remote: Option<String>,
