@@ -291,7 +291,8 @@ fn check_stage(def: &StageDef, registry: &Registry) -> Result<PlannedStage, Pipe
         if let Some(c) = comp {
             companions.insert(spec.name.to_string(), c);
         }
-        if !spec.volatile {
+        let unchanged = spec.keyed_if_changed && spec.default.as_ref() == Some(&value);
+        if !spec.volatile && !unchanged {
             key_params.insert(spec.name.to_string(), value.clone());
         }
         params.insert(spec.name.to_string(), value);

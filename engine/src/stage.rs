@@ -103,6 +103,9 @@ pub struct ParamSpec {
     /// When true the parameter does not enter the stage key (e.g. a log interval, a device
     /// choice): changing it never reruns the stage.
     pub volatile: bool,
+    /// When true the parameter enters the key only when its value differs from the default:
+    /// a parameter added to a kind after its keys were in use, so those keys stay the same.
+    pub keyed_if_changed: bool,
 }
 
 impl ParamSpec {
@@ -114,6 +117,7 @@ impl ParamSpec {
             default: None,
             doc,
             volatile: false,
+            keyed_if_changed: false,
         }
     }
     /// A parameter with a default.
@@ -129,11 +133,18 @@ impl ParamSpec {
             default: Some(default),
             doc,
             volatile: false,
+            keyed_if_changed: false,
         }
     }
     /// Marks the parameter as not part of the key.
     pub fn volatile(mut self) -> Self {
         self.volatile = true;
+        self
+    }
+    /// Marks the parameter as part of the key only when it is not its default (see
+    /// [`ParamSpec::keyed_if_changed`]).
+    pub fn keyed_if_changed(mut self) -> Self {
+        self.keyed_if_changed = true;
         self
     }
 }

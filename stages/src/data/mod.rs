@@ -5,6 +5,7 @@
 pub mod align;
 pub mod folder;
 pub mod packed;
+pub mod pairs;
 pub mod pickle;
 pub mod recordio;
 pub mod synth;

@@ -8,6 +8,8 @@ pub mod evaluate;
 pub mod filter;
 pub mod filter_activity;
 pub mod identify;
+pub mod onnx;
+pub mod pairs;
 pub mod params;
 pub mod quality;
 pub mod train;
@@ -37,6 +39,8 @@ pub fn register_all(registry: &mut Registry) {
     registry.register(Arc::new(quality::QaaStage));
     registry.register(Arc::new(quality::QaaScoreStage));
     registry.register(Arc::new(filter::FilterStage));
+    registry.register(Arc::new(onnx::ExportOnnxStage));
+    registry.register(Arc::new(pairs::AllPairsStage));
 }
 
 // Errors of the layers below reach the engine as a stage failure with their message; an

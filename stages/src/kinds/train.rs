@@ -125,7 +125,18 @@ kind_params! {
     /// Parameters of `import-model`.
     pub struct ImportModelParams {
         ..arch: BackboneParams;
-        weights: String = Path { companions: &[] }, required, "the .pth (or .safetensors) file";
+        weights: String = Path { companions: &[] }, required,
+            "the .pth (or .safetensors) file, or the .onnx file with format onnx";
+        format: String = Enum(&["pth", "onnx"]), default "pth", keyed_if_changed,
+            "pth: a state dict for `backbone`; onnx: a face-embedding ONNX graph (docs/onnx.md)";
+        name: String = String, default "", keyed_if_changed,
+            "onnx: the model's name (default: the file name without extension)";
+        colour: String = Enum(&["rgb", "bgr"]), default "rgb", keyed_if_changed,
+            "onnx: channel order the graph takes";
+        mean: f64 = Float, default 127.5, keyed_if_changed,
+            "onnx: subtracted from 0..255 pixel values";
+        scale: f64 = Float, default 0.0078125, keyed_if_changed,
+            "onnx: multiplies the pixel values after the mean (input = (x - mean) * scale)";
     }
 }
 
@@ -498,7 +509,8 @@ impl Stage for DistilStage {
     }
 }
 
-/// `import-model`: a PyTorch state dict (insightface model zoo) as an fpipe model.
+/// `import-model`: a PyTorch state dict (insightface model zoo), or an ONNX graph
+/// ([`super::onnx`]), as an fpipe model.
 pub struct ImportModelStage;
 
 impl Stage for ImportModelStage {
@@ -509,7 +521,7 @@ impl Stage for ImportModelStage {
         1
     }
     fn doc(&self) -> &'static str {
-        "import an insightface PyTorch .pth state dict (iresnet, mobilefacenet) as a model"
+        "import an insightface PyTorch .pth state dict (iresnet, mobilefacenet), or a face-embedding ONNX graph (format: onnx), as a model"
     }
     fn signature(&self) -> StageSignature {
         StageSignature {
@@ -519,10 +531,17 @@ impl Stage for ImportModelStage {
         }
     }
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
-        ImportModelParams::from_params(p)?.arch.config().map(|_| ())
+        let p = ImportModelParams::from_params(p)?;
+        if p.format == "onnx" {
+            return super::onnx::import_options(&p).map(|_| ());
+        }
+        p.arch.config().map(|_| ())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let p = ImportModelParams::from_params(&ctx.params).map_err(StageError::msg)?;
+        if p.format == "onnx" {
+            return super::onnx::import_onnx(ctx, &p);
+        }
         let cfg = p.arch.config().map_err(StageError::msg)?;
         let path = p.weights;
         let store = ParamStore::new(0);

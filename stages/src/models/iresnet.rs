@@ -3,6 +3,7 @@
 //!
 //! Variable names match the PyTorch state dict, so `.pth` checkpoints of the model zoo load.
 
+use super::onnx::export::GraphWriter;
 use super::{
     bn, prelu, scaled, Architecture, BackboneOptions, BatchNorm, Conv, ConvSpec, Linear, PRelu,
 };
@@ -112,6 +113,19 @@ impl Block {
         };
         y + id
     }
+
+    /// The inference graph of [`Self::forward`]: `bn1` stays a BatchNorm (it precedes a padded
+    /// convolution), `bn2`, `bn3` and the downsample BN fold into their convolutions.
+    fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let y = g.batch_norm(x, &self.bn1)?;
+        let y = g.conv(&y, &self.conv1, Some(&self.bn2), Some(&self.prelu))?;
+        let y = g.conv(&y, &self.conv2, Some(&self.bn3), None)?;
+        let id = match &self.downsample {
+            Some((c, b)) => g.conv(x, c, Some(b), None)?,
+            None => x.to_string(),
+        };
+        Ok(g.add(&y, &id))
+    }
 }
 
 /// The IResNet backbone.
@@ -189,6 +203,19 @@ impl Model {
         let x = self.fc.forward(&x)?;
         self.features.forward_t(&x, train)
     }
+
+    /// The inference graph of [`Self::forward`] (`features` folded into `fc`).
+    pub fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let mut x = g.conv(x, &self.conv1, Some(&self.bn1), Some(&self.prelu))?;
+        for blocks in &self.layers {
+            for b in blocks {
+                x = b.export(g, &x)?;
+            }
+        }
+        let x = g.batch_norm(&x, &self.bn2)?;
+        let x = g.flatten(&x);
+        g.linear(&x, &self.fc, Some(&self.features))
+    }
 }
 
 impl Architecture for Config {
@@ -232,6 +259,9 @@ impl Architecture for Config {
     }
     fn forward(model: &Model, x: &Tensor, train: bool) -> Result<Tensor> {
         model.forward(x, train)
+    }
+    fn export(model: &Model, g: &mut GraphWriter, x: &str) -> Result<String> {
+        model.export(g, x)
     }
 }
 

@@ -4,6 +4,7 @@
 //! Variable names match the PyTorch state dict (`layers.N.layers.M...`, `conv_sep`,
 //! `features.layers.{0,2,3}`).
 
+use super::onnx::export::GraphWriter;
 use super::{
     bn, prelu, scaled, Architecture, BackboneOptions, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear,
 };
@@ -103,6 +104,17 @@ impl DepthWise {
             Ok(y)
         }
     }
+    fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let y = cba(g, x, &self.expand)?;
+        let y = cba(g, &y, &self.dw)?;
+        let y = cba(g, &y, &self.project)?;
+        Ok(if self.residual { g.add(&y, x) } else { y })
+    }
+}
+
+/// Conv + BN (folded) + PReLU as one `Conv` (and `PRelu`) node.
+fn cba(g: &mut GraphWriter, x: &str, c: &ConvBnAct) -> Result<String> {
+    g.conv(x, &c.conv, Some(&c.bn), c.act.as_ref())
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -121,6 +133,19 @@ impl Layer {
                 let mut x = x.clone();
                 for d in v {
                     x = d.forward(&x, train)?;
+                }
+                Ok(x)
+            }
+        }
+    }
+    fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        match self {
+            Layer::Conv(c) => cba(g, x, c),
+            Layer::Dw(d) => d.export(g, x),
+            Layer::Residual(v) => {
+                let mut x = x.to_string();
+                for d in v {
+                    x = d.export(g, &x)?;
                 }
                 Ok(x)
             }
@@ -233,6 +258,19 @@ impl Model {
         let x = candle_core::Module::forward(&self.linear, &x)?;
         self.bn.forward_t(&x, train)
     }
+
+    /// The inference graph of [`Self::forward`]; every BatchNorm folds into the convolution
+    /// or linear layer before it.
+    pub fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let mut x = x.to_string();
+        for l in &self.layers {
+            x = l.export(g, &x)?;
+        }
+        let x = cba(g, &x, &self.conv_sep)?;
+        let x = cba(g, &x, &self.gdc)?;
+        let x = g.flatten(&x);
+        g.linear(&x, &self.linear, Some(&self.bn))
+    }
 }
 
 impl Architecture for Config {
@@ -263,6 +301,9 @@ impl Architecture for Config {
     }
     fn forward(model: &Model, x: &Tensor, train: bool) -> Result<Tensor> {
         model.forward(x, train)
+    }
+    fn export(model: &Model, g: &mut GraphWriter, x: &str) -> Result<String> {
+        model.export(g, x)
     }
 }
 

@@ -662,6 +662,9 @@ pub trait Architecture: Sized {
     fn build(&self, vb: VarBuilder) -> Result<Self::Model>;
     /// Embeddings `[B, num_features]` of normalised NCHW input.
     fn forward(model: &Self::Model, x: &Tensor, train: bool) -> Result<Tensor>;
+    /// Writes the inference graph of `model` (as `forward` in eval mode) after the value `x`
+    /// into `g`; returns the name of the embedding value (`export-onnx`).
+    fn export(model: &Self::Model, g: &mut onnx::export::GraphWriter, x: &str) -> Result<String>;
 }
 
 /// Declares every backbone: `Variant => module` declares the module `module` (its file in this
@@ -743,6 +746,12 @@ macro_rules! backbones {
                     $(Backbone::$variant(m) => <$module::Config as Architecture>::forward(m, x, train),)*
                 }
             }
+            /// Writes the inference graph after value `x` into `g`; returns the embedding's name.
+            pub fn export(&self, g: &mut onnx::export::GraphWriter, x: &str) -> Result<String> {
+                match self {
+                    $(Backbone::$variant(m) => <$module::Config as Architecture>::export(m, g, x),)*
+                }
+            }
         }
     };
 }
@@ -753,6 +762,7 @@ backbones! {
     Iresnet => iresnet,
     Mobilefacenet => mobilefacenet,
     Vargfacenet => vargfacenet,
+    Onnx => onnx,
 }
 
 #[cfg(test)]

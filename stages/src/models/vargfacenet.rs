@@ -5,6 +5,7 @@
 //! The MXNet original has no PyTorch state dict; names here follow a PyTorch re-creation
 //! (`scripts/make_model_fixtures.py`) that counts parameters and FLOPs.
 
+use super::onnx::export::GraphWriter;
 use super::{
     bn, prelu, scaled, Architecture, BackboneOptions, BatchNorm, Conv, ConvBnAct, ConvSpec, Linear,
     Normalisation, PRelu,
@@ -96,6 +97,15 @@ impl Sep {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.pw.forward_t(&self.dw.forward_t(x, train)?, train)
     }
+    fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let y = cba_export(g, x, &self.dw)?;
+        cba_export(g, &y, &self.pw)
+    }
+}
+
+/// Conv + BN (folded) + PReLU as one `Conv` (and `PRelu`) node.
+fn cba_export(g: &mut GraphWriter, x: &str, c: &ConvBnAct) -> Result<String> {
+    g.conv(x, &c.conv, Some(&c.bn), c.act.as_ref())
 }
 
 struct Se {
@@ -127,6 +137,13 @@ impl Se {
             .conv2
             .forward(&self.act.forward(&self.conv1.forward(&p)?)?)?;
         x.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)
+    }
+    fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let p = g.global_average_pool(x);
+        let s = g.conv(&p, &self.conv1, None, Some(&self.act))?;
+        let s = g.conv(&s, &self.conv2, None, None)?;
+        let s = g.sigmoid(&s);
+        Ok(g.mul(x, &s))
     }
 }
 
@@ -183,6 +200,19 @@ impl NormalBlock {
         };
         self.act.forward(&(y + s)?)
     }
+    fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let y1 = self.sep1.export(g, x)?;
+        let mut y = self.sep2.export(g, &y1)?;
+        if let Some(se) = &self.se {
+            y = se.export(g, &y)?;
+        }
+        let s = match &self.shortcut {
+            Some(s) => s.export(g, x)?,
+            None => x.to_string(),
+        };
+        let sum = g.add(&y, &s);
+        g.prelu(&sum, &self.act)
+    }
 }
 
 /// Down-sampling block (`vargnet_branch_merge_block`): two parallel stride-2 seps summed →
@@ -211,6 +241,16 @@ impl MergeBlock {
         let b = (self.branch1.forward(x, train)? + self.branch2.forward(x, train)?)?;
         let y = self.sep2.forward(&self.act1.forward(&b)?, train)?;
         self.act.forward(&(y + self.shortcut.forward(x, train)?)?)
+    }
+    fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let b1 = self.branch1.export(g, x)?;
+        let b2 = self.branch2.export(g, x)?;
+        let b = g.add(&b1, &b2);
+        let b = g.prelu(&b, &self.act1)?;
+        let y = self.sep2.export(g, &b)?;
+        let s = self.shortcut.export(g, x)?;
+        let sum = g.add(&y, &s);
+        g.prelu(&sum, &self.act)
     }
 }
 
@@ -310,6 +350,24 @@ impl Model {
         let x = self.pw.forward_t(&x, train)?.flatten_from(1)?;
         self.fc_bn.forward_t(&self.fc.forward(&x)?, train)
     }
+
+    /// The inference graph of [`Self::forward`]; every BatchNorm folds into the convolution
+    /// or linear layer before it.
+    pub fn export(&self, g: &mut GraphWriter, x: &str) -> Result<String> {
+        let mut x = cba_export(g, x, &self.head_conv)?;
+        x = self.head_block.export(g, &x)?;
+        for (m, normal) in &self.stages {
+            x = m.export(g, &x)?;
+            for b in normal {
+                x = b.export(g, &x)?;
+            }
+        }
+        let x = cba_export(g, &x, &self.convx)?;
+        let x = cba_export(g, &x, &self.dw)?;
+        let x = cba_export(g, &x, &self.pw)?;
+        let x = g.flatten(&x);
+        g.linear(&x, &self.fc, Some(&self.fc_bn))
+    }
 }
 
 impl Architecture for Config {
@@ -348,6 +406,9 @@ impl Architecture for Config {
     }
     fn forward(model: &Model, x: &Tensor, train: bool) -> Result<Tensor> {
         model.forward(x, train)
+    }
+    fn export(model: &Model, g: &mut GraphWriter, x: &str) -> Result<String> {
+        model.export(g, x)
     }
 }
 
