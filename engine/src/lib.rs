@@ -34,6 +34,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod gpu;
 pub mod keys;
 pub mod pipeline;
 pub mod plan;

@@ -21,6 +21,18 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// A command-line choice that cannot work here: reported with exit status 2, nothing run.
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
 pub(super) fn registry() -> Registry {
     #[allow(unused_mut)]
     let mut r = Registry::with_builtins();

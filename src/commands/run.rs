@@ -31,7 +31,8 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
     if let Some(j) = jobs {
         opts.jobs = j as usize;
     }
-    opts.gpus = gpus.map_or_else(default_gpus, |g| g as usize);
+    opts.gpus = gpu_slots(&plan, gpus)?;
+    check_device(&opts.device)?;
     if dry_run {
         print_status(&engine.status(&plan, &opts)?, false);
         return Ok(ExitCode::SUCCESS);
@@ -188,9 +189,63 @@ pub(super) fn print_status(st: &[fpipe_engine::StageStatus], all: bool) {
     println!("{} of {} stages would run", to_run, st.len());
 }
 
-pub(super) fn default_gpus() -> usize {
-    std::env::var("CUDA_VISIBLE_DEVICES")
+/// GPU slots for the run: `--gpus N` when that many GPUs are visible, else every visible one
+/// (the parent's `CUDA_VISIBLE_DEVICES`, else what the driver reports); asking for more than
+/// are visible is bad input.
+fn gpu_slots(plan: &Plan, asked: Option<u64>) -> Result<usize> {
+    use fpipe_engine::gpu;
+    let wanted = plan
+        .stages
+        .iter()
+        .map(|s| s.resources.gpu)
+        .max()
+        .unwrap_or(0);
+    let parent = std::env::var(gpu::CUDA_VISIBLE_DEVICES).ok();
+    // Only ask the driver when it matters: nvidia-smi takes a moment on GPU machines.
+    let driver = if parent.is_none() && (wanted > 0 || asked.is_some_and(|n| n > 0)) {
+        driver_gpu_count()
+    } else {
+        0
+    };
+    let visible = gpu::visible_gpus(parent.as_deref(), driver);
+    let slots = gpu::gpu_slots(asked.map(|n| n as usize), parent.as_deref(), &visible)
+        .map_err(|e| BadInput(e.to_string()))?;
+    if wanted > slots {
+        say_err!(
+            "warning: a stage asks for {wanted} GPU(s) but the run has {slots} GPU slot(s); such stages run with what there is (see --gpus)"
+        );
+    }
+    Ok(slots)
+}
+
+/// GPUs the driver reports (`nvidia-smi -L`), 0 without a driver.
+fn driver_gpu_count() -> usize {
+    std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .stderr(std::process::Stdio::null())
+        .output()
         .ok()
-        .map(|v| v.split(',').filter(|s| !s.trim().is_empty()).count())
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("GPU "))
+                .count()
+        })
         .unwrap_or(0)
+}
+
+/// Checks `--device` before anything runs: a build without CUDA or a machine without a driver
+/// is bad input (exit 2), not a stage failure.
+fn check_device(device: &str) -> Result<()> {
+    #[cfg(feature = "faces")]
+    fpipe_stages::util::device::check_device(device).map_err(|e| BadInput(e.to_string()))?;
+    #[cfg(not(feature = "faces"))]
+    if device != "cpu" {
+        return Err(BadInput(format!(
+            "device `{device}`: this fpipe was built without the face stages (feature `faces`), which are what use a device"
+        ))
+        .into());
+    }
+    Ok(())
 }
