@@ -38,8 +38,15 @@ curl -s -X PUT "http://127.0.0.1:$PORT/bench" -o /dev/null
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
 export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT
 
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); echo "$e - $s" | bc; }
-row() { printf '| %-34s | %8.2f s | %8.2f s |\n' "$1" "$2" "$3"; }
+# t CMD...: "SECONDS PEAK_RSS_MB" of the command (GNU time; DVC's figure is its main process).
+t() {
+    /usr/bin/time -f '%e %M' -o "$WORK/time" "$@" >/dev/null 2>"$WORK/stderr" || { cat "$WORK/stderr" >&2; return 1; }
+    awk '{printf "%s %.0f", $1, $2 / 1024}' "$WORK/time"
+}
+row() { # row LABEL "FPIPE_S FPIPE_MB" "DVC_S DVC_MB"
+    set -- "$1" $2 $3
+    printf '| %-34s | %8.2f s | %5d MB | %8.2f s | %5d MB | %6.1fx |\n' "$1" "$2" "$3" "$4" "$5" "$(echo "$4 / $2" | bc -l)"
+}
 
 # The same bytes for both: N small files, and one large file, each the output of one stage.
 mkdir -p "$WORK/fp" && cd "$WORK/fp"
@@ -64,8 +71,8 @@ cp "$LARGE_FILE" large.bin && chmod u+w large.bin
 echo
 echo "$N files of 1 KiB in one artifact, and one file of $LARGE_MB MB; moto S3 server on loopback"
 echo
-echo "| | fpipe | dvc |"
-echo "|---|---:|---:|"
+echo "| | fpipe | fpipe peak RSS | dvc | dvc peak RSS | dvc / fpipe time |"
+echo "|---|---:|---:|---:|---:|---:|"
 for what in small large; do
     target=$what
     [ "$what" = large ] && target=large.bin

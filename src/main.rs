@@ -118,7 +118,8 @@ pub struct RunArgs {
     #[arg(short, long)]
     pub verbose: bool,
     /// Remote cache (s3://BUCKET/PREFIX, gs://..., az://..., file:///PATH) whose results are
-    /// pulled before the run starts; credentials and endpoints come from the environment
+    /// pulled before the run starts, and looked up by key for stages whose keys are known
+    /// only during the run; credentials and endpoints come from the environment
     /// (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
     #[arg(long, value_name = "URL", env = "FPIPE_REMOTE")]
     pub remote: Option<String>,

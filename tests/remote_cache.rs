@@ -174,6 +174,52 @@ fn file_remote_shares_results_between_two_teams() {
     );
 }
 
+/// `note` changes `prep`'s key but not its bytes, so `slow`'s key is only known once `prep`
+/// has run: the remote is asked for it when `slow` comes up, not only before the run.
+const DOWNSTREAM: &str = r#"params: {note: a}
+stages:
+  prep:
+    uses: shell
+    with: {run: 'echo same > data.txt # {{ params.note }}', outputs: [data.txt]}
+  slow:
+    uses: shell
+    inputs: {d: prep}
+    with: {run: 'cat in/d/data.txt > out.txt; echo computed >> out.txt', outputs: [out.txt]}
+"#;
+
+#[test]
+fn a_stage_whose_key_is_known_only_during_the_run_is_still_fetched() {
+    let remote = tempfile::tempdir().unwrap();
+    let url = file_url(remote.path());
+    let a = team(DOWNSTREAM);
+    let r = a.fpipe(&["run", "p.yaml", "--remote", &url, "--push"]).ok();
+    assert_eq!(r.counts(), (2, 0, 0), "{}", r.stderr);
+    let b = team(DOWNSTREAM);
+    let r = b
+        .fpipe(&["run", "p.yaml", "-p", "note=b", "--remote", &url])
+        .ok();
+    assert_eq!(
+        r.counts(),
+        (1, 1, 0),
+        "prep runs, slow is fetched: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("fetched a stage's result"),
+        "{}",
+        r.stderr
+    );
+    let status = b.fpipe(&["status", "p.yaml", "-p", "note=b"]).ok();
+    assert!(status.stdout.contains("0 of 2"), "{}", status.stdout);
+    let out = b.fpipe(&["out", "slow", "-p", "note=b"]).ok();
+    let text = std::fs::read_to_string(Path::new(out.stdout.trim()).join("out.txt")).unwrap();
+    assert_eq!(text, "same\ncomputed\n");
+    // Without the remote the same run computes both.
+    let c = team(DOWNSTREAM);
+    let r = c.fpipe(&["run", "p.yaml", "-p", "note=b"]).ok();
+    assert_eq!(r.counts(), (2, 0, 0));
+}
+
 #[test]
 fn pull_of_everything_and_push_of_everything() {
     let remote = tempfile::tempdir().unwrap();

@@ -47,7 +47,7 @@ mod util;
 mod yamlpos;
 
 pub use error::{EngineError, PipelineError};
-pub use exec::{Engine, Event, Quiet, Reporter, RunOptions, RunSummary, StageStatus};
+pub use exec::{Engine, Event, Quiet, Reporter, RunOptions, RunSummary, StageStatus, Substituter};
 pub use keys::{KeyParts, StageKey};
 pub use pipeline::{load, Overrides, Pipeline};
 pub use plan::{plan, Plan};

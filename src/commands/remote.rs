@@ -225,3 +225,53 @@ pub(super) fn gc(keep: &HashSet<ArtifactId>, url: &str, yes: bool) -> Result<Exi
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `--remote` as the engine's substituter: the result of a stage whose key became known
+/// during the run (its inputs were computed here) is pulled by key just before it would
+/// compute. After one failed request it stops asking: the rest compute here rather than each
+/// waiting for the same unreachable remote.
+pub(super) struct RemoteSubstituter {
+    remote: Arc<Remote>,
+    failed: AtomicBool,
+}
+
+impl RemoteSubstituter {
+    pub(super) fn new(remote: Arc<Remote>) -> Self {
+        RemoteSubstituter {
+            remote,
+            failed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl fpipe_engine::Substituter for RemoteSubstituter {
+    fn substitute(&self, store: &ArtifactStore, key: &str) -> std::result::Result<bool, String> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let keys = [key.to_string()];
+        match self
+            .remote
+            .pull(store, Some(&keys), &fpipe_remote::NoProgress)
+        {
+            Ok(r) => {
+                if r.actions_copied > 0 {
+                    say_err!(
+                        "fetched a stage's result ({} artifacts, {:.1} MB) from {}",
+                        r.objects_copied,
+                        r.bytes_copied as f64 / 1e6,
+                        self.remote.url()
+                    );
+                }
+                Ok(r.actions_copied > 0)
+            }
+            Err(e) => {
+                self.failed.store(true, Ordering::Relaxed);
+                Err(format!(
+                    "{} (not asked again in this run)",
+                    fpipe_engine::text::visible(&format!("{e:#}"), true)
+                ))
+            }
+        }
+    }
+}

@@ -38,11 +38,18 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
         return Ok(ExitCode::SUCCESS);
     }
     let remote = match &remote {
-        Some(url) => Some(super::remote::open_remote(url)?),
+        Some(url) => Some(Arc::new(super::remote::open_remote(url)?)),
         None => None,
     };
     if let Some(remote) = &remote {
-        fetch_from_remote(&engine, &plan, &opts, remote)?;
+        let reachable = fetch_from_remote(&engine, &plan, &opts, remote)?;
+        // Keys known only once their inputs are computed here are looked up as their stages
+        // come up; a remote that failed just now is not asked again.
+        if reachable {
+            opts.substituter = Some(Arc::new(super::remote::RemoteSubstituter::new(
+                remote.clone(),
+            )));
+        }
     }
     let c = cancel.clone();
     let _ = ctrlc::set_handler(move || {
@@ -112,33 +119,39 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
 /// Before a run with `--remote`: fetches from the remote the results of the stages whose keys
 /// are known and not cached here (repeatedly, as fetched outputs make more keys known). A
 /// remote that cannot be reached, or an object that fails its check, is a warning: those
-/// stages are computed here instead.
+/// stages are computed here instead. False when the remote failed.
 fn fetch_from_remote(
     engine: &Engine,
     plan: &Plan,
     opts: &RunOptions,
     remote: &fpipe_remote::Remote,
-) -> Result<()> {
+) -> Result<bool> {
     let _lock = engine.store.lock_shared()?;
     let bar = super::remote::Bar::new();
     let r = super::remote::pull_for_plan(engine, plan, opts, remote, &bar);
     bar.done();
     match r {
-        Ok(r) if r.actions_copied > 0 => say_err!(
-            "fetched the results of {} stage(s) ({} artifacts, {:.1} MB) from {}",
-            r.actions_copied,
-            r.objects_copied,
-            r.bytes_copied as f64 / 1e6,
-            remote.url()
-        ),
-        Ok(_) => {}
-        Err(e) => say_err!(
-            "warning: fetching from {}: {}\n  the stages it could not supply are computed here",
-            remote.url(),
-            fpipe_engine::text::visible(&format!("{e:#}"), true)
-        ),
+        Ok(r) => {
+            if r.actions_copied > 0 {
+                say_err!(
+                    "fetched the results of {} stage(s) ({} artifacts, {:.1} MB) from {}",
+                    r.actions_copied,
+                    r.objects_copied,
+                    r.bytes_copied as f64 / 1e6,
+                    remote.url()
+                );
+            }
+            Ok(true)
+        }
+        Err(e) => {
+            say_err!(
+                "warning: fetching from {}: {}\n  the stages it could not supply are computed here",
+                remote.url(),
+                fpipe_engine::text::visible(&format!("{e:#}"), true)
+            );
+            Ok(false)
+        }
     }
-    Ok(())
 }
 
 /// `fpipe status`: what `run` would do and why.

@@ -11,7 +11,7 @@ use crate::plan::{Plan, PlannedStage};
 use crate::records::{
     iso8601, now_unix, PipelineState, RunRecord, RunStatus, StageMemory, StageRecord, StageState,
 };
-use fpipe_cache::{ArtifactId, CacheError, PathHasher};
+use fpipe_cache::{ActionRecord, ArtifactId, CacheError, PathHasher};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -217,6 +217,8 @@ struct Scheduler<'r> {
     /// What the next `status` of this pipeline compares with.
     memory: PipelineState,
     hasher: PathHasher,
+    /// Keys already asked of the substituter.
+    substitutes_asked: HashSet<String>,
 }
 
 impl<'r> Scheduler<'r> {
@@ -245,6 +247,7 @@ impl<'r> Scheduler<'r> {
             records: BTreeMap::new(),
             memory,
             hasher: PathHasher::with_memo(&engine.store.memo_path()),
+            substitutes_asked: HashSet::new(),
         }
     }
 
@@ -342,7 +345,11 @@ impl<'r> Scheduler<'r> {
         let key = parts.key();
         let forced = self.force.contains(&i);
         if !forced {
-            if let Some(rec) = self.engine.store.action(&key)? {
+            let mut found = self.engine.store.action(&key)?;
+            if found.is_none() {
+                found = self.substitute(ps, &key)?;
+            }
+            if let Some(rec) = found {
                 let end = Ending {
                     key: Some(key),
                     metrics: metrics_of(&rec.meta),
@@ -380,6 +387,29 @@ impl<'r> Scheduler<'r> {
         self.running.insert(i, grant);
         launch(i, job);
         Ok(true)
+    }
+
+    /// The record of `key` from the substituter, asked once per key and run (a stage waiting
+    /// for slots is tried again on every pass).
+    fn substitute(&mut self, ps: &PlannedStage, key: &str) -> Result<Option<ActionRecord>> {
+        let Some(sub) = &self.opts.substituter else {
+            return Ok(None);
+        };
+        if !self.substitutes_asked.insert(key.to_string()) {
+            return Ok(None);
+        }
+        match sub.substitute(&self.engine.store, key) {
+            Ok(true) => Ok(self.engine.store.action(key)?),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                let message = format!(
+                    "stage `{}`: looking its result up elsewhere failed, so it computes here: {e}",
+                    ps.name()
+                );
+                self.reporter.event(Event::Warning { message: &message });
+                Ok(None)
+            }
+        }
     }
 
     /// Whether something `ps` depends on failed or was skipped, so it cannot run.
