@@ -2,13 +2,17 @@
 //! `gc --remote`, against a `file://` remote and a real S3 API on loopback (the moto server,
 //! see common/s3.rs), with the faults that matter: a corrupted or truncated remote object, a
 //! connection cut in the middle of a download or an upload, a push killed while it hangs, two
-//! pushes of the same artifacts at once. Only `shell` stages, so these run with and without
+//! pushes of the same artifacts at once; and against Azure Blob Storage's emulator (Azurite,
+//! common/azurite.rs). Only `shell` stages, so these run with and without
 //! the face stages; `train_pipeline_*` (faces only) adds a training stage.
 
+#[path = "common/azurite.rs"]
+mod azurite;
 mod common;
 #[path = "common/s3.rs"]
 mod s3;
 
+use azurite::{Azurite, CONTAINER};
 use common::{Project, Run};
 use s3::{Fault, Proxy, BUCKET, S3};
 use std::path::{Path, PathBuf};
@@ -378,6 +382,43 @@ fn remote_gc_is_a_dry_run_until_told() {
         b.fpipe(&["run", "p.yaml", "--remote", &url]).ok().counts(),
         (0, 3, 0)
     );
+}
+
+// ---- against Azure Blob Storage (Azurite) -------------------------------------------------
+
+#[test]
+fn azure_push_pull_run_with_remote_and_gc() {
+    let Some(az) = Azurite::start() else { return };
+    let env = az.env();
+    let url = format!("az://{CONTAINER}/teams");
+    let a = team(PIPE);
+    let r = run_env(&a, &["run", "p.yaml", "--remote", &url, "--push"], &env).ok();
+    assert!(r.stderr.contains("pushed 3 artifacts"), "{}", r.stderr);
+    // A second team computes nothing; a third pulls, then changes `tag` and pushes.
+    let b = team(PIPE);
+    let r = run_env(&b, &["run", "p.yaml", "--remote", &url], &env).ok();
+    assert_eq!(r.counts(), (0, 3, 0), "{}", r.stderr);
+    assert_eq!(local_objects(&a), local_objects(&b));
+    assert_eq!(up_text(&a, &[]), up_text(&b, &[]));
+    let r = run_env(&b, &["cache", "push", &url, "p.yaml"], &env).ok();
+    assert!(r.stdout.contains("pushed 0 artifacts"), "{}", r.stdout);
+    let c = team(PIPE);
+    run_env(&c, &["cache", "pull", &url, "p.yaml"], &env).ok();
+    let r = run_env(
+        &c,
+        &["run", "p.yaml", "-p", "tag=two", "--remote", &url, "--push"],
+        &env,
+    )
+    .ok();
+    assert_eq!(r.counts(), (1, 2, 0), "{}", r.stderr);
+    // gc from c (which ran only tag=two last) keeps its run; the old `upper` goes.
+    let r = run_env(
+        &c,
+        &["gc", "--keep-runs", "1", "--remote", &url, "--yes"],
+        &env,
+    )
+    .ok();
+    assert!(r.stdout.contains("removed 1 artifacts"), "{}", r.stdout);
 }
 
 // ---- against the S3 API -------------------------------------------------------------------
