@@ -84,9 +84,12 @@ impl ParamStore {
         }
     }
 
-    /// What a model built from this store holds for `var`.
-    fn handed_out(&self, var: &Var) -> Tensor {
-        if self.inference {
+    /// What a model built from this store holds for variable `name`. Running statistics stay
+    /// the variable itself even for inference: BatchNorm wraps them with `Var::from_tensor`,
+    /// which would copy a plain tensor, and weights loaded later would then not reach them.
+    /// They never enter the graph (BatchNorm reads them detached).
+    fn handed_out(&self, name: &str, var: &Var) -> Tensor {
+        if self.inference && !is_buffer(name) {
             var.as_tensor().detach()
         } else {
             var.as_tensor().clone()
@@ -223,7 +226,7 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
                     v.shape()
                 );
             }
-            return Ok(self.handed_out(v));
+            return Ok(self.handed_out(name, v));
         }
         let n = s.elem_count();
         let mut rng = SplitMix::new(self.seed ^ name_hash(name));
@@ -244,14 +247,14 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
         };
         let t = Tensor::from_vec(data, s, dev)?.to_dtype(dtype)?;
         let var = Var::from_tensor(&t)?;
-        let out = self.handed_out(&var);
+        let out = self.handed_out(name, &var);
         self.lock().insert(name.to_string(), var);
         Ok(out)
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
         match self.lock().get(name) {
-            Some(v) => Ok(self.handed_out(v)),
+            Some(v) => Ok(self.handed_out(name, v)),
             None => candle_core::bail!("no variable {name}"),
         }
     }
@@ -860,6 +863,13 @@ mod tests {
         let x = seeded_normal(&[2, 3, 32, 32], 0.0, 1.0, 3, &dev);
         let trained = ParamStore::new(5);
         let tb = Backbone::new(&cfg, trained.vb(&dev).pp("backbone")).unwrap();
+        // Running statistics away from their initial 0 and 1, as a trained model has them.
+        for (name, var) in trained.vars() {
+            if is_buffer(&name) {
+                let shifted = (var.as_tensor() * 0.5).unwrap() + 0.25;
+                var.set(&shifted.unwrap()).unwrap();
+            }
+        }
         let frozen = ParamStore::for_inference(0);
         let fb = Backbone::new(&cfg, frozen.vb(&dev).pp("backbone")).unwrap();
         let weights = trained.tensors("backbone.");
