@@ -6,6 +6,7 @@ mod compute;
 mod ending;
 mod keys;
 mod scheduler;
+pub mod slurm;
 mod status;
 
 pub use status::output_path;
@@ -81,6 +82,18 @@ pub struct RunOptions {
     /// full rehash. Default: `Full` when the environment sets `FPIPE_VERIFY_INPUTS` to
     /// `full` (or `1`, `yes`, `true`), else `Stat`.
     pub verify_inputs: CheckDepth,
+    /// Where stages compute: here, or as cluster jobs.
+    pub executor: Executor,
+}
+
+/// Where the stages of a run compute.
+#[derive(Clone, Debug, Default)]
+pub enum Executor {
+    /// On this machine: threads and child processes, within the job and GPU slots.
+    #[default]
+    Local,
+    /// Each stage one Slurm job (`jobs` then bounds the jobs in flight at once).
+    Slurm(slurm::SlurmOptions),
 }
 
 /// The input check asked for by `FPIPE_VERIFY_INPUTS`.
@@ -107,6 +120,7 @@ impl Default for RunOptions {
             device: "cpu".into(),
             cancel: Arc::new(AtomicBool::new(false)),
             verify_inputs: verify_inputs_from_env(),
+            executor: Executor::Local,
         }
     }
 }
