@@ -370,7 +370,7 @@ params: {dir: "."}
 stages:
   slow:
     uses: shell
-    with: {run: "echo s >> {{ params.dir }}/count; sleep 4; echo done > out", outputs: [out]}
+    with: {run: "echo s >> {{ params.dir }}/count; sleep 8; echo done > out", outputs: [out]}
 "#,
     );
     let dir = format!("dir={}", p.path().display());
@@ -379,9 +379,17 @@ stages:
         c,
         &["run", "skill.yaml", "--executor", "slurm", "-p", &dir],
     );
-    wait_running(c, "fpipe:skill:slow", 1);
+    let ids = wait_running(c, "fpipe:skill:slow", 1);
     child.kill().unwrap(); // SIGKILL: no chance to cancel anything
     child.wait().unwrap();
+    // `fpipe status` names the job computing the stage now.
+    let st = fpipe(&p, c, &["status", "skill.yaml", "-p", &dir]).ok();
+    assert!(
+        st.stdout
+            .contains(&format!("slow  running on Slurm: job {} (on ", ids[0])),
+        "{}",
+        st.stdout
+    );
     // The job goes on; a rerun now waits for it instead of submitting another.
     let r = fpipe(
         &p,
