@@ -89,6 +89,9 @@ enum Command {
     Cache(CacheArgs),
     /// List the stage kinds with their ports and parameters.
     Stages(StagesArgs),
+    /// Compute one stage from a job description (what a Slurm job runs on its node).
+    #[command(name = "slurm-job", hide = true)]
+    SlurmJob(commands::slurm::JobArgs),
 }
 
 /// Arguments of `fpipe run`.
@@ -126,6 +129,8 @@ pub struct RunArgs {
     /// After the run, upload to the remote what the pipeline's current state needs.
     #[arg(long, requires = "remote")]
     pub push: bool,
+    #[command(flatten)]
+    pub cluster: Box<commands::slurm::ClusterArgs>,
 }
 
 /// Arguments of `fpipe status`.

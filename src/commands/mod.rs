@@ -4,6 +4,7 @@ mod artifacts;
 mod cache;
 mod remote;
 mod run;
+pub mod slurm;
 mod stages;
 mod validate;
 
@@ -90,5 +91,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Gc(args) => cache::gc(cache, args),
         Command::Cache(args) => cache::cache(cache, registry, args),
         Command::Stages(args) => stages::stages(registry, args),
+        Command::SlurmJob(args) => slurm::job(registry, args),
     }
 }

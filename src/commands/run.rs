@@ -16,9 +16,11 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
         verbose,
         remote,
         push,
+        cluster,
     } = args;
     let plan = load(&pipeline, &registry)?;
-    let store = open_store(&cache_dir(cache, Some(&pipeline.file)))?;
+    let cache_path = cache_dir(cache, Some(&pipeline.file));
+    let store = open_store(&cache_path)?;
     let engine = Engine { store, registry };
     let cancel = Arc::new(AtomicBool::new(false));
     let mut opts = RunOptions {
@@ -31,10 +33,20 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
     if let Some(j) = jobs {
         opts.jobs = j as usize;
     }
-    opts.gpus = gpu_slots(&plan, gpus)?;
-    check_device(&opts.device)?;
+    if !dry_run {
+        opts.executor = cluster.executor(&cache_path)?;
+        if let (fpipe_engine::exec::Executor::Slurm(_), None) = (&opts.executor, jobs) {
+            opts.jobs = super::slurm::MAX_IN_FLIGHT;
+        }
+    }
+    // GPUs and the device are this machine's only for local runs: Slurm places each job on a
+    // node with the GPUs it asks for, and a login node often has none.
+    if matches!(opts.executor, fpipe_engine::exec::Executor::Local) {
+        opts.gpus = gpu_slots(&plan, gpus)?;
+        check_device(&opts.device)?;
+    }
     if dry_run {
-        print_status(&engine.status(&plan, &opts)?, false);
+        print_status(&engine.status(&plan, &opts)?, false, &BTreeMap::new());
         return Ok(ExitCode::SUCCESS);
     }
     let remote = match &remote {
@@ -173,19 +185,54 @@ pub fn status(cache: &Option<PathBuf>, registry: Registry, args: StatusArgs) -> 
     if !json && !changes.is_empty() {
         println!("params changed since the last run: {}", changes.join(", "));
     }
+    // Stages a Slurm job computes now (this controller's or another's).
+    let on_slurm: BTreeMap<String, (String, String)> = st
+        .iter()
+        .filter(|s| s.will_run)
+        .filter_map(|s| {
+            let key = s.key.as_deref()?;
+            fpipe_engine::exec::slurm::running_job(engine.store.root(), key)
+                .map(|j| (s.name.clone(), j))
+        })
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        let mut v = serde_json::to_value(&st)?;
+        if let Some(a) = v.as_array_mut() {
+            for s in a {
+                let name = s["name"].as_str().unwrap_or("").to_string();
+                if let Some((id, node)) = on_slurm.get(&name) {
+                    s["slurm_job"] = serde_json::json!({"id": id, "node": node});
+                }
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print_status(&st, true);
+        print_status(&st, true, &on_slurm);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn print_status(st: &[fpipe_engine::StageStatus], all: bool) {
+pub(super) fn print_status(
+    st: &[fpipe_engine::StageStatus],
+    all: bool,
+    on_slurm: &BTreeMap<String, (String, String)>,
+) {
     let width = st.iter().map(|s| s.name.len()).max().unwrap_or(0);
     let mut to_run = 0;
     for s in st {
-        if s.will_run {
+        if let Some((id, node)) = on_slurm.get(&s.name) {
+            to_run += 1;
+            let at = if node.is_empty() {
+                "pending".to_string()
+            } else {
+                format!("on {node}")
+            };
+            println!(
+                "  {:<width$}  running on Slurm: job {id} ({at}); {}",
+                s.name,
+                fpipe_engine::text::visible_line(&s.reason)
+            );
+        } else if s.will_run {
             to_run += 1;
             println!(
                 "  {:<width$}  will run: {}",

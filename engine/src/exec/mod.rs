@@ -6,6 +6,7 @@ mod compute;
 mod ending;
 mod keys;
 mod scheduler;
+pub mod slurm;
 mod status;
 
 pub use status::output_path;
@@ -94,6 +95,18 @@ pub struct RunOptions {
     pub verify_inputs: CheckDepth,
     /// Asked for each key the local store lacks before its stage computes (`--remote`).
     pub substituter: Option<Arc<dyn Substituter>>,
+    /// Where stages compute: here, or as cluster jobs.
+    pub executor: Executor,
+}
+
+/// Where the stages of a run compute.
+#[derive(Clone, Debug, Default)]
+pub enum Executor {
+    /// On this machine: threads and child processes, within the job and GPU slots.
+    #[default]
+    Local,
+    /// Each stage one Slurm job (`jobs` then bounds the jobs in flight at once).
+    Slurm(slurm::SlurmOptions),
 }
 
 /// The input check asked for by `FPIPE_VERIFY_INPUTS`.
@@ -121,6 +134,7 @@ impl Default for RunOptions {
             cancel: Arc::new(AtomicBool::new(false)),
             verify_inputs: verify_inputs_from_env(),
             substituter: None,
+            executor: Executor::Local,
         }
     }
 }

@@ -4,8 +4,9 @@
 use super::compute::{metrics_of, sources, Job, Outcome};
 use super::ending::Ending;
 use super::keys::{gather_inputs, Known};
+use super::slurm::SlurmRun;
 use super::status::explain;
-use super::{Engine, Event, Reporter, RunOptions, RunSummary};
+use super::{Engine, Event, Executor, Reporter, RunOptions, RunSummary};
 use crate::error::Result;
 use crate::plan::{Plan, PlannedStage};
 use crate::records::{
@@ -45,11 +46,18 @@ impl Engine {
         let clock = Instant::now();
         let (mut record, log_dir, recording) = self.start_record(plan, opts, reporter)?;
         let verified = Mutex::new(HashSet::new());
+        let slurm = match &opts.executor {
+            Executor::Local => None,
+            Executor::Slurm(o) => Some(
+                SlurmRun::new(o, self.store.root(), plan, &log_dir)
+                    .map_err(|e| crate::EngineError::Other(e.to_string()))?,
+            ),
+        };
         let mut scheduler = Scheduler::new(self, plan, opts, reporter, order, force);
         reporter.event(Event::Begin {
             total: scheduler.order.len(),
         });
-        scheduler.run(&log_dir, &verified)?;
+        scheduler.run(&log_dir, &verified, slurm.as_ref())?;
         let (stages, memory) = scheduler.finish();
         record.stages = stages;
 
@@ -151,6 +159,8 @@ impl Engine {
 struct Slots {
     jobs: usize,
     gpus: usize,
+    /// Every stage takes one slot and no GPU id (a cluster scheduler places it).
+    remote: bool,
     cpu_free: usize,
     gpu_free: Vec<usize>,
 }
@@ -167,14 +177,24 @@ impl Slots {
         Slots {
             jobs,
             gpus,
+            remote: false,
             cpu_free: jobs,
             gpu_free: (0..gpus).collect(),
+        }
+    }
+
+    /// Slots for `jobs` stages at once, whatever they ask for.
+    fn jobs_only(jobs: usize) -> Self {
+        Slots {
+            remote: true,
+            ..Slots::new(jobs, 0)
         }
     }
 
     /// Slots for a stage that asks for `cpu` job slots and `gpu` GPUs (at least one job
     /// slot, at most what the run has), if they are free now.
     fn take(&mut self, cpu: usize, gpu: usize) -> Option<Grant> {
+        let (cpu, gpu) = if self.remote { (1, 0) } else { (cpu, gpu) };
         let cpus = cpu.clamp(1, self.jobs);
         let gpus = gpu.min(self.gpus);
         if cpus > self.cpu_free || gpus > self.gpu_free.len() {
@@ -242,7 +262,11 @@ impl<'r> Scheduler<'r> {
             order,
             force,
             running: HashMap::new(),
-            slots: Slots::new(opts.jobs, opts.gpus),
+            slots: match opts.executor {
+                Executor::Local => Slots::new(opts.jobs, opts.gpus),
+                // Slurm places the jobs; `jobs` only bounds how many are in flight.
+                Executor::Slurm(_) => Slots::jobs_only(opts.jobs),
+            },
             known: (0..plan.stages.len()).map(|_| None).collect(),
             records: BTreeMap::new(),
             memory,
@@ -253,14 +277,22 @@ impl<'r> Scheduler<'r> {
 
     /// Starts stages, each on a thread of its own, and settles them as they finish, until
     /// nothing more can start (or the run is cancelled) and nothing runs.
-    fn run(&mut self, log_dir: &Path, verified: &'r Mutex<HashSet<ArtifactId>>) -> Result<()> {
+    fn run(
+        &mut self,
+        log_dir: &Path,
+        verified: &'r Mutex<HashSet<ArtifactId>>,
+        slurm: Option<&SlurmRun>,
+    ) -> Result<()> {
         let (engine, opts, reporter) = (self.engine, self.opts, self.reporter);
         let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
         std::thread::scope(|scope| -> Result<()> {
             let mut launch = |i: usize, job: Job<'r>| {
                 let tx = tx.clone();
                 scope.spawn(move || {
-                    let outcome = engine.execute(&job, opts, reporter);
+                    let outcome = match slurm {
+                        Some(run) => engine.execute_slurm(&job, opts, run, reporter),
+                        None => engine.execute(&job, opts, reporter),
+                    };
                     let _ = tx.send((i, outcome));
                 });
             };
@@ -447,6 +479,7 @@ impl<'r> Scheduler<'r> {
                 ran,
                 reason,
                 log,
+                job,
             } => Ending {
                 key: Some(key),
                 seconds,
@@ -455,6 +488,7 @@ impl<'r> Scheduler<'r> {
                 metrics,
                 reason: ran.then_some(reason),
                 parts: Some(parts),
+                job,
                 ..Ending::new(if ran {
                     StageState::Ran
                 } else {
@@ -467,6 +501,7 @@ impl<'r> Scheduler<'r> {
                 seconds,
                 log,
                 interrupted,
+                job,
             } => Ending {
                 key: Some(key),
                 seconds,
@@ -474,6 +509,7 @@ impl<'r> Scheduler<'r> {
                 // have no log to point at.
                 log: log.exists().then_some(log),
                 error: Some(message),
+                job,
                 ..Ending::new(if interrupted {
                     StageState::Interrupted
                 } else {
