@@ -7,6 +7,7 @@
 //! Every random choice (batch composition, flips, PartialFC samples) is a function of the seed
 //! and the step, so a resumed run sees exactly the batches the uninterrupted run would have.
 
+pub use super::loader::batch_tensor;
 use super::loader::{with_loader, Batch, BatchPlan};
 use super::optim::{clip_grad_norm, Optimizer, OptimizerKind, ParamEntry, PolySchedule};
 use super::reactivation::{FilterEpoch, ReactivationConfig, Reactivator};
@@ -14,10 +15,9 @@ use super::sampler::BatchSampler;
 use super::{load_model_weights, FaceSource, TrainError};
 use crate::loss::objective::{Objective, ObjectiveConfig};
 use crate::loss::{angular_distillation, MarginConfig};
-use crate::models::{is_buffer, Backbone, BackboneConfig, Normalisation, ParamStore};
+use crate::models::{is_buffer, Backbone, BackboneConfig, ParamStore};
 use crate::util::rng::stream;
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -149,59 +149,6 @@ pub struct Trained {
 }
 
 const CKPT: &str = "checkpoint.safetensors";
-
-/// Images of one batch resized and normalised into an NCHW tensor.
-pub fn batch_tensor(
-    raw: &[Vec<u8>],
-    (h, w): (usize, usize),
-    flips: &[bool],
-    size: usize,
-    norm: Normalisation,
-    dev: &Device,
-) -> candle_core::Result<Tensor> {
-    let per = 3 * size * size;
-    let mut data = vec![0f32; raw.len() * per];
-    data.par_chunks_mut(per)
-        .zip(raw.par_iter().zip(flips.par_iter()))
-        .for_each(|(out, (img, &flip))| {
-            resize_normalise(img, h, w, size, flip, norm, out);
-        });
-    Tensor::from_vec(data, (raw.len(), 3, size, size), dev)
-}
-
-/// Bilinear resize (half-pixel centres, like OpenCV's `INTER_LINEAR`) of HWC RGB `img` to
-/// `size`×`size`, optional horizontal flip, `(x − mean)/std`, written CHW.
-fn resize_normalise(
-    img: &[u8],
-    h: usize,
-    w: usize,
-    size: usize,
-    flip: bool,
-    norm: Normalisation,
-    out: &mut [f32],
-) {
-    let (sy, sx) = (h as f32 / size as f32, w as f32 / size as f32);
-    let (mean, inv) = (norm.mean as f32, 1.0 / norm.std as f32);
-    for oy in 0..size {
-        let fy = ((oy as f32 + 0.5) * sy - 0.5).clamp(0.0, (h - 1) as f32);
-        let y0 = fy.floor() as usize;
-        let y1 = (y0 + 1).min(h - 1);
-        let dy = fy - y0 as f32;
-        for ox in 0..size {
-            let sxo = if flip { size - 1 - ox } else { ox };
-            let fx = ((sxo as f32 + 0.5) * sx - 0.5).clamp(0.0, (w - 1) as f32);
-            let x0 = fx.floor() as usize;
-            let x1 = (x0 + 1).min(w - 1);
-            let dx = fx - x0 as f32;
-            for c in 0..3 {
-                let p = |y: usize, x: usize| img[(y * w + x) * 3 + c] as f32;
-                let v = (p(y0, x0) * (1.0 - dx) + p(y0, x1) * dx) * (1.0 - dy)
-                    + (p(y1, x0) * (1.0 - dx) + p(y1, x1) * dx) * dy;
-                out[c * size * size + oy * size + ox] = (v - mean) * inv;
-            }
-        }
-    }
-}
 
 // Stream 1 (epoch order) and 4, 5 (identity batches) are the sampler's, 2 the loader's flips.
 const SAMPLE: u64 = 3;
