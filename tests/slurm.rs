@@ -438,8 +438,10 @@ stages:
     let train = &rec["stages"][1];
     assert_eq!(train["name"], "train");
     assert_eq!(train["job"]["state"], "COMPLETED", "{train}");
-    let out = fpipe(&p, c, &["out", "train"]).ok();
-    assert!(std::path::Path::new(out.stdout.trim()).exists());
+    let out = fpipe(&p, c, &["out", "train.model"]).ok();
+    assert!(std::path::Path::new(out.stdout.trim())
+        .join("model.json")
+        .exists());
     assert_eq!(
         fpipe(&p, c, &["run", "strain.yaml", "--executor", "slurm"])
             .ok()
