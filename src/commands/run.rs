@@ -54,12 +54,12 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
         None => None,
     };
     if let Some(remote) = &remote {
-        let reachable = fetch_from_remote(&engine, &plan, &opts, remote)?;
         // Keys known only once their inputs are computed here are looked up as their stages
         // come up; a remote that failed just now is not asked again.
-        if reachable {
+        if let Some(asked) = fetch_from_remote(&engine, &plan, &opts, remote)? {
             opts.substituter = Some(Arc::new(super::remote::RemoteSubstituter::new(
                 remote.clone(),
+                asked,
             )));
         }
     }
@@ -131,16 +131,17 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
 /// Before a run with `--remote`: fetches from the remote the results of the stages whose keys
 /// are known and not cached here (repeatedly, as fetched outputs make more keys known). A
 /// remote that cannot be reached, or an object that fails its check, is a warning: those
-/// stages are computed here instead. False when the remote failed.
+/// stages are computed here instead. The keys it asked for, or `None` when the remote failed.
 fn fetch_from_remote(
     engine: &Engine,
     plan: &Plan,
     opts: &RunOptions,
     remote: &fpipe_remote::Remote,
-) -> Result<bool> {
+) -> Result<Option<HashSet<String>>> {
     let _lock = engine.store.lock_shared()?;
     let bar = super::remote::Bar::new();
-    let r = super::remote::pull_for_plan(engine, plan, opts, remote, &bar);
+    let mut asked = HashSet::new();
+    let r = super::remote::pull_for_plan(engine, plan, opts, remote, &bar, &mut asked);
     bar.done();
     match r {
         Ok(r) => {
@@ -153,7 +154,7 @@ fn fetch_from_remote(
                     remote.url()
                 );
             }
-            Ok(true)
+            Ok(Some(asked))
         }
         Err(e) => {
             say_err!(
@@ -161,7 +162,7 @@ fn fetch_from_remote(
                 remote.url(),
                 fpipe_engine::text::visible(&format!("{e:#}"), true)
             );
-            Ok(false)
+            Ok(None)
         }
     }
 }
