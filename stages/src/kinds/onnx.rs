@@ -1,6 +1,5 @@
 //! The `export-onnx` kind, and `import-model`'s `format: onnx` (docs/onnx.md).
 
-use super::train::ImportModelParams;
 use crate::models::onnx::export::{encode, export_model, INPUT, IR_VERSION, OPSET, OUTPUT};
 use crate::models::onnx::import::{import_file, ImportOptions};
 use crate::models::{Backbone, BackboneConfig, ParamStore};
@@ -22,40 +21,14 @@ impl From<crate::models::onnx::OnnxError> for StageError {
     }
 }
 
-/// The import options of `import-model` parameters with `format: onnx`.
-pub(crate) fn import_options(p: &ImportModelParams) -> Result<ImportOptions, String> {
-    if !(p.scale.is_finite() && p.scale > 0.0) {
-        return Err(format!("scale must be a positive number, not {}", p.scale));
-    }
-    if !p.mean.is_finite() {
-        return Err("mean must be a number".into());
-    }
-    if !(16..=1024).contains(&p.arch.input_size) {
-        return Err("input_size must lie in 16..=1024".into());
-    }
-    let name = if p.name.is_empty() {
-        Path::new(&p.weights)
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_else(|| "onnx".into())
-    } else {
-        p.name.clone()
-    };
-    Ok(ImportOptions {
-        name,
-        input_size: Some(p.arch.input_size as usize),
-        mean: p.mean,
-        scale: p.scale,
-        bgr: p.colour == "bgr",
-    })
-}
-
 /// `import-model` with `format: onnx`: reads, checks and runs the graph once, then writes it
 /// as a model artifact of the `onnx` backbone.
-pub(crate) fn import_onnx(ctx: &mut StageContext, p: &ImportModelParams) -> Result<(), StageError> {
-    let opts = import_options(p).map_err(StageError::msg)?;
-    let path = Path::new(&p.weights);
-    let imported = import_file(path, &opts)?;
+pub(crate) fn import_onnx(
+    ctx: &mut StageContext,
+    path: &Path,
+    opts: &ImportOptions,
+) -> Result<(), StageError> {
+    let imported = import_file(path, opts)?;
     let n_nodes = imported.config.graph.nodes.len();
     let cfg = BackboneConfig::Onnx(imported.config);
     let store = ParamStore::new(0);

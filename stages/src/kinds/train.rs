@@ -6,8 +6,9 @@ use crate::data::PackedDataset;
 use crate::loss::objective::ObjectiveConfig;
 use crate::loss::triplet::Mining;
 use crate::loss::{LambdaSchedule, MarginConfig, MarginVariant};
+use crate::models::onnx::import::ImportOptions;
 use crate::models::{Backbone, BackboneConfig, BackboneOptions, ParamStore, BACKBONES};
-use crate::train::artifact::{load_model, save_model, write_curve_with};
+use crate::train::artifact::{load_model_for_inference, save_model, write_curve_with};
 use crate::train::embed::embed_all;
 use crate::train::optim::OptimizerKind;
 use crate::train::reactivation::{ReactivationConfig, ReactivationMode};
@@ -315,7 +316,7 @@ fn run_training(
     let device = super::device(ctx)?;
     let teacher = match teacher_port {
         Some(port) => {
-            let m = load_model(ctx.input(port)?, &device)?;
+            let m = load_model_for_inference(ctx.input(port)?, &device)?;
             if m.card.embedding_size != cfg.backbone.embedding_size() {
                 return Err(StageError::msg(format!(
                     "teacher embeds in {} dimensions, the student in {}: set embedding_size",
@@ -509,6 +510,34 @@ impl Stage for DistilStage {
     }
 }
 
+/// The import options of `import-model` parameters with `format: onnx`.
+fn onnx_import_options(p: &ImportModelParams) -> Result<ImportOptions, String> {
+    if !(p.scale.is_finite() && p.scale > 0.0) {
+        return Err(format!("scale must be a positive number, not {}", p.scale));
+    }
+    if !p.mean.is_finite() {
+        return Err("mean must be a number".into());
+    }
+    if !(16..=1024).contains(&p.arch.input_size) {
+        return Err("input_size must lie in 16..=1024".into());
+    }
+    let name = if p.name.is_empty() {
+        Path::new(&p.weights)
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "onnx".into())
+    } else {
+        p.name.clone()
+    };
+    Ok(ImportOptions {
+        name,
+        input_size: Some(p.arch.input_size as usize),
+        mean: p.mean,
+        scale: p.scale,
+        bgr: p.colour == "bgr",
+    })
+}
+
 /// `import-model`: a PyTorch state dict (insightface model zoo), or an ONNX graph
 /// ([`super::onnx`]), as an fpipe model.
 pub struct ImportModelStage;
@@ -533,14 +562,15 @@ impl Stage for ImportModelStage {
     fn check_params(&self, p: &BTreeMap<String, Value>) -> Result<(), String> {
         let p = ImportModelParams::from_params(p)?;
         if p.format == "onnx" {
-            return super::onnx::import_options(&p).map(|_| ());
+            return onnx_import_options(&p).map(|_| ());
         }
         p.arch.config().map(|_| ())
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let p = ImportModelParams::from_params(&ctx.params).map_err(StageError::msg)?;
         if p.format == "onnx" {
-            return super::onnx::import_onnx(ctx, &p);
+            let opts = onnx_import_options(&p).map_err(StageError::msg)?;
+            return super::onnx::import_onnx(ctx, Path::new(&p.weights), &opts);
         }
         let cfg = p.arch.config().map_err(StageError::msg)?;
         let path = p.weights;
@@ -593,7 +623,7 @@ impl Stage for EmbedStage {
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let dev = super::device(ctx)?;
-        let model = load_model(ctx.input("model")?, &dev)?;
+        let model = load_model_for_inference(ctx.input("model")?, &dev)?;
         let data = PackedDataset::open(ctx.input("dataset")?).map_err(TrainError::from)?;
         let p = EmbedParams::from_params(&ctx.params).map_err(StageError::msg)?;
         let bs = p.batch_size.max(1) as usize;

@@ -1,5 +1,4 @@
-//! Writing a backbone as an ONNX inference graph with the protobuf types `candle-onnx`
-//! generates from the official `onnx.proto3`.
+//! Writing a backbone as an ONNX inference graph with the prost types of [`super::proto`].
 //!
 //! Each backbone's [`Architecture::export`](crate::models::Architecture::export) walks its
 //! layers as its `forward` does and calls the layer writers here. A convolution followed by
@@ -11,7 +10,7 @@
 
 use crate::models::{Backbone, BackboneConfig, BatchNorm, Conv, Linear, PRelu};
 use candle_core::{DType, Device, Result, Tensor};
-use candle_onnx::onnx::{
+use super::proto::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto::dimension,
     tensor_shape_proto::Dimension, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto,
     OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto,
@@ -127,50 +126,6 @@ impl GraphWriter {
             ..Default::default()
         });
         out
-    }
-
-    /// A node for one of the interpreter's operators (re-export of an imported graph).
-    pub fn op(&mut self, op: &super::graph::Op, inputs: Vec<String>) -> Result<String> {
-        use super::graph::Op;
-        let attrs = match op {
-            Op::Conv {
-                stride,
-                padding,
-                groups,
-            } => {
-                let (s, p) = (*stride as i64, *padding as i64);
-                vec![
-                    Self::ints("strides", &[s, s]),
-                    Self::ints("pads", &[p, p, p, p]),
-                    Self::int("group", *groups as i64),
-                ]
-            }
-            Op::BatchNormalization { epsilon } => vec![Self::float("epsilon", *epsilon)],
-            Op::LeakyRelu { alpha } => vec![Self::float("alpha", *alpha)],
-            Op::Flatten { axis } => vec![Self::int("axis", *axis as i64)],
-            Op::Gemm {
-                alpha,
-                beta,
-                trans_a,
-                trans_b,
-            } => vec![
-                Self::float("alpha", *alpha),
-                Self::float("beta", *beta),
-                Self::int("transA", *trans_a as i64),
-                Self::int("transB", *trans_b as i64),
-            ],
-            Op::Reshape { shape } => {
-                let n = shape.len();
-                let t = Tensor::from_vec(shape.clone(), n, &Device::Cpu)?;
-                let s = self.int_constant("shape", &t)?;
-                let mut ins = inputs;
-                ins.truncate(1);
-                ins.push(s);
-                return Ok(self.node("Reshape", ins, vec![]));
-            }
-            _ => vec![],
-        };
-        Ok(self.node(op.onnx_name(), inputs, attrs))
     }
 
     /// Per-channel scale γ/√(var+ε) and shift β − mean·scale of an eval-mode BatchNorm.

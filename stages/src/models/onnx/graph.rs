@@ -9,7 +9,7 @@
 
 use super::export::GraphWriter;
 use crate::models::probe;
-use candle_core::{Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -86,6 +86,51 @@ pub enum Op {
 }
 
 impl Op {
+    /// Writes this operator as a node of `g` (re-export of an imported graph).
+    pub fn write(&self, g: &mut GraphWriter, inputs: Vec<String>) -> Result<String> {
+        type W = GraphWriter;
+        let attrs = match self {
+            Op::Conv {
+                stride,
+                padding,
+                groups,
+            } => {
+                let (s, p) = (*stride as i64, *padding as i64);
+                vec![
+                    W::ints("strides", &[s, s]),
+                    W::ints("pads", &[p, p, p, p]),
+                    W::int("group", *groups as i64),
+                ]
+            }
+            Op::BatchNormalization { epsilon } => vec![W::float("epsilon", *epsilon)],
+            Op::LeakyRelu { alpha } => vec![W::float("alpha", *alpha)],
+            Op::Flatten { axis } => vec![W::int("axis", *axis as i64)],
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => vec![
+                W::float("alpha", *alpha),
+                W::float("beta", *beta),
+                W::int("transA", *trans_a as i64),
+                W::int("transB", *trans_b as i64),
+            ],
+            Op::Reshape { shape } => {
+                let n = shape.len();
+                let t = Tensor::from_vec(shape.clone(), n, &Device::Cpu)?;
+                let s = g.int_constant("shape", &t)?;
+                let mut ins = inputs;
+                ins.truncate(1);
+                ins.push(s);
+                return Ok(g.node("Reshape", ins, vec![]));
+            }
+            _ => vec![],
+        };
+        Ok(g.node(self.onnx_name(), inputs, attrs))
+    }
+
+
     /// The ONNX operator name.
     pub fn onnx_name(&self) -> &'static str {
         match self {
@@ -244,7 +289,7 @@ impl Model {
                     None => candle_core::bail!("export: value `{i}` unknown"),
                 }
             }
-            out = g.op(&n.op, ins)?;
+            out = n.op.write(g, ins)?;
             names.insert(n.output.clone(), out.clone());
         }
         Ok(out)

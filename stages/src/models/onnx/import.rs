@@ -12,7 +12,7 @@ use super::graph::{Graph, Node, Op};
 use super::{Config, OnnxError};
 use crate::models::Normalisation;
 use candle_core::{Device, Tensor};
-use candle_onnx::onnx::{
+use super::proto::{
     tensor_proto::DataType, tensor_shape_proto::dimension,
     type_proto, AttributeProto, ModelProto, NodeProto, TensorProto,
 };
@@ -243,7 +243,7 @@ fn dequantize(
             let mut idx = 0;
             for k in 0..dims.len() {
                 let c = (i / xs[k]) % dims[k];
-                let c = if k == axis { c / block } else { c };
+                let c = if k == axis { c / block.max(1) } else { c };
                 if c >= *sd.get(k).unwrap_or(&0) {
                     return Err(format!("scale shape {sd:?} does not cover {dims:?}"));
                 }
@@ -332,23 +332,6 @@ pub fn import_model(
         (Some(h), Some(w)) if h == w => Some(h as usize),
         _ => None,
     };
-    let size = match (opts.input_size, graph_size) {
-        (Some(s), Some(gs)) if s != gs => {
-            return Err(invalid(format!(
-                "input_size {s} given, but the graph's input `{}` is {gs}x{gs}",
-                input.name
-            )))
-        }
-        (Some(s), _) => s,
-        (None, Some(gs)) => gs,
-        (None, None) => {
-            return Err(invalid(format!(
-                "the graph's input `{}` has no fixed square size: give input_size",
-                input.name
-            )))
-        }
-    };
-
     let mut nodes: Vec<Node> = Vec::new();
     let mut used: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (index, n) in g.node.iter().enumerate() {
@@ -456,6 +439,24 @@ pub fn import_model(
             "the graph output `{output}` is not computed from the input"
         )));
     }
+    // The size is checked after the operators: an operator fpipe cannot run is the more
+    // fundamental error, and the one a user should read first.
+    let size = match (opts.input_size, graph_size) {
+        (Some(s), Some(gs)) if s != gs => {
+            return Err(invalid(format!(
+                "input_size {s} given, but the graph's input `{}` is {gs}x{gs}",
+                input.name
+            )))
+        }
+        (Some(s), _) => s,
+        (None, Some(gs)) => gs,
+        (None, None) => {
+            return Err(invalid(format!(
+                "the graph's input `{}` has no fixed square size: give input_size",
+                input.name
+            )))
+        }
+    };
     let mut weights = HashMap::new();
     for (name, d) in &used {
         let v = consts[name].floats();
