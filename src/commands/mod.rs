@@ -3,6 +3,7 @@
 mod artifacts;
 mod cache;
 mod remote;
+mod report;
 mod run;
 mod stages;
 mod validate;
@@ -78,5 +79,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Gc(args) => cache::gc(cache, args),
         Command::Cache(args) => cache::cache(cache, registry, args),
         Command::Stages(args) => stages::stages(registry, args),
+        Command::Report(args) => report::report(cache, registry, args),
     }
 }
