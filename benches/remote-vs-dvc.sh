@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # fpipe's remote cache against `dvc push`/`dvc pull`, same bytes, same local S3 server (moto),
-# side by side in one run: an artifact of many small files and one large file.
-#   benches/remote-vs-dvc.sh [SMALL_FILES [LARGE_MB]]     (default 10000 files of 1 KiB, 512 MB)
+# side by side in one run: an artifact of many small files, one large file, and (with
+# CACHE_ALL=DIR) every artifact of a cache, e.g. one that ran pipelines/vargface.yaml.
+#   [CACHE_ALL=DIR] benches/remote-vs-dvc.sh [SMALL_FILES [LARGE_MB]]
+#   (default 10000 files of 1 KiB, 512 MB)
 # Installs DVC (with its S3 plugin) into .venv-engine-peers/ on first use, as
 # benches/engine-peers.sh does, and moto into the system python3 when missing. Results: docs/benchmarks.md.
 set -euo pipefail
@@ -38,8 +40,15 @@ curl -s -X PUT "http://127.0.0.1:$PORT/bench" -o /dev/null
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
 export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT
 
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); echo "$e - $s" | bc; }
-row() { printf '| %-34s | %8.2f s | %8.2f s |\n' "$1" "$2" "$3"; }
+# t CMD...: "SECONDS PEAK_RSS_MB" of the command (GNU time; DVC's figure is its main process).
+t() {
+    /usr/bin/time -f '%e %M' -o "$WORK/time" "$@" >/dev/null 2>"$WORK/stderr" || { cat "$WORK/stderr" >&2; return 1; }
+    awk '{printf "%s %.0f", $1, $2 / 1024}' "$WORK/time"
+}
+row() { # row LABEL "FPIPE_S FPIPE_MB" "DVC_S DVC_MB"
+    set -- "$1" $2 $3
+    printf '| %-34s | %8.2f s | %5d MB | %8.2f s | %5d MB | %6.1fx |\n' "$1" "$2" "$3" "$4" "$5" "$(echo "$4 / $2" | bc -l)"
+}
 
 # The same bytes for both: N small files, and one large file, each the output of one stage.
 mkdir -p "$WORK/fp" && cd "$WORK/fp"
@@ -60,22 +69,44 @@ git init -q . && "$DVC" init -q
 cp -r "$SMALL_DIR" small && chmod -R u+w small
 cp "$LARGE_FILE" large.bin && chmod u+w large.bin
 "$DVC" add -q small large.bin
+if [ -n "${CACHE_ALL:-}" ]; then
+    # The same bytes for DVC: every artifact folder of the cache, as one tracked folder.
+    cp -r "$CACHE_ALL/objects" all && chmod -R u+w all
+    "$DVC" add -q all
+    echo "CACHE_ALL=$CACHE_ALL: $(find all -type f | wc -l) files, $(du -sm all | cut -f1) MB in $(find all -mindepth 2 -maxdepth 2 -type d | wc -l) artifacts"
+fi
 
 echo
 echo "$N files of 1 KiB in one artifact, and one file of $LARGE_MB MB; moto S3 server on loopback"
 echo
-echo "| | fpipe | dvc |"
-echo "|---|---:|---:|"
+echo "| | fpipe | fpipe peak RSS | dvc | dvc peak RSS | dvc / fpipe time |"
+echo "|---|---:|---:|---:|---:|---:|"
+# Every push before any pull: a pull empties DVC's whole cache, which the next push needs.
 for what in small large; do
     target=$what
     [ "$what" = large ] && target=large.bin
     cd "$WORK/fp"; f=$(t "$FPIPE" cache push s3://bench/fpipe "$what.yaml")
-    cd "$WORK/dvc"; d=$(t "$DVC" push -q "$target.dvc")
+    cd "$WORK/dvc"; d=$(t "$DVC" push "$target.dvc")
     row "push $what" "$f" "$d"
     cd "$WORK/fp"; f=$(t "$FPIPE" cache push s3://bench/fpipe "$what.yaml")
-    cd "$WORK/dvc"; d=$(t "$DVC" push -q "$target.dvc")
+    cd "$WORK/dvc"; d=$(t "$DVC" push "$target.dvc")
     row "push $what again (nothing to send)" "$f" "$d"
-    cd "$WORK/fp"; f=$(t "$FPIPE" --cache "$WORK/fp-pulled" cache pull s3://bench/fpipe "$what.yaml")
-    cd "$WORK/dvc"; rm -rf .dvc/cache "$target"; d=$(t "$DVC" pull -q "$target.dvc")
+done
+for what in small large; do
+    target=$what
+    [ "$what" = large ] && target=large.bin
+    cd "$WORK/fp"; f=$(t "$FPIPE" --cache "$WORK/fp-pulled-$what" cache pull s3://bench/fpipe "$what.yaml")
+    cd "$WORK/dvc"; rm -rf .dvc/cache "$target"; d=$(t "$DVC" pull "$target.dvc")
     row "pull $what into an empty cache" "$f" "$d"
 done
+if [ -n "${CACHE_ALL:-}" ]; then
+    cd "$WORK/fp"; f=$(t "$FPIPE" --cache "$CACHE_ALL" cache push s3://bench/fp-all --all)
+    cd "$WORK/dvc"; d=$(t "$DVC" push all.dvc)
+    row "push every artifact of CACHE_ALL" "$f" "$d"
+    cd "$WORK/fp"; f=$(t "$FPIPE" --cache "$CACHE_ALL" cache push s3://bench/fp-all --all)
+    cd "$WORK/dvc"; d=$(t "$DVC" push all.dvc)
+    row "push it again (nothing to send)" "$f" "$d"
+    cd "$WORK/fp"; f=$(t "$FPIPE" --cache "$WORK/fp-pulled-all" cache pull s3://bench/fp-all)
+    cd "$WORK/dvc"; rm -rf .dvc/cache all; d=$(t "$DVC" pull all.dvc)
+    row "pull it into an empty cache" "$f" "$d"
+fi

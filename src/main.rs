@@ -93,6 +93,9 @@ enum Command {
     /// Write one self-contained HTML page of a run: metrics beside published numbers,
     /// overlaid curves, the DAG, log tails; optionally a second run side by side.
     Report(ReportArgs),
+    /// Compute one stage from a job description (what a Slurm job runs on its node).
+    #[command(name = "slurm-job", hide = true)]
+    SlurmJob(commands::slurm::JobArgs),
 }
 
 /// Arguments of `fpipe report`.
@@ -134,23 +137,26 @@ pub struct RunArgs {
     /// Parallel job slots (default: CPU count; 1 to 4096).
     #[arg(short = 'j', long, value_parser = clap::value_parser!(u64).range(1..=MAX_JOBS))]
     pub jobs: Option<u64>,
-    /// GPU slots for stages declaring `resources: {gpu: N}` (default: CUDA_VISIBLE_DEVICES count, else 0; at most 256).
+    /// GPU slots for stages declaring `resources: {gpu: N}` (default: every visible GPU: CUDA_VISIBLE_DEVICES, else what the driver reports; more than are visible is an error).
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_GPUS))]
     pub gpus: Option<u64>,
-    /// Device for training stages: cpu or cuda:N.
+    /// Device for the face stages: cpu, cuda or cuda:N (a stage given GPU slots runs on its slot's GPU); checked before anything runs.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print a line for every cached stage too.
     #[arg(short, long)]
     pub verbose: bool,
     /// Remote cache (s3://BUCKET/PREFIX, gs://..., az://..., file:///PATH) whose results are
-    /// pulled before the run starts; credentials and endpoints come from the environment
+    /// pulled before the run starts, and looked up by key for stages whose keys are known
+    /// only during the run; credentials and endpoints come from the environment
     /// (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
     #[arg(long, value_name = "URL", env = "FPIPE_REMOTE")]
     pub remote: Option<String>,
     /// After the run, upload to the remote what the pipeline's current state needs.
     #[arg(long, requires = "remote")]
     pub push: bool,
+    #[command(flatten)]
+    pub cluster: Box<commands::slurm::ClusterArgs>,
 }
 
 /// Arguments of `fpipe status`.
@@ -364,7 +370,8 @@ fn main() -> ExitCode {
         Err(e) => {
             let bad_input = e
                 .downcast_ref::<fpipe_engine::EngineError>()
-                .is_some_and(|e| e.is_bad_input());
+                .is_some_and(|e| e.is_bad_input())
+                || e.downcast_ref::<commands::BadInput>().is_some();
             say_err!(
                 "error: {}",
                 fpipe_engine::text::visible(&format!("{e:#}"), true)

@@ -2,7 +2,7 @@
 //! crashes and concurrency. Only `shell` stages, so these run without the face stages.
 
 mod common;
-use common::Project;
+use common::{Project, Run};
 
 const DEMO: &str = r#"name: demo
 params: {greeting: hello}
@@ -308,7 +308,13 @@ fn parallel_stages_overlap_and_gpu_slots_do_not() {
 "#
         ),
     );
-    p.fpipe(&["run", "par.yaml", "-j", "4", "--gpus", "1"]).ok();
+    // One GPU visible to the parent, physical GPU 3: the stages' slot 0 is that GPU.
+    let run = p
+        .cmd(&["run", "par.yaml", "-j", "4", "--gpus", "1"])
+        .env("CUDA_VISIBLE_DEVICES", "3")
+        .output()
+        .unwrap();
+    Run::from(run).ok();
     let span = |s: &str| {
         let d = p.fpipe(&["out", s]).ok().stdout.trim().to_string();
         let r = |f: &str| {
@@ -326,14 +332,89 @@ fn parallel_stages_overlap_and_gpu_slots_do_not() {
     let (a0, a1, ga) = span("a");
     let (b0, b1, _) = span("b");
     assert!(a0 < b1 && b0 < a1, "independent stages ran in parallel");
-    assert_eq!(ga, "none");
+    // A stage without GPU resources inherits the environment unchanged.
+    assert_eq!(ga, "3");
     let (g10, g11, gg1) = span("g1");
     let (g20, g21, gg2) = span("g2");
     assert!(
         g11 <= g20 || g21 <= g10,
         "two gpu:1 stages never share the one GPU slot"
     );
-    assert_eq!((gg1.as_str(), gg2.as_str()), ("0", "0"));
+    assert_eq!((gg1.as_str(), gg2.as_str()), ("3", "3"));
+}
+
+/// A stage that records the GPUs it was given.
+const TWO_GPU_STAGES: &str = r#"stages:
+  g1: {uses: shell, resources: {gpu: 1}, with: {run: "sleep 0.3; echo $CUDA_VISIBLE_DEVICES > gpu; echo 1 > tag", outputs: [gpu, tag]}}
+  g2: {uses: shell, resources: {gpu: 1}, with: {run: "sleep 0.3; echo $CUDA_VISIBLE_DEVICES > gpu; echo 2 > tag", outputs: [gpu, tag]}}
+"#;
+
+#[test]
+fn gpu_slots_map_to_the_devices_the_parent_may_use() {
+    let p = Project::new();
+    p.write("g.yaml", TWO_GPU_STAGES);
+    let run = p
+        .cmd(&["run", "g.yaml", "-j", "2"])
+        .env("CUDA_VISIBLE_DEVICES", "2,3")
+        .output()
+        .unwrap();
+    assert_eq!(Run::from(run).ok().counts(), (2, 0, 0));
+    let gpu = |s: &str| {
+        let d = p.fpipe(&["out", s]).ok().stdout.trim().to_string();
+        std::fs::read_to_string(format!("{d}/gpu"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let mut got = vec![gpu("g1"), gpu("g2")];
+    got.sort();
+    assert_eq!(got, ["2", "3"], "each stage gets one of the parent's GPUs");
+}
+
+#[test]
+fn more_gpus_than_visible_or_an_unusable_device_is_refused_before_anything_runs() {
+    let p = Project::new();
+    p.write("g.yaml", TWO_GPU_STAGES);
+    let run = p
+        .cmd(&["run", "g.yaml", "--gpus", "3"])
+        .env("CUDA_VISIBLE_DEVICES", "2,3")
+        .output()
+        .unwrap();
+    let r = Run::from(run);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr
+            .contains("--gpus 3: only 2 GPU(s) are visible to fpipe (CUDA_VISIBLE_DEVICES=2,3)"),
+        "{}",
+        r.stderr
+    );
+    let run = p
+        .cmd(&["run", "g.yaml", "--gpus", "1"])
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .unwrap();
+    assert_eq!(Run::from(run).code, 2);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let r = p.fpipe(&["run", "g.yaml", "--device", "cuda:0"]);
+        assert_eq!(r.code, 2, "{}", r.all());
+        assert!(r.stderr.contains("device `cuda:0`"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("built without")
+                && (r.stderr.contains("--features cuda") || r.stderr.contains("`faces`")),
+            "{}",
+            r.stderr
+        );
+        let r = p.fpipe(&["run", "g.yaml", "--device", "tpu"]);
+        assert_eq!(r.code, 2, "{}", r.all());
+    }
+    // Nothing ran: both stages would still run.
+    let st = p.fpipe(&["status", "g.yaml"]).ok();
+    assert!(
+        st.stdout.contains("2 of 2 stages would run"),
+        "{}",
+        st.stdout
+    );
 }
 
 #[test]

@@ -2,13 +2,17 @@
 //! `gc --remote`, against a `file://` remote and a real S3 API on loopback (the moto server,
 //! see common/s3.rs), with the faults that matter: a corrupted or truncated remote object, a
 //! connection cut in the middle of a download or an upload, a push killed while it hangs, two
-//! pushes of the same artifacts at once. Only `shell` stages, so these run with and without
+//! pushes of the same artifacts at once; and against Azure Blob Storage's emulator (Azurite,
+//! common/azurite.rs). Only `shell` stages, so these run with and without
 //! the face stages; `train_pipeline_*` (faces only) adds a training stage.
 
+#[path = "common/azurite.rs"]
+mod azurite;
 mod common;
 #[path = "common/s3.rs"]
 mod s3;
 
+use azurite::{Azurite, CONTAINER};
 use common::{Project, Run};
 use s3::{Fault, Proxy, BUCKET, S3};
 use std::path::{Path, PathBuf};
@@ -174,6 +178,52 @@ fn file_remote_shares_results_between_two_teams() {
     );
 }
 
+/// `note` changes `prep`'s key but not its bytes, so `slow`'s key is only known once `prep`
+/// has run: the remote is asked for it when `slow` comes up, not only before the run.
+const DOWNSTREAM: &str = r#"params: {note: a}
+stages:
+  prep:
+    uses: shell
+    with: {run: 'echo same > data.txt # {{ params.note }}', outputs: [data.txt]}
+  slow:
+    uses: shell
+    inputs: {d: prep}
+    with: {run: 'cat in/d/data.txt > out.txt; echo computed >> out.txt', outputs: [out.txt]}
+"#;
+
+#[test]
+fn a_stage_whose_key_is_known_only_during_the_run_is_still_fetched() {
+    let remote = tempfile::tempdir().unwrap();
+    let url = file_url(remote.path());
+    let a = team(DOWNSTREAM);
+    let r = a.fpipe(&["run", "p.yaml", "--remote", &url, "--push"]).ok();
+    assert_eq!(r.counts(), (2, 0, 0), "{}", r.stderr);
+    let b = team(DOWNSTREAM);
+    let r = b
+        .fpipe(&["run", "p.yaml", "-p", "note=b", "--remote", &url])
+        .ok();
+    assert_eq!(
+        r.counts(),
+        (1, 1, 0),
+        "prep runs, slow is fetched: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("fetched a stage's result"),
+        "{}",
+        r.stderr
+    );
+    let status = b.fpipe(&["status", "p.yaml", "-p", "note=b"]).ok();
+    assert!(status.stdout.contains("0 of 2"), "{}", status.stdout);
+    let out = b.fpipe(&["out", "slow", "-p", "note=b"]).ok();
+    let text = std::fs::read_to_string(Path::new(out.stdout.trim()).join("out.txt")).unwrap();
+    assert_eq!(text, "same\ncomputed\n");
+    // Without the remote the same run computes both.
+    let c = team(DOWNSTREAM);
+    let r = c.fpipe(&["run", "p.yaml", "-p", "note=b"]).ok();
+    assert_eq!(r.counts(), (2, 0, 0));
+}
+
 #[test]
 fn pull_of_everything_and_push_of_everything() {
     let remote = tempfile::tempdir().unwrap();
@@ -332,6 +382,43 @@ fn remote_gc_is_a_dry_run_until_told() {
         b.fpipe(&["run", "p.yaml", "--remote", &url]).ok().counts(),
         (0, 3, 0)
     );
+}
+
+// ---- against Azure Blob Storage (Azurite) -------------------------------------------------
+
+#[test]
+fn azure_push_pull_run_with_remote_and_gc() {
+    let Some(az) = Azurite::start() else { return };
+    let env = az.env();
+    let url = format!("az://{CONTAINER}/teams");
+    let a = team(PIPE);
+    let r = run_env(&a, &["run", "p.yaml", "--remote", &url, "--push"], &env).ok();
+    assert!(r.stderr.contains("pushed 3 artifacts"), "{}", r.stderr);
+    // A second team computes nothing; a third pulls, then changes `tag` and pushes.
+    let b = team(PIPE);
+    let r = run_env(&b, &["run", "p.yaml", "--remote", &url], &env).ok();
+    assert_eq!(r.counts(), (0, 3, 0), "{}", r.stderr);
+    assert_eq!(local_objects(&a), local_objects(&b));
+    assert_eq!(up_text(&a, &[]), up_text(&b, &[]));
+    let r = run_env(&b, &["cache", "push", &url, "p.yaml"], &env).ok();
+    assert!(r.stdout.contains("pushed 0 artifacts"), "{}", r.stdout);
+    let c = team(PIPE);
+    run_env(&c, &["cache", "pull", &url, "p.yaml"], &env).ok();
+    let r = run_env(
+        &c,
+        &["run", "p.yaml", "-p", "tag=two", "--remote", &url, "--push"],
+        &env,
+    )
+    .ok();
+    assert_eq!(r.counts(), (1, 2, 0), "{}", r.stderr);
+    // gc from c (which ran only tag=two last) keeps its run; the old `upper` goes.
+    let r = run_env(
+        &c,
+        &["gc", "--keep-runs", "1", "--remote", &url, "--yes"],
+        &env,
+    )
+    .ok();
+    assert!(r.stdout.contains("removed 1 artifacts"), "{}", r.stdout);
 }
 
 // ---- against the S3 API -------------------------------------------------------------------

@@ -34,6 +34,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod gpu;
 pub mod keys;
 pub mod pipeline;
 pub mod plan;
@@ -46,7 +47,7 @@ mod util;
 mod yamlpos;
 
 pub use error::{EngineError, PipelineError};
-pub use exec::{Engine, Event, Quiet, Reporter, RunOptions, RunSummary, StageStatus};
+pub use exec::{Engine, Event, Quiet, Reporter, RunOptions, RunSummary, StageStatus, Substituter};
 pub use keys::{KeyParts, StageKey};
 pub use pipeline::{load, Overrides, Pipeline, Published};
 pub use plan::{plan, Plan};

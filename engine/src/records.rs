@@ -53,6 +53,32 @@ pub struct StageRecord {
     /// `meta.origin`, e.g. `{"pulled_from": DIR, "at": TIME}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Value>,
+    /// The cluster job that computed it, when a cluster executor ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<ClusterJob>,
+}
+
+/// A stage's job on a cluster scheduler (Slurm): which job, where, how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterJob {
+    /// `slurm`.
+    pub executor: String,
+    /// The scheduler's job id (of the last attempt).
+    pub id: String,
+    /// The node it ran on, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The scheduler's final state (`COMPLETED`, `FAILED`, `CANCELLED`, `OUT_OF_MEMORY`,
+    /// `TIMEOUT`, `NODE_FAIL`, ...), once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Jobs submitted for the stage in this run (more than one after retries).
+    #[serde(default = "one")]
+    pub attempts: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The record of one `fpipe run`.

@@ -5,6 +5,7 @@
 //! to the pipeline file, and the command writes the paths declared in `outputs:`, which are
 //! all that is kept. Outputs may not leave the working directory.
 
+use crate::gpu;
 use crate::stage::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -213,8 +214,19 @@ impl Stage for ShellStage {
             .env("FPIPE_DEVICE", &ctx.device)
             .env("FPIPE_THREADS", ctx.threads.to_string());
         if !ctx.gpus.is_empty() {
-            let ids: Vec<String> = ctx.gpus.iter().map(|g| g.to_string()).collect();
-            cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
+            // The child renumbers the devices it sees: give it the parent's own entries.
+            let parent = std::env::var(gpu::CUDA_VISIBLE_DEVICES).ok();
+            let by_index = ctx.gpus.iter().max().map_or(0, |m| m + 1);
+            let visible = gpu::visible_gpus(parent.as_deref(), by_index);
+            let ids = gpu::child_visible_devices(&ctx.gpus, &visible).ok_or_else(|| {
+                StageError::msg(format!(
+                    "GPU slots {:?} have no visible device ({}={})",
+                    ctx.gpus,
+                    gpu::CUDA_VISIBLE_DEVICES,
+                    parent.as_deref().unwrap_or("")
+                ))
+            })?;
+            cmd.env(gpu::CUDA_VISIBLE_DEVICES, ids);
         }
         if let Some(Value::Object(env)) = ctx.params.get("env") {
             for (k, v) in env {

@@ -147,7 +147,7 @@ fn unknown_fields() {
     assert_eq!(
         plan_error("stages:\n  a:\n    uses: step\n    with: {}\n    inptus: {}\n"),
         "DIR/p.yaml:5: stage `a`: unknown stage field `inptus`\n  \
-         hint: did you mean `inputs`? (expected one of: uses, with, inputs, foreach, matrix, resources, desc, description)"
+         hint: did you mean `inputs`? (expected one of: uses, with, inputs, foreach, matrix, resources, retries, desc, description)"
     );
     assert_eq!(
         plan_error("stages:\n  t:\n    uses: train\n    with:\n      lr: 0.1\n      epoch: 3\n"),

@@ -35,11 +35,12 @@ const JOBS: usize = 16;
 /// Size of the pieces a pack is read, sent and (for large artifacts) uploaded in; above it an
 /// upload is multipart. S3 needs parts of at least 5 MiB.
 const PART: usize = 8 << 20;
-/// Parts of one multipart upload in flight at once.
-const PARTS_IN_FLIGHT: usize = 2;
-/// Multipart uploads at once (each holds about 5 parts in memory: one being read, one queued,
-/// one being filled, two in flight).
-const LARGE_AT_ONCE: usize = 4;
+/// Parts of one multipart upload in flight at once: a single large artifact is limited by
+/// the round trip of each part, so several go at once (as boto3's 10 threads do).
+const PARTS_IN_FLIGHT: usize = 8;
+/// Multipart uploads at once (each holds about 11 parts in memory: one being read, one
+/// queued, one being filled, eight in flight).
+const LARGE_AT_ONCE: usize = 2;
 
 /// Errors of a remote. Each names the remote object or URL it concerns.
 #[derive(Debug, thiserror::Error)]

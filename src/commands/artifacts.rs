@@ -158,27 +158,52 @@ pub(super) fn metrics_table(
         .collect();
     let start = records.len().saturating_sub(last);
     let records = &records[start..];
-    // Rows: (run, stage) with metrics; columns: metric names.
-    let mut rows: Vec<(String, String, String, BTreeMap<String, f64>)> = Vec::new();
+    // Rows: (run, stage) with metrics or a cluster job; columns: metric names.
+    type Row = (
+        String,
+        String,
+        String,
+        BTreeMap<String, f64>,
+        Option<String>,
+    );
+    let mut rows: Vec<Row> = Vec::new();
     let mut cols: BTreeSet<String> = BTreeSet::new();
+    let mut jobs: Vec<serde_json::Value> = Vec::new();
     for r in records {
         for s in &r.stages {
-            if s.metrics.is_empty() {
+            if s.metrics.is_empty() && s.job.is_none() {
                 continue;
             }
             cols.extend(s.metrics.keys().cloned());
+            // `slurm 1234 on node7`
+            let job = s.job.as_ref().map(|j| {
+                let mut t = format!("{} {}", j.executor, j.id);
+                if let Some(n) = &j.node {
+                    t.push_str(&format!(" on {n}"));
+                }
+                t
+            });
+            jobs.push(serde_json::to_value(&s.job)?);
             rows.push((
                 r.started.clone(),
                 r.pipeline_name.clone(),
                 s.name.clone(),
                 s.metrics.clone(),
+                job,
             ));
         }
     }
     if format == "json" {
         let v: Vec<_> = rows
             .iter()
-            .map(|(t, p, s, m)| serde_json::json!({"run": t, "pipeline": p, "stage": s, "metrics": m}))
+            .zip(&jobs)
+            .map(|((t, p, s, m, _), j)| {
+                let mut v = serde_json::json!({"run": t, "pipeline": p, "stage": s, "metrics": m});
+                if !j.is_null() {
+                    v["job"] = j.clone();
+                }
+                v
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -187,13 +212,20 @@ pub(super) fn metrics_table(
         println!("no metrics reported in the last {} run(s)", records.len());
         return Ok(());
     }
+    let with_jobs = rows.iter().any(|r| r.4.is_some());
     let cols: Vec<String> = cols.into_iter().collect();
     let mut table: Vec<Vec<String>> = vec![];
     let mut header = vec!["run".to_string(), "pipeline".into(), "stage".into()];
+    if with_jobs {
+        header.push("job".into());
+    }
     header.extend(cols.iter().cloned());
     table.push(header);
-    for (t, p, s, m) in &rows {
+    for (t, p, s, m, j) in &rows {
         let mut line = vec![t.clone(), p.clone(), s.clone()];
+        if with_jobs {
+            line.push(j.clone().unwrap_or_else(|| "-".into()));
+        }
         for c in &cols {
             line.push(
                 m.get(c)

@@ -5,6 +5,7 @@ mod cache;
 mod remote;
 mod report;
 mod run;
+pub mod slurm;
 mod stages;
 mod validate;
 
@@ -21,6 +22,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// A command-line choice that cannot work here: reported with exit status 2, nothing run.
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
 
 pub(super) fn registry() -> Registry {
     #[allow(unused_mut)]
@@ -80,5 +93,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Cache(args) => cache::cache(cache, registry, args),
         Command::Stages(args) => stages::stages(registry, args),
         Command::Report(args) => report::report(cache, registry, args),
+        Command::SlurmJob(args) => slurm::job(registry, args),
     }
 }

@@ -105,16 +105,17 @@ fn merge(total: &mut SyncReport, r: SyncReport) {
 /// Pulls what `plan` needs from `remote`: the records of the stages whose keys are known and
 /// not cached here, with their outputs, then again for the stages whose keys those outputs
 /// make known, until the remote has nothing more. Stages forced by `opts` are not looked up.
-/// A failed transfer ends it with the error (what completed is kept).
+/// A failed transfer ends it with the error (what completed is kept). `tried` collects the
+/// keys asked of the remote.
 pub(super) fn pull_for_plan(
     engine: &Engine,
     plan: &Plan,
     opts: &RunOptions,
     remote: &Remote,
     progress: &dyn Progress,
+    tried: &mut HashSet<String>,
 ) -> Result<SyncReport> {
     let mut total = SyncReport::default();
-    let mut tried: HashSet<String> = HashSet::new();
     loop {
         let keys: Vec<String> = engine
             .status(plan, opts)?
@@ -188,7 +189,15 @@ pub(super) fn pull(
                 store: store.clone(),
                 registry: registry.clone(),
             };
-            pull_for_plan(&engine, plan, &RunOptions::default(), &remote, &bar)
+            let mut tried = HashSet::new();
+            pull_for_plan(
+                &engine,
+                plan,
+                &RunOptions::default(),
+                &remote,
+                &bar,
+                &mut tried,
+            )
         }
         None => remote.pull(store, None, &bar).map_err(anyhow::Error::from),
     };
@@ -224,4 +233,57 @@ pub(super) fn gc(keep: &HashSet<ArtifactId>, url: &str, yes: bool) -> Result<Exi
         println!("dry run: nothing removed; run again with --yes to remove them");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--remote` as the engine's substituter: the result of a stage whose key became known
+/// during the run (its inputs were computed here) is pulled by key just before it would
+/// compute. After one failed request it stops asking: the rest compute here rather than each
+/// waiting for the same unreachable remote. Keys the pull before the run already asked for are
+/// not asked again.
+pub(super) struct RemoteSubstituter {
+    remote: Arc<Remote>,
+    asked: HashSet<String>,
+    failed: AtomicBool,
+}
+
+impl RemoteSubstituter {
+    pub(super) fn new(remote: Arc<Remote>, asked: HashSet<String>) -> Self {
+        RemoteSubstituter {
+            remote,
+            asked,
+            failed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl fpipe_engine::Substituter for RemoteSubstituter {
+    fn substitute(&self, store: &ArtifactStore, key: &str) -> std::result::Result<bool, String> {
+        if self.failed.load(Ordering::Relaxed) || self.asked.contains(key) {
+            return Ok(false);
+        }
+        let keys = [key.to_string()];
+        match self
+            .remote
+            .pull(store, Some(&keys), &fpipe_remote::NoProgress)
+        {
+            Ok(r) => {
+                if r.actions_copied > 0 {
+                    say_err!(
+                        "fetched a stage's result ({} artifacts, {:.1} MB) from {}",
+                        r.objects_copied,
+                        r.bytes_copied as f64 / 1e6,
+                        self.remote.url()
+                    );
+                }
+                Ok(r.actions_copied > 0)
+            }
+            Err(e) => {
+                self.failed.store(true, Ordering::Relaxed);
+                Err(format!(
+                    "{} (not asked again in this run)",
+                    fpipe_engine::text::visible(&format!("{e:#}"), true)
+                ))
+            }
+        }
+    }
 }

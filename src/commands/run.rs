@@ -16,9 +16,11 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
         verbose,
         remote,
         push,
+        cluster,
     } = args;
     let plan = load(&pipeline, &registry)?;
-    let store = open_store(&cache_dir(cache, Some(&pipeline.file)))?;
+    let cache_path = cache_dir(cache, Some(&pipeline.file));
+    let store = open_store(&cache_path)?;
     let engine = Engine { store, registry };
     let cancel = Arc::new(AtomicBool::new(false));
     let mut opts = RunOptions {
@@ -31,17 +33,35 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
     if let Some(j) = jobs {
         opts.jobs = j as usize;
     }
-    opts.gpus = gpus.map_or_else(default_gpus, |g| g as usize);
+    if !dry_run {
+        opts.executor = cluster.executor(&cache_path)?;
+        if let (fpipe_engine::exec::Executor::Slurm(_), None) = (&opts.executor, jobs) {
+            opts.jobs = super::slurm::MAX_IN_FLIGHT;
+        }
+    }
+    // GPUs and the device are this machine's only for local runs: Slurm places each job on a
+    // node with the GPUs it asks for, and a login node often has none.
+    if matches!(opts.executor, fpipe_engine::exec::Executor::Local) {
+        opts.gpus = gpu_slots(&plan, gpus)?;
+        check_device(&opts.device)?;
+    }
     if dry_run {
-        print_status(&engine.status(&plan, &opts)?, false);
+        print_status(&engine.status(&plan, &opts)?, false, &BTreeMap::new());
         return Ok(ExitCode::SUCCESS);
     }
     let remote = match &remote {
-        Some(url) => Some(super::remote::open_remote(url)?),
+        Some(url) => Some(Arc::new(super::remote::open_remote(url)?)),
         None => None,
     };
     if let Some(remote) = &remote {
-        fetch_from_remote(&engine, &plan, &opts, remote)?;
+        // Keys known only once their inputs are computed here are looked up as their stages
+        // come up; a remote that failed just now is not asked again.
+        if let Some(asked) = fetch_from_remote(&engine, &plan, &opts, remote)? {
+            opts.substituter = Some(Arc::new(super::remote::RemoteSubstituter::new(
+                remote.clone(),
+                asked,
+            )));
+        }
     }
     let c = cancel.clone();
     let _ = ctrlc::set_handler(move || {
@@ -122,33 +142,40 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
 /// Before a run with `--remote`: fetches from the remote the results of the stages whose keys
 /// are known and not cached here (repeatedly, as fetched outputs make more keys known). A
 /// remote that cannot be reached, or an object that fails its check, is a warning: those
-/// stages are computed here instead.
+/// stages are computed here instead. The keys it asked for, or `None` when the remote failed.
 fn fetch_from_remote(
     engine: &Engine,
     plan: &Plan,
     opts: &RunOptions,
     remote: &fpipe_remote::Remote,
-) -> Result<()> {
+) -> Result<Option<HashSet<String>>> {
     let _lock = engine.store.lock_shared()?;
     let bar = super::remote::Bar::new();
-    let r = super::remote::pull_for_plan(engine, plan, opts, remote, &bar);
+    let mut asked = HashSet::new();
+    let r = super::remote::pull_for_plan(engine, plan, opts, remote, &bar, &mut asked);
     bar.done();
     match r {
-        Ok(r) if r.actions_copied > 0 => say_err!(
-            "fetched the results of {} stage(s) ({} artifacts, {:.1} MB) from {}",
-            r.actions_copied,
-            r.objects_copied,
-            r.bytes_copied as f64 / 1e6,
-            remote.url()
-        ),
-        Ok(_) => {}
-        Err(e) => say_err!(
-            "warning: fetching from {}: {}\n  the stages it could not supply are computed here",
-            remote.url(),
-            fpipe_engine::text::visible(&format!("{e:#}"), true)
-        ),
+        Ok(r) => {
+            if r.actions_copied > 0 {
+                say_err!(
+                    "fetched the results of {} stage(s) ({} artifacts, {:.1} MB) from {}",
+                    r.actions_copied,
+                    r.objects_copied,
+                    r.bytes_copied as f64 / 1e6,
+                    remote.url()
+                );
+            }
+            Ok(Some(asked))
+        }
+        Err(e) => {
+            say_err!(
+                "warning: fetching from {}: {}\n  the stages it could not supply are computed here",
+                remote.url(),
+                fpipe_engine::text::visible(&format!("{e:#}"), true)
+            );
+            Ok(None)
+        }
     }
-    Ok(())
 }
 
 /// `fpipe status`: what `run` would do and why.
@@ -170,19 +197,54 @@ pub fn status(cache: &Option<PathBuf>, registry: Registry, args: StatusArgs) -> 
     if !json && !changes.is_empty() {
         println!("params changed since the last run: {}", changes.join(", "));
     }
+    // Stages a Slurm job computes now (this controller's or another's).
+    let on_slurm: BTreeMap<String, (String, String)> = st
+        .iter()
+        .filter(|s| s.will_run)
+        .filter_map(|s| {
+            let key = s.key.as_deref()?;
+            fpipe_engine::exec::slurm::running_job(engine.store.root(), key)
+                .map(|j| (s.name.clone(), j))
+        })
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        let mut v = serde_json::to_value(&st)?;
+        if let Some(a) = v.as_array_mut() {
+            for s in a {
+                let name = s["name"].as_str().unwrap_or("").to_string();
+                if let Some((id, node)) = on_slurm.get(&name) {
+                    s["slurm_job"] = serde_json::json!({"id": id, "node": node});
+                }
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print_status(&st, true);
+        print_status(&st, true, &on_slurm);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn print_status(st: &[fpipe_engine::StageStatus], all: bool) {
+pub(super) fn print_status(
+    st: &[fpipe_engine::StageStatus],
+    all: bool,
+    on_slurm: &BTreeMap<String, (String, String)>,
+) {
     let width = st.iter().map(|s| s.name.len()).max().unwrap_or(0);
     let mut to_run = 0;
     for s in st {
-        if s.will_run {
+        if let Some((id, node)) = on_slurm.get(&s.name) {
+            to_run += 1;
+            let at = if node.is_empty() {
+                "pending".to_string()
+            } else {
+                format!("on {node}")
+            };
+            println!(
+                "  {:<width$}  running on Slurm: job {id} ({at}); {}",
+                s.name,
+                fpipe_engine::text::visible_line(&s.reason)
+            );
+        } else if s.will_run {
             to_run += 1;
             println!(
                 "  {:<width$}  will run: {}",
@@ -199,9 +261,63 @@ pub(super) fn print_status(st: &[fpipe_engine::StageStatus], all: bool) {
     println!("{} of {} stages would run", to_run, st.len());
 }
 
-pub(super) fn default_gpus() -> usize {
-    std::env::var("CUDA_VISIBLE_DEVICES")
+/// GPU slots for the run: `--gpus N` when that many GPUs are visible, else every visible one
+/// (the parent's `CUDA_VISIBLE_DEVICES`, else what the driver reports); asking for more than
+/// are visible is bad input.
+fn gpu_slots(plan: &Plan, asked: Option<u64>) -> Result<usize> {
+    use fpipe_engine::gpu;
+    let wanted = plan
+        .stages
+        .iter()
+        .map(|s| s.resources.gpu)
+        .max()
+        .unwrap_or(0);
+    let parent = std::env::var(gpu::CUDA_VISIBLE_DEVICES).ok();
+    // Only ask the driver when it matters: nvidia-smi takes a moment on GPU machines.
+    let driver = if parent.is_none() && (wanted > 0 || asked.is_some_and(|n| n > 0)) {
+        driver_gpu_count()
+    } else {
+        0
+    };
+    let visible = gpu::visible_gpus(parent.as_deref(), driver);
+    let slots = gpu::gpu_slots(asked.map(|n| n as usize), parent.as_deref(), &visible)
+        .map_err(|e| BadInput(e.to_string()))?;
+    if wanted > slots {
+        say_err!(
+            "warning: a stage asks for {wanted} GPU(s) but the run has {slots} GPU slot(s); such stages run with what there is (see --gpus)"
+        );
+    }
+    Ok(slots)
+}
+
+/// GPUs the driver reports (`nvidia-smi -L`), 0 without a driver.
+fn driver_gpu_count() -> usize {
+    std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .stderr(std::process::Stdio::null())
+        .output()
         .ok()
-        .map(|v| v.split(',').filter(|s| !s.trim().is_empty()).count())
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("GPU "))
+                .count()
+        })
         .unwrap_or(0)
+}
+
+/// Checks `--device` before anything runs: a build without CUDA or a machine without a driver
+/// is bad input (exit 2), not a stage failure.
+fn check_device(device: &str) -> Result<()> {
+    #[cfg(feature = "faces")]
+    fpipe_stages::util::device::check_device(device).map_err(|e| BadInput(e.to_string()))?;
+    #[cfg(not(feature = "faces"))]
+    if device != "cpu" {
+        return Err(BadInput(format!(
+            "device `{device}`: this fpipe was built without the face stages (feature `faces`), which are what use a device"
+        ))
+        .into());
+    }
+    Ok(())
 }

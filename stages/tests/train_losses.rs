@@ -559,8 +559,29 @@ fn poly_schedule_and_grad_clip() {
     .unwrap();
     let mut g = l.backward().unwrap();
     let n = clip_grad_norm(&mut g, &[a.clone(), b.clone()], 5.0).unwrap();
-    assert!((n - 10.0).abs() < 1e-12);
+    assert!((n.to_scalar::<f64>().unwrap() - 10.0).abs() < 1e-12);
     let ga: Vec<f64> = g.get(a.as_tensor()).unwrap().to_vec1().unwrap();
     assert!((ga[0] - 6.0 * 5.0 / (10.0 + 1e-6)).abs() < 1e-12);
+    // Below the limit the gradients stay exactly as they were.
+    let mut g = l.backward().unwrap();
+    let n = clip_grad_norm(&mut g, &[a.clone(), b.clone()], 50.0).unwrap();
+    assert_eq!(n.to_scalar::<f64>().unwrap(), 10.0);
+    let ga: Vec<f64> = g.get(a.as_tensor()).unwrap().to_vec1().unwrap();
+    assert_eq!(ga, [6.0, 0.0]);
     let _ = DType::F64;
+}
+
+#[test]
+fn one_hot_is_built_on_the_device_and_checks_its_labels() {
+    let dev = Device::Cpu;
+    let oh = fpipe_stages::loss::one_hot(&[2, 0], 3, DType::F32, &dev).unwrap();
+    assert_eq!(
+        oh.to_vec2::<f32>().unwrap(),
+        [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    );
+    let e = fpipe_stages::loss::one_hot(&[1, 3], 3, DType::F32, &dev).unwrap_err();
+    assert!(
+        e.to_string().contains("label 3 out of range for 3 classes"),
+        "{e}"
+    );
 }

@@ -6,7 +6,7 @@ use super::{Engine, Event, Recomputed, Reporter, RunOptions};
 use crate::error::{EngineError, Result};
 use crate::keys::KeyParts;
 use crate::plan::{Plan, PlannedStage};
-use crate::records::{iso8601, now_unix, RunRecord, StageState};
+use crate::records::{iso8601, now_unix, ClusterJob, RunRecord, StageState};
 use crate::stage::{ProgressSink, StageContext, StageError};
 use fpipe_cache::{ActionRecord, ArtifactId, CacheError, CheckDepth, PathHasher};
 use serde_json::{json, Value};
@@ -48,6 +48,8 @@ pub(super) enum Outcome {
         ran: bool,
         reason: String,
         log: PathBuf,
+        /// The cluster job that computed it (cluster executors only).
+        job: Option<ClusterJob>,
     },
     Failed {
         key: String,
@@ -55,6 +57,8 @@ pub(super) enum Outcome {
         seconds: f64,
         log: PathBuf,
         interrupted: bool,
+        /// The cluster job that failed (cluster executors only).
+        job: Option<ClusterJob>,
     },
 }
 
@@ -73,6 +77,7 @@ impl Engine {
             seconds: t0.elapsed().as_secs_f64(),
             log: job.log.clone(),
             interrupted,
+            job: None,
         };
         // One process computes a key at a time; others wait, then reuse its result.
         let lock = match self.store.try_lock_key(&job.key) {
@@ -97,6 +102,7 @@ impl Engine {
                     ran: false,
                     reason: job.reason.clone(),
                     log: job.log.clone(),
+                    job: None,
                 };
             }
         }
@@ -123,6 +129,7 @@ impl Engine {
                 ran: true,
                 reason: job.reason.clone(),
                 log: job.log.clone(),
+                job: None,
             },
             Err(StageError::Interrupted) => fail("interrupted".into(), true),
             Err(StageError::Failed(m)) => fail(m, false),

@@ -4,7 +4,7 @@
 use super::Event;
 use crate::keys::KeyParts;
 use crate::plan::PlannedStage;
-use crate::records::{StageRecord, StageState};
+use crate::records::{ClusterJob, StageRecord, StageState};
 use fpipe_cache::ArtifactId;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -27,6 +27,8 @@ pub(super) struct Ending {
     pub origin: Option<Value>,
     /// The key parts of a stage with outputs, for the next `status` to compare with.
     pub parts: Option<KeyParts>,
+    /// The cluster job that ran it, under a cluster executor.
+    pub job: Option<ClusterJob>,
 }
 
 impl Ending {
@@ -43,6 +45,7 @@ impl Ending {
             reason: None,
             origin: None,
             parts: None,
+            job: None,
         }
     }
 
@@ -71,6 +74,7 @@ impl Ending {
             error: self.error,
             reason: self.reason,
             origin: self.origin,
+            job: self.job,
         }
     }
 }

@@ -6,6 +6,7 @@ mod compute;
 mod ending;
 mod keys;
 mod scheduler;
+pub mod slurm;
 mod status;
 
 pub use status::output_path;
@@ -61,6 +62,17 @@ impl Reporter for Quiet {
     fn event(&self, _: Event<'_>) {}
 }
 
+/// A second place where the results of stage keys may already exist (a remote cache). The
+/// scheduler asks it for a key the local store lacks just before that stage would compute,
+/// so a stage whose key is only known once its inputs were computed here is still found;
+/// the engine knows nothing of where it looks.
+pub trait Substituter: Send + Sync {
+    /// Brings the action record of `key`, and the artifacts it names, into `store` when it
+    /// has them; true when the record is now in `store`. An error is shown as a warning and
+    /// the stage computes.
+    fn substitute(&self, store: &ArtifactStore, key: &str) -> std::result::Result<bool, String>;
+}
+
 /// Options of `fpipe run` and `fpipe status`.
 #[derive(Clone)]
 pub struct RunOptions {
@@ -81,6 +93,20 @@ pub struct RunOptions {
     /// full rehash. Default: `Full` when the environment sets `FPIPE_VERIFY_INPUTS` to
     /// `full` (or `1`, `yes`, `true`), else `Stat`.
     pub verify_inputs: CheckDepth,
+    /// Asked for each key the local store lacks before its stage computes (`--remote`).
+    pub substituter: Option<Arc<dyn Substituter>>,
+    /// Where stages compute: here, or as cluster jobs.
+    pub executor: Executor,
+}
+
+/// Where the stages of a run compute.
+#[derive(Clone, Debug, Default)]
+pub enum Executor {
+    /// On this machine: threads and child processes, within the job and GPU slots.
+    #[default]
+    Local,
+    /// Each stage one Slurm job (`jobs` then bounds the jobs in flight at once).
+    Slurm(slurm::SlurmOptions),
 }
 
 /// The input check asked for by `FPIPE_VERIFY_INPUTS`.
@@ -107,6 +133,8 @@ impl Default for RunOptions {
             device: "cpu".into(),
             cancel: Arc::new(AtomicBool::new(false)),
             verify_inputs: verify_inputs_from_env(),
+            substituter: None,
+            executor: Executor::Local,
         }
     }
 }

@@ -4,14 +4,15 @@
 use super::compute::{metrics_of, sources, Job, Outcome};
 use super::ending::Ending;
 use super::keys::{gather_inputs, Known};
+use super::slurm::SlurmRun;
 use super::status::explain;
-use super::{Engine, Event, Reporter, RunOptions, RunSummary};
+use super::{Engine, Event, Executor, Reporter, RunOptions, RunSummary};
 use crate::error::Result;
 use crate::plan::{Plan, PlannedStage};
 use crate::records::{
     iso8601, now_unix, PipelineState, RunRecord, RunStatus, StageMemory, StageRecord, StageState,
 };
-use fpipe_cache::{ArtifactId, CacheError, PathHasher};
+use fpipe_cache::{ActionRecord, ArtifactId, CacheError, PathHasher};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -45,11 +46,18 @@ impl Engine {
         let clock = Instant::now();
         let (mut record, log_dir, recording) = self.start_record(plan, opts, reporter)?;
         let verified = Mutex::new(HashSet::new());
+        let slurm = match &opts.executor {
+            Executor::Local => None,
+            Executor::Slurm(o) => Some(
+                SlurmRun::new(o, self.store.root(), plan, &log_dir)
+                    .map_err(|e| crate::EngineError::Other(e.to_string()))?,
+            ),
+        };
         let mut scheduler = Scheduler::new(self, plan, opts, reporter, order, force);
         reporter.event(Event::Begin {
             total: scheduler.order.len(),
         });
-        scheduler.run(&log_dir, &verified)?;
+        scheduler.run(&log_dir, &verified, slurm.as_ref())?;
         let (stages, memory) = scheduler.finish();
         record.stages = stages;
 
@@ -151,6 +159,8 @@ impl Engine {
 struct Slots {
     jobs: usize,
     gpus: usize,
+    /// Every stage takes one slot and no GPU id (a cluster scheduler places it).
+    remote: bool,
     cpu_free: usize,
     gpu_free: Vec<usize>,
 }
@@ -167,14 +177,24 @@ impl Slots {
         Slots {
             jobs,
             gpus,
+            remote: false,
             cpu_free: jobs,
             gpu_free: (0..gpus).collect(),
+        }
+    }
+
+    /// Slots for `jobs` stages at once, whatever they ask for.
+    fn jobs_only(jobs: usize) -> Self {
+        Slots {
+            remote: true,
+            ..Slots::new(jobs, 0)
         }
     }
 
     /// Slots for a stage that asks for `cpu` job slots and `gpu` GPUs (at least one job
     /// slot, at most what the run has), if they are free now.
     fn take(&mut self, cpu: usize, gpu: usize) -> Option<Grant> {
+        let (cpu, gpu) = if self.remote { (1, 0) } else { (cpu, gpu) };
         let cpus = cpu.clamp(1, self.jobs);
         let gpus = gpu.min(self.gpus);
         if cpus > self.cpu_free || gpus > self.gpu_free.len() {
@@ -217,6 +237,8 @@ struct Scheduler<'r> {
     /// What the next `status` of this pipeline compares with.
     memory: PipelineState,
     hasher: PathHasher,
+    /// Keys already asked of the substituter.
+    substitutes_asked: HashSet<String>,
 }
 
 impl<'r> Scheduler<'r> {
@@ -240,24 +262,37 @@ impl<'r> Scheduler<'r> {
             order,
             force,
             running: HashMap::new(),
-            slots: Slots::new(opts.jobs, opts.gpus),
+            slots: match opts.executor {
+                Executor::Local => Slots::new(opts.jobs, opts.gpus),
+                // Slurm places the jobs; `jobs` only bounds how many are in flight.
+                Executor::Slurm(_) => Slots::jobs_only(opts.jobs),
+            },
             known: (0..plan.stages.len()).map(|_| None).collect(),
             records: BTreeMap::new(),
             memory,
             hasher: PathHasher::with_memo(&engine.store.memo_path()),
+            substitutes_asked: HashSet::new(),
         }
     }
 
     /// Starts stages, each on a thread of its own, and settles them as they finish, until
     /// nothing more can start (or the run is cancelled) and nothing runs.
-    fn run(&mut self, log_dir: &Path, verified: &'r Mutex<HashSet<ArtifactId>>) -> Result<()> {
+    fn run(
+        &mut self,
+        log_dir: &Path,
+        verified: &'r Mutex<HashSet<ArtifactId>>,
+        slurm: Option<&SlurmRun>,
+    ) -> Result<()> {
         let (engine, opts, reporter) = (self.engine, self.opts, self.reporter);
         let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
         std::thread::scope(|scope| -> Result<()> {
             let mut launch = |i: usize, job: Job<'r>| {
                 let tx = tx.clone();
                 scope.spawn(move || {
-                    let outcome = engine.execute(&job, opts, reporter);
+                    let outcome = match slurm {
+                        Some(run) => engine.execute_slurm(&job, opts, run, reporter),
+                        None => engine.execute(&job, opts, reporter),
+                    };
                     let _ = tx.send((i, outcome));
                 });
             };
@@ -342,7 +377,11 @@ impl<'r> Scheduler<'r> {
         let key = parts.key();
         let forced = self.force.contains(&i);
         if !forced {
-            if let Some(rec) = self.engine.store.action(&key)? {
+            let mut found = self.engine.store.action(&key)?;
+            if found.is_none() {
+                found = self.substitute(ps, &key)?;
+            }
+            if let Some(rec) = found {
                 let end = Ending {
                     key: Some(key),
                     metrics: metrics_of(&rec.meta),
@@ -382,6 +421,29 @@ impl<'r> Scheduler<'r> {
         Ok(true)
     }
 
+    /// The record of `key` from the substituter, asked once per key and run (a stage waiting
+    /// for slots is tried again on every pass).
+    fn substitute(&mut self, ps: &PlannedStage, key: &str) -> Result<Option<ActionRecord>> {
+        let Some(sub) = &self.opts.substituter else {
+            return Ok(None);
+        };
+        if !self.substitutes_asked.insert(key.to_string()) {
+            return Ok(None);
+        }
+        match sub.substitute(&self.engine.store, key) {
+            Ok(true) => Ok(self.engine.store.action(key)?),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                let message = format!(
+                    "stage `{}`: looking its result up elsewhere failed, so it computes here: {e}",
+                    ps.name()
+                );
+                self.reporter.event(Event::Warning { message: &message });
+                Ok(None)
+            }
+        }
+    }
+
     /// Whether something `ps` depends on failed or was skipped, so it cannot run.
     fn blocked(&self, ps: &PlannedStage) -> bool {
         ps.wires
@@ -417,6 +479,7 @@ impl<'r> Scheduler<'r> {
                 ran,
                 reason,
                 log,
+                job,
             } => Ending {
                 key: Some(key),
                 seconds,
@@ -425,6 +488,7 @@ impl<'r> Scheduler<'r> {
                 metrics,
                 reason: ran.then_some(reason),
                 parts: Some(parts),
+                job,
                 ..Ending::new(if ran {
                     StageState::Ran
                 } else {
@@ -437,6 +501,7 @@ impl<'r> Scheduler<'r> {
                 seconds,
                 log,
                 interrupted,
+                job,
             } => Ending {
                 key: Some(key),
                 seconds,
@@ -444,6 +509,7 @@ impl<'r> Scheduler<'r> {
                 // have no log to point at.
                 log: log.exists().then_some(log),
                 error: Some(message),
+                job,
                 ..Ending::new(if interrupted {
                     StageState::Interrupted
                 } else {

@@ -70,7 +70,8 @@ pub(super) fn expand_stage(
             )
         }
     };
-    let resources = parse_resources(fields.get("resources")).map_err(err)?;
+    let mut resources = parse_resources(fields.get("resources")).map_err(err)?;
+    resources.retries = parse_retries(fields.get("retries")).map_err(err)?;
 
     let items: Option<Vec<Item>> = match (fields.get("foreach"), fields.get("matrix")) {
         (Some(_), Some(_)) => {
@@ -189,20 +190,132 @@ pub(super) fn parse_resources(v: Option<&Value>) -> Result<Resources, String> {
     let mut r = Resources::default();
     let Some(v) = v else { return Ok(r) };
     let Value::Object(m) = v else {
-        return Err("`resources:` must be a mapping like {gpu: 1, cpu: 2}".into());
+        return Err(
+            "`resources:` must be a mapping like {gpu: 1, cpu: 2, mem: 16G, time: 4h}".into(),
+        );
     };
     for (k, v) in m {
-        let n = v
-            .as_u64()
-            .ok_or_else(|| format!("resource `{k}` must be a whole number"))?
-            as usize;
         match k.as_str() {
-            "gpu" | "gpus" => r.gpu = n,
-            "cpu" | "cpus" | "jobs" => r.cpu = n,
-            other => return Err(format!("unknown resource `{other}` (known: cpu, gpu)")),
+            "mem" | "memory" => r.mem_mb = parse_mem(v)?,
+            "time" => r.time_s = parse_time(v)?,
+            _ => {
+                let n = v
+                    .as_u64()
+                    .ok_or_else(|| format!("resource `{k}` must be a whole number"))?
+                    as usize;
+                match k.as_str() {
+                    "gpu" | "gpus" => r.gpu = n,
+                    "cpu" | "cpus" | "jobs" => r.cpu = n,
+                    other => {
+                        return Err(format!(
+                            "unknown resource `{other}` (known: cpu, gpu, mem, time)"
+                        ))
+                    }
+                }
+            }
         }
     }
     Ok(r)
+}
+
+/// `retries: N`, a whole number up to 100.
+pub(super) fn parse_retries(v: Option<&Value>) -> Result<Option<u32>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= 100 => Ok(Some(n as u32)),
+            _ => Err(format!(
+                "`retries:` must be a whole number from 0 to 100, not {v}"
+            )),
+        },
+    }
+}
+
+/// `mem: 32G` (or `500M`, `1T`, `2048` in MiB as Slurm reads it) in MiB.
+pub(super) fn parse_mem(v: &Value) -> Result<u64, String> {
+    let bad = || format!("resource `mem` must be a size like 512M, 32G or 1T, not {v}");
+    let s = match v {
+        Value::Number(n) => return n.as_u64().filter(|n| *n > 0).ok_or_else(bad),
+        Value::String(s) => s.trim(),
+        _ => return Err(bad()),
+    };
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" | "M" => 1,
+        "K" => return Ok(n.div_ceil(1024).max(1)),
+        "G" => 1024,
+        "T" => 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).filter(|m| *m > 0).ok_or_else(bad)
+}
+
+/// `time: 4h` (or `90m`, `30s`, `2d`, `1h30m`, Slurm's `[D-]HH:MM:SS`, a number of minutes)
+/// in seconds.
+pub(super) fn parse_time(v: &Value) -> Result<u64, String> {
+    let bad =
+        || format!("resource `time` must be a duration like 30m, 4h, 2d or 1-12:00:00, not {v}");
+    let s = match v {
+        Value::Number(n) => {
+            return n
+                .as_u64()
+                .filter(|n| *n > 0)
+                .map(|m| m * 60)
+                .ok_or_else(bad)
+        }
+        Value::String(s) => s.trim().to_string(),
+        _ => return Err(bad()),
+    };
+    let secs = if s.contains(':') {
+        let (days, clock) = match s.split_once('-') {
+            Some((d, c)) => (d.parse::<u64>().map_err(|_| bad())?, c.to_string()),
+            None => (0, s.clone()),
+        };
+        let parts: Vec<u64> = clock
+            .split(':')
+            .map(|p| p.parse::<u64>().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        let hms = match parts.as_slice() {
+            [m, s] => m * 60 + s,
+            [h, m, s] => h * 3600 + m * 60 + s,
+            _ => return Err(bad()),
+        };
+        days * 86400 + hms
+    } else if let Ok(m) = s.parse::<u64>() {
+        m * 60
+    } else {
+        let mut total = 0u64;
+        let mut num = String::new();
+        for c in s.chars() {
+            if c.is_ascii_digit() {
+                num.push(c);
+                continue;
+            }
+            let n: u64 = num.parse().map_err(|_| bad())?;
+            num.clear();
+            total += n * match c {
+                'd' => 86400,
+                'h' => 3600,
+                'm' => 60,
+                's' => 1,
+                _ => return Err(bad()),
+            };
+        }
+        if !num.is_empty() {
+            return Err(bad());
+        }
+        total
+    };
+    if secs == 0 {
+        return Err(bad());
+    }
+    Ok(secs)
 }
 
 pub(super) fn scalar_suffix(v: &Value) -> Option<String> {
@@ -420,5 +533,55 @@ pub(super) fn lookup(expr: &str, vars: &Vars) -> Result<Option<Value>, String> {
                     .to_string()
             }),
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn memory_sizes_read_as_slurm_reads_them() {
+        assert_eq!(parse_mem(&json!("32G")), Ok(32 * 1024));
+        assert_eq!(parse_mem(&json!("500M")), Ok(500));
+        assert_eq!(parse_mem(&json!("1T")), Ok(1024 * 1024));
+        assert_eq!(parse_mem(&json!("16GB")), Ok(16 * 1024));
+        assert_eq!(parse_mem(&json!(2048)), Ok(2048));
+        for bad in [json!("lots"), json!("0G"), json!("3X"), json!(true)] {
+            let e = parse_mem(&bad).unwrap_err();
+            assert!(e.contains("like 512M, 32G or 1T"), "{e}");
+        }
+    }
+
+    #[test]
+    fn durations_read_in_both_spellings() {
+        assert_eq!(parse_time(&json!("4h")), Ok(4 * 3600));
+        assert_eq!(parse_time(&json!("1h30m")), Ok(5400));
+        assert_eq!(parse_time(&json!("2d")), Ok(2 * 86400));
+        assert_eq!(parse_time(&json!("90s")), Ok(90));
+        assert_eq!(parse_time(&json!("1-12:00:00")), Ok(86400 + 12 * 3600));
+        assert_eq!(parse_time(&json!("02:30:00")), Ok(9000));
+        assert_eq!(parse_time(&json!(30)), Ok(1800));
+        // A bare number is minutes, as Slurm reads it.
+        assert_eq!(parse_time(&json!("4")), Ok(240));
+        for bad in [json!("soon"), json!("0h"), json!("1:2:3:4"), json!("4x")] {
+            let e = parse_time(&bad).unwrap_err();
+            assert!(e.contains("like 30m, 4h"), "{e}");
+        }
+    }
+
+    #[test]
+    fn resources_take_mem_and_time_and_name_the_known_ones() {
+        let r = parse_resources(Some(
+            &json!({"cpu": 2, "gpu": 1, "mem": "8G", "time": "1h"}),
+        ))
+        .unwrap();
+        assert_eq!((r.cpu, r.gpu, r.mem_mb, r.time_s), (2, 1, 8192, 3600));
+        let e = parse_resources(Some(&json!({"disk": 3}))).unwrap_err();
+        assert!(e.contains("known: cpu, gpu, mem, time"), "{e}");
+        assert_eq!(parse_retries(Some(&json!(3))), Ok(Some(3)));
+        assert!(parse_retries(Some(&json!(-1))).is_err());
+        assert!(parse_retries(Some(&json!("x"))).is_err());
     }
 }

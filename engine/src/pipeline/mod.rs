@@ -46,6 +46,15 @@ pub struct Resources {
     pub cpu: usize,
     /// GPUs; the scheduler hands out ids.
     pub gpu: usize,
+    /// Memory in MiB (`mem: 32G`), asked of a cluster scheduler (Slurm `--mem`); 0: unset.
+    /// The local executor does not enforce it.
+    pub mem_mb: u64,
+    /// Wall-clock limit in seconds (`time: 4h`), asked of a cluster scheduler (Slurm
+    /// `--time`); 0: unset.
+    pub time_s: u64,
+    /// How often a cluster job lost to its node (Slurm NODE_FAIL, PREEMPTED) is submitted
+    /// again (the stage's `retries:`); `None`: the run's default.
+    pub retries: Option<u32>,
 }
 
 /// A concrete stage as written (after expansion), not yet checked against its kind.
@@ -132,6 +141,7 @@ const STAGE_KEYS: &[&str] = &[
     "foreach",
     "matrix",
     "resources",
+    "retries",
     "desc",
     "description",
 ];

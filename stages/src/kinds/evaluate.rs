@@ -16,7 +16,7 @@ use crate::data::PackedDataset;
 use crate::eval::ijb::{ijb_features, ijb_verify, read_protocol};
 use crate::eval::metrics::{error_vs_reject, pair_distances, IJB_FPRS};
 use crate::eval::verify::{drop_lowest, erc_rejects, pair_quality, verify, EvalResult, ERC_FMRS};
-use crate::train::artifact::load_model;
+use crate::train::artifact::load_model_for_inference;
 use crate::train::embed::embed_all;
 use crate::train::TrainError;
 use crate::util::chart::{save_chart, Line, Panel, PALETTE};
@@ -100,7 +100,7 @@ impl Stage for EvaluateStage {
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let p = EvaluateParams::from_params(&ctx.params).map_err(StageError::msg)?;
         let dev = super::device(ctx)?;
-        let model = load_model(ctx.input("model")?, &dev)?;
+        let model = load_model_for_inference(ctx.input("model")?, &dev)?;
         if let Some(dir) = p.ijb.first() {
             if ctx.input_opt("pairs").is_some() {
                 return Err(StageError::msg(

@@ -7,7 +7,7 @@
 use super::params::kind_params;
 use crate::data::PackedDataset;
 use crate::eval::metrics::{identify, split_gallery_probe, IdentifyConfig, Split, Vote};
-use crate::train::artifact::load_model;
+use crate::train::artifact::load_model_for_inference;
 use crate::train::embed::embed_all;
 use crate::train::{FaceSource, TrainError};
 use crate::util::chart::{save_chart, Line, Panel, PALETTE};
@@ -253,7 +253,7 @@ impl Stage for IdentifyStage {
                 }
                 (None, Some(m), Some(d)) => {
                     let dev = super::device(ctx)?;
-                    let model = load_model(m, &dev)?;
+                    let model = load_model_for_inference(m, &dev)?;
                     let data = PackedDataset::open(&d).map_err(TrainError::from)?;
                     let labels: Vec<i64> = (0..data.len()).map(|i| data.label(i)).collect();
                     let split = make_split(&p, &labels)?;

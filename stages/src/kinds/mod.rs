@@ -78,5 +78,18 @@ pub(crate) fn with_threads<T: Send>(
 
 /// The device the stage was given (`--device`, or the GPU slot the scheduler assigned).
 pub(crate) fn device(ctx: &fpipe_engine::StageContext) -> Result<candle_core::Device, StageError> {
-    crate::util::device::parse_device(&ctx.device).map_err(|e| StageError::msg(e.to_string()))
+    use crate::util::device::{open, DeviceName};
+    let err = |e: crate::util::device::DeviceError| StageError::msg(e.to_string());
+    let name = DeviceName::parse(&ctx.device)
+        .map_err(err)?
+        .for_slots(&ctx.gpus);
+    let shown = match name {
+        DeviceName::Cpu => "cpu".to_string(),
+        DeviceName::Cuda(n) => format!("cuda:{n}"),
+    };
+    let dev = open(name, &shown).map_err(err)?;
+    if name != DeviceName::Cpu {
+        ctx.log(&format!("device: {shown} (GPU slots {:?})", ctx.gpus));
+    }
+    Ok(dev)
 }

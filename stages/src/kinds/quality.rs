@@ -9,7 +9,7 @@ use crate::eval::quality::{
 };
 use crate::eval::EvalError;
 use crate::kinds::with_threads;
-use crate::train::artifact::load_model;
+use crate::train::artifact::load_model_for_inference;
 use crate::train::{FaceSource, TrainError};
 use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde::{Deserialize, Serialize};
@@ -146,7 +146,7 @@ impl Stage for QaaStage {
         let holdout = p.holdout;
         let dev = super::device(ctx)?;
         let model_dir = ctx.input("model")?.to_path_buf();
-        let model = load_model(&model_dir, &dev)?;
+        let model = load_model_for_inference(&model_dir, &dev)?;
         let (classes, centres) = load_centres(&model_dir)?;
         let data = PackedDataset::open(ctx.input("dataset")?).map_err(TrainError::from)?;
         if data.num_classes() != classes {
@@ -314,7 +314,7 @@ impl Stage for QaaScoreStage {
             }
         };
         let dev = super::device(ctx)?;
-        let model = load_model(ctx.input("model")?, &dev)?;
+        let model = load_model_for_inference(ctx.input("model")?, &dev)?;
         let qaa = load_qaa(ctx.input("qaa")?)?;
         if qaa.backbone != model.card.name {
             return Err(StageError::msg(format!(

@@ -7,7 +7,7 @@ use crate::loss::objective::ObjectiveConfig;
 use crate::loss::triplet::Mining;
 use crate::loss::{LambdaSchedule, MarginConfig, MarginVariant};
 use crate::models::{Backbone, BackboneConfig, BackboneOptions, ParamStore, BACKBONES};
-use crate::train::artifact::{load_model, save_model, write_curve_with};
+use crate::train::artifact::{load_model_for_inference, save_model, write_curve_with};
 use crate::train::embed::embed_all;
 use crate::train::optim::OptimizerKind;
 use crate::train::reactivation::{ReactivationConfig, ReactivationMode};
@@ -304,7 +304,7 @@ fn run_training(
     let device = super::device(ctx)?;
     let teacher = match teacher_port {
         Some(port) => {
-            let m = load_model(ctx.input(port)?, &device)?;
+            let m = load_model_for_inference(ctx.input(port)?, &device)?;
             if m.card.embedding_size != cfg.backbone.embedding_size() {
                 return Err(StageError::msg(format!(
                     "teacher embeds in {} dimensions, the student in {}: set embedding_size",
@@ -575,7 +575,7 @@ impl Stage for EmbedStage {
     }
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let dev = super::device(ctx)?;
-        let model = load_model(ctx.input("model")?, &dev)?;
+        let model = load_model_for_inference(ctx.input("model")?, &dev)?;
         let data = PackedDataset::open(ctx.input("dataset")?).map_err(TrainError::from)?;
         let p = EmbedParams::from_params(&ctx.params).map_err(StageError::msg)?;
         let bs = p.batch_size.max(1) as usize;

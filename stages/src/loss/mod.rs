@@ -177,16 +177,15 @@ impl MarginConfig {
     }
 }
 
-/// One-hot `[B, C]` of `labels` in `dtype` (built on the host: labels are host data).
+/// One-hot `[B, C]` of `labels` in `dtype`, built on the device: only the B labels are
+/// uploaded, not the B x C matrix (44 MB a step at 85,000 classes and batch 128).
 pub fn one_hot(labels: &[u32], classes: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let mut v = vec![0f32; labels.len() * classes];
-    for (i, &l) in labels.iter().enumerate() {
-        if (l as usize) >= classes {
-            candle_core::bail!("label {l} out of range for {classes} classes");
-        }
-        v[i * classes + l as usize] = 1.0;
+    if let Some(l) = labels.iter().find(|&&l| l as usize >= classes) {
+        candle_core::bail!("label {l} out of range for {classes} classes");
     }
-    Tensor::from_vec(v, (labels.len(), classes), dev)?.to_dtype(dtype)
+    let rows = Tensor::new(labels, dev)?.unsqueeze(1)?;
+    let columns = Tensor::arange(0u32, classes as u32, dev)?.unsqueeze(0)?;
+    rows.broadcast_eq(&columns)?.to_dtype(dtype)
 }
 
 /// Rows scaled to unit L2 norm (norm clamped at 1e-12 as `F.normalize`).

@@ -60,6 +60,10 @@ pub fn is_buffer(name: &str) -> bool {
 pub struct ParamStore {
     vars: Arc<Mutex<BTreeMap<String, Var>>>,
     seed: u64,
+    /// Models built from it get plain tensors sharing the variables' storage (loading into
+    /// the variables still reaches them): their forward records no autograd graph, so an
+    /// inference pass frees each activation as soon as the next layer has used it.
+    inference: bool,
 }
 
 impl ParamStore {
@@ -68,6 +72,27 @@ impl ParamStore {
         ParamStore {
             vars: Arc::new(Mutex::new(BTreeMap::new())),
             seed,
+            inference: false,
+        }
+    }
+
+    /// Empty store for inference only: see the `inference` field.
+    pub fn for_inference(seed: u64) -> Self {
+        ParamStore {
+            inference: true,
+            ..ParamStore::new(seed)
+        }
+    }
+
+    /// What a model built from this store holds for variable `name`. Running statistics stay
+    /// the variable itself even for inference: BatchNorm wraps them with `Var::from_tensor`,
+    /// which would copy a plain tensor, and weights loaded later would then not reach them.
+    /// They never enter the graph (BatchNorm reads them detached).
+    fn handed_out(&self, name: &str, var: &Var) -> Tensor {
+        if self.inference && !is_buffer(name) {
+            var.as_tensor().detach()
+        } else {
+            var.as_tensor().clone()
         }
     }
 
@@ -201,7 +226,7 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
                     v.shape()
                 );
             }
-            return Ok(v.as_tensor().clone());
+            return Ok(self.handed_out(name, v));
         }
         let n = s.elem_count();
         let mut rng = SplitMix::new(self.seed ^ name_hash(name));
@@ -222,14 +247,14 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
         };
         let t = Tensor::from_vec(data, s, dev)?.to_dtype(dtype)?;
         let var = Var::from_tensor(&t)?;
-        let out = var.as_tensor().clone();
+        let out = self.handed_out(name, &var);
         self.lock().insert(name.to_string(), var);
         Ok(out)
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
         match self.lock().get(name) {
-            Some(v) => Ok(v.as_tensor().clone()),
+            Some(v) => Ok(self.handed_out(name, v)),
             None => candle_core::bail!("no variable {name}"),
         }
     }
@@ -821,6 +846,52 @@ mod tests {
             ]
         );
         assert_eq!(store.num_params(""), 12);
+    }
+
+    /// A model built from an inference store records no autograd graph, and weights loaded
+    /// into the store after building reach it; a trainable one records the graph.
+    #[test]
+    fn an_inference_store_hands_out_weights_without_a_graph() {
+        let dev = Device::Cpu;
+        let opts = BackboneOptions {
+            width: 0.125,
+            input_size: 32,
+            num_features: 16,
+            se: false,
+        };
+        let cfg = BackboneConfig::from_name("mobilefacenet", &opts).unwrap();
+        let x = seeded_normal(&[2, 3, 32, 32], 0.0, 1.0, 3, &dev);
+        let trained = ParamStore::new(5);
+        let tb = Backbone::new(&cfg, trained.vb(&dev).pp("backbone")).unwrap();
+        // Running statistics away from their initial 0 and 1, as a trained model has them.
+        for (name, var) in trained.vars() {
+            if is_buffer(&name) {
+                let shifted = (var.as_tensor() * 0.5).unwrap() + 0.25;
+                var.set(&shifted.unwrap()).unwrap();
+            }
+        }
+        let frozen = ParamStore::for_inference(0);
+        let fb = Backbone::new(&cfg, frozen.vb(&dev).pp("backbone")).unwrap();
+        let weights = trained.tensors("backbone.");
+        frozen.assign("backbone.", &weights, "test", false).unwrap();
+        let a = tb.forward(&x, false).unwrap();
+        let b = fb.forward(&x, false).unwrap();
+        let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(
+            d.to_scalar::<f32>().unwrap(),
+            0.0,
+            "loaded weights reach the model"
+        );
+        let grads = |out: &Tensor, store: &ParamStore| {
+            let g = out.sum_all().unwrap().backward().unwrap();
+            store
+                .vars()
+                .iter()
+                .filter(|(_, v)| g.get(v.as_tensor()).is_some())
+                .count()
+        };
+        assert!(grads(&a, &trained) > 10, "the trainable forward is a graph");
+        assert_eq!(grads(&b, &frozen), 0, "the inference forward is none");
     }
 
     /// Train-mode forward on detached input under no gradient still updates running stats.

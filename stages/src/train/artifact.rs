@@ -85,8 +85,18 @@ pub struct LoadedModel {
     pub store: ParamStore,
 }
 
-/// Loads a model directory written by [`save_model`].
+/// Loads a model directory written by [`save_model`], with trainable variables.
 pub fn load_model(dir: &Path, dev: &Device) -> Result<LoadedModel, TrainError> {
+    load_model_with(dir, dev, ParamStore::new(0))
+}
+
+/// Loads a model for inference only (embedding, evaluation, a distillation teacher): its
+/// forward records no autograd graph (see [`ParamStore::for_inference`]).
+pub fn load_model_for_inference(dir: &Path, dev: &Device) -> Result<LoadedModel, TrainError> {
+    load_model_with(dir, dev, ParamStore::for_inference(0))
+}
+
+fn load_model_with(dir: &Path, dev: &Device, store: ParamStore) -> Result<LoadedModel, TrainError> {
     let card_path = dir.join(CARD);
     let text = std::fs::read_to_string(&card_path).map_err(|e| {
         TrainError::Invalid(format!(
@@ -95,7 +105,6 @@ pub fn load_model(dir: &Path, dev: &Device) -> Result<LoadedModel, TrainError> {
         ))
     })?;
     let card: ModelCard = serde_json::from_str(&text)?;
-    let store = ParamStore::new(0);
     let backbone = Backbone::new(&card.architecture, store.vb(dev).pp("backbone"))?;
     store.load("backbone.", &dir.join(WEIGHTS))?;
     Ok(LoadedModel {

@@ -6,6 +6,7 @@
 
 pub mod artifact;
 pub mod embed;
+pub mod loader;
 pub mod optim;
 pub mod reactivation;
 pub mod sampler;

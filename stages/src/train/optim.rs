@@ -207,26 +207,38 @@ impl PolySchedule {
 }
 
 /// Scales the gradients of `vars` so their global L2 norm is at most `max_norm` (PyTorch
-/// `clip_grad_norm_`, factor `max_norm / (norm + 1e-6)` when above). Returns the norm before.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
+/// `clip_grad_norm_`, factor `max_norm / (norm + 1e-6)` when above). Returns the norm before,
+/// a scalar F64 tensor on the gradients' device.
+///
+/// Nothing is read back to the host: the squared norms are summed on the device in f64 (in
+/// `vars` order, as a host sum would), and every gradient is multiplied by the factor clamped
+/// to at most 1, which leaves unclipped gradients exactly as they were.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<Tensor> {
+    use candle_core::DType;
+    let mut sq: Option<Tensor> = None;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+            let s = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+            sq = Some(match sq {
+                Some(total) => (total + s)?,
+                None => s,
+            });
         }
     }
-    let norm = sq.sqrt();
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for v in vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let g = (g * coef)?;
-                grads.insert(v.as_tensor(), g);
-            }
+    let Some(sq) = sq else {
+        let dev = vars
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        return Tensor::new(0f64, &dev);
+    };
+    let norm = sq.sqrt()?;
+    let limit = Tensor::new(max_norm, norm.device())?;
+    let coef = limit.div(&(&norm + 1e-6)?)?.clamp(0.0, 1.0)?;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let g = g.broadcast_mul(&coef.to_dtype(g.dtype())?)?;
+            grads.insert(v.as_tensor(), g);
         }
     }
     Ok(norm)

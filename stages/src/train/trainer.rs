@@ -7,16 +7,17 @@
 //! Every random choice (batch composition, flips, PartialFC samples) is a function of the seed
 //! and the step, so a resumed run sees exactly the batches the uninterrupted run would have.
 
+pub use super::loader::batch_tensor;
+use super::loader::{with_loader, Batch, BatchPlan};
 use super::optim::{clip_grad_norm, Optimizer, OptimizerKind, ParamEntry, PolySchedule};
 use super::reactivation::{FilterEpoch, ReactivationConfig, Reactivator};
 use super::sampler::BatchSampler;
 use super::{load_model_weights, FaceSource, TrainError};
 use crate::loss::objective::{Objective, ObjectiveConfig};
 use crate::loss::{angular_distillation, MarginConfig};
-use crate::models::{is_buffer, Backbone, BackboneConfig, Normalisation, ParamStore};
+use crate::models::{is_buffer, Backbone, BackboneConfig, ParamStore};
 use crate::util::rng::stream;
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -149,61 +150,7 @@ pub struct Trained {
 
 const CKPT: &str = "checkpoint.safetensors";
 
-/// Images of one batch resized and normalised into an NCHW tensor.
-pub fn batch_tensor(
-    raw: &[Vec<u8>],
-    (h, w): (usize, usize),
-    flips: &[bool],
-    size: usize,
-    norm: Normalisation,
-    dev: &Device,
-) -> candle_core::Result<Tensor> {
-    let per = 3 * size * size;
-    let mut data = vec![0f32; raw.len() * per];
-    data.par_chunks_mut(per)
-        .zip(raw.par_iter().zip(flips.par_iter()))
-        .for_each(|(out, (img, &flip))| {
-            resize_normalise(img, h, w, size, flip, norm, out);
-        });
-    Tensor::from_vec(data, (raw.len(), 3, size, size), dev)
-}
-
-/// Bilinear resize (half-pixel centres, like OpenCV's `INTER_LINEAR`) of HWC RGB `img` to
-/// `size`×`size`, optional horizontal flip, `(x − mean)/std`, written CHW.
-fn resize_normalise(
-    img: &[u8],
-    h: usize,
-    w: usize,
-    size: usize,
-    flip: bool,
-    norm: Normalisation,
-    out: &mut [f32],
-) {
-    let (sy, sx) = (h as f32 / size as f32, w as f32 / size as f32);
-    let (mean, inv) = (norm.mean as f32, 1.0 / norm.std as f32);
-    for oy in 0..size {
-        let fy = ((oy as f32 + 0.5) * sy - 0.5).clamp(0.0, (h - 1) as f32);
-        let y0 = fy.floor() as usize;
-        let y1 = (y0 + 1).min(h - 1);
-        let dy = fy - y0 as f32;
-        for ox in 0..size {
-            let sxo = if flip { size - 1 - ox } else { ox };
-            let fx = ((sxo as f32 + 0.5) * sx - 0.5).clamp(0.0, (w - 1) as f32);
-            let x0 = fx.floor() as usize;
-            let x1 = (x0 + 1).min(w - 1);
-            let dx = fx - x0 as f32;
-            for c in 0..3 {
-                let p = |y: usize, x: usize| img[(y * w + x) * 3 + c] as f32;
-                let v = (p(y0, x0) * (1.0 - dx) + p(y0, x1) * dx) * (1.0 - dy)
-                    + (p(y1, x0) * (1.0 - dx) + p(y1, x1) * dx) * dy;
-                out[c * size * size + oy * size + ox] = (v - mean) * inv;
-            }
-        }
-    }
-}
-
-// Stream 1 (epoch order) and 4, 5 (identity batches) are the sampler's.
-const FLIP: u64 = 2;
+// Stream 1 (epoch order) and 4, 5 (identity batches) are the sampler's, 2 the loader's flips.
 const SAMPLE: u64 = 3;
 
 /// Seeded permutation of `0..n` for `epoch`: the order the epoch sampler uses.
@@ -386,7 +333,7 @@ pub fn train(
     let size = cfg.backbone.input_size();
     let norm = cfg.backbone.normalisation();
     let bs = cfg.batch_size;
-    let mut sampler = match cfg.objective {
+    let sampler = match cfg.objective {
         ObjectiveConfig::Triplet { per_identity, .. } => {
             BatchSampler::identities(data, bs / per_identity.max(1), per_identity, cfg.seed)?
         }
@@ -394,69 +341,84 @@ pub fn train(
     };
     let mut done_here = 0u64;
     let start = Instant::now();
-    while step < cfg.steps {
-        if (env.cancelled)() {
-            return Err(TrainError::Interrupted);
+    let plan = BatchPlan {
+        flip: cfg.flip,
+        seed: cfg.seed,
+        size,
+        norm,
+        batch_size: bs,
+    };
+    // Two batches ahead: the next one is read while this step computes.
+    with_loader(data, sampler, &plan, (step, cfg.steps), 2, dev, |batches| {
+        while step < cfg.steps {
+            if (env.cancelled)() {
+                return Err(TrainError::Interrupted);
+            }
+            if env.stop_after.is_some_and(|s| done_here >= s) {
+                break;
+            }
+            let Batch {
+                step: loaded,
+                labels,
+                flips,
+                raw,
+                x,
+                ..
+            } = batches
+                .recv()
+                .map_err(|_| TrainError::Invalid("the batch loader ended early".into()))??;
+            debug_assert_eq!(loaded, step, "the loader hands out batches in step order");
+            let emb = backbone.forward(&x, true)?;
+            let mut rng = stream(cfg.seed, SAMPLE, step);
+            let out = objective.loss(&emb, &labels, step, &mut rng)?;
+            let mut loss = out.loss;
+            if let Some(t) = &env.teacher {
+                let tx = if t.config.input_size() == size && t.config.normalisation() == norm {
+                    x.clone()
+                } else {
+                    batch_tensor(
+                        &raw,
+                        (h, w),
+                        &flips,
+                        t.config.input_size(),
+                        t.config.normalisation(),
+                        dev,
+                    )?
+                };
+                let te = t.model.forward(&tx, false)?.detach();
+                loss = (loss + (angular_distillation(&emb, &te)? * cfg.distil_alpha)?)?;
+            }
+            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !lv.is_finite() {
+                return Err(TrainError::NonFinite { step, loss: lv });
+            }
+            let lr = sched.lr(step);
+            let mut grads = loss.backward()?;
+            if cfg.grad_clip > 0.0 {
+                clip_grad_norm(&mut grads, &clip_vars, cfg.grad_clip)?;
+            }
+            opt.step(&grads, lr)?;
+            react.after_step(step, cfg.steps, bs, n, &mut |name, rows| {
+                opt.reset_rows(name, rows)
+            })?;
+            objective.after_step(&emb, &labels)?;
+            curve.push(CurvePoint {
+                step,
+                loss: lv,
+                lr,
+                extra: out.extra,
+            });
+            step += 1;
+            done_here += 1;
+            let ips = (done_here * bs as u64) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            (env.on_step)(step, cfg.steps, lv, lr, ips);
+            if env.checkpoint_every > 0 && step % env.checkpoint_every == 0 && step < cfg.steps {
+                save_history(&env.scratch, &react.history)?;
+                save_checkpoint(&env.scratch, &store, &opt, &curve, step)?;
+            }
         }
-        if env.stop_after.is_some_and(|s| done_here >= s) {
-            break;
-        }
-        let idx = sampler.batch(step);
-        let flips: Vec<bool> = (0..bs as u64)
-            .map(|j| cfg.flip && stream(cfg.seed, FLIP, step * bs as u64 + j).next_u64() & 1 == 1)
-            .collect();
-        let raw = data.read_images(&idx)?;
-        let labels: Vec<u32> = idx.iter().map(|&i| data.label(i)).collect();
-        let x = batch_tensor(&raw, (h, w), &flips, size, norm, dev)?;
-        let emb = backbone.forward(&x, true)?;
-        let mut rng = stream(cfg.seed, SAMPLE, step);
-        let out = objective.loss(&emb, &labels, step, &mut rng)?;
-        let mut loss = out.loss;
-        if let Some(t) = &env.teacher {
-            let tx = if t.config.input_size() == size && t.config.normalisation() == norm {
-                x.clone()
-            } else {
-                batch_tensor(
-                    &raw,
-                    (h, w),
-                    &flips,
-                    t.config.input_size(),
-                    t.config.normalisation(),
-                    dev,
-                )?
-            };
-            let te = t.model.forward(&tx, false)?.detach();
-            loss = (loss + (angular_distillation(&emb, &te)? * cfg.distil_alpha)?)?;
-        }
-        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !lv.is_finite() {
-            return Err(TrainError::NonFinite { step, loss: lv });
-        }
-        let lr = sched.lr(step);
-        let mut grads = loss.backward()?;
-        if cfg.grad_clip > 0.0 {
-            clip_grad_norm(&mut grads, &clip_vars, cfg.grad_clip)?;
-        }
-        opt.step(&grads, lr)?;
-        react.after_step(step, cfg.steps, bs, n, &mut |name, rows| {
-            opt.reset_rows(name, rows)
-        })?;
-        objective.after_step(&emb, &labels)?;
-        curve.push(CurvePoint {
-            step,
-            loss: lv,
-            lr,
-            extra: out.extra,
-        });
-        step += 1;
-        done_here += 1;
-        let ips = (done_here * bs as u64) as f64 / start.elapsed().as_secs_f64().max(1e-9);
-        (env.on_step)(step, cfg.steps, lv, lr, ips);
-        if env.checkpoint_every > 0 && step % env.checkpoint_every == 0 && step < cfg.steps {
-            save_history(&env.scratch, &react.history)?;
-            save_checkpoint(&env.scratch, &store, &opt, &curve, step)?;
-        }
-    }
+        Ok(())
+    })?;
     Ok(Trained {
         store,
         curve,
