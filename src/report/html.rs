@@ -100,16 +100,18 @@ pub fn page(r: &Report) -> String {
             esc(&run.file)
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<div>generated {} by fpipe {}</div></div></header>\n",
+        "<div>generated {} by fpipe {}</div></div></header>",
         esc(&r.generated),
         env!("CARGO_PKG_VERSION")
     );
+    h.push_str("<nav><a href=\"#metrics\">Metrics</a><a href=\"#published\">Published</a>");
+    if other.is_some() {
+        h.push_str("<a href=\"#compare\">Compare</a>");
+    }
     h.push_str(
-        "<nav><a href=\"#metrics\">Metrics</a><a href=\"#published\">Published</a>\
-         <a href=\"#compare\">Compare</a><a href=\"#plots\">Plots</a>\
-         <a href=\"#dag\">DAG</a><a href=\"#logs\">Logs</a></nav><main>\n",
+        "<a href=\"#plots\">Plots</a><a href=\"#dag\">DAG</a><a href=\"#logs\">Logs</a></nav><main>\n",
     );
     for run in &r.runs {
         if let Some(e) = &run.plan_error {
