@@ -1,7 +1,8 @@
 // fpipe report: draws the overlaid charts of the page with uPlot (inlined above this script)
-// from the JSON in <script id="report-data">, then records a self-check that tests and the
-// render-time script read: how many plots were expected, how many drew data, any errors, and
-// how long rendering took.
+// from the JSON in <script id="report-data">, then, once the page has loaded, records a
+// self-check that tests and the render-time script read: how many plots were expected, how
+// many drew data, any errors, and how long rendering took (`render_ms`: from the start of
+// navigation to the last chart's first draw; `charts_ms`: the part this script took).
 (function () {
   "use strict";
   var t0 = performance.now();
@@ -12,8 +13,12 @@
     errors.push(Array.prototype.join.call(arguments, " "));
     consoleError.apply(console, arguments);
   };
-  var PALETTE = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000",
-    "#8c564b", "#7f7f7f", "#bcbd22", "#17becf", "#9467bd"];
+  // Only chromatic colours: the self-check tells drawn lines from the grey grid and axes by
+  // their colour.
+  var PALETTE = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#8c564b",
+    "#bcbd22", "#17becf", "#9467bd", "#e41a1c", "#4daf4a"];
+  // performance.now() when each plot first drew (uPlot draws in a microtask after `new`).
+  var firstDraw = {};
 
   // Series with different x values share one x array: the union of all x, nulls elsewhere
   // (uPlot draws across the gaps with spanGaps).
@@ -38,15 +43,25 @@
     return String(+v.toPrecision(4));
   }
 
+  // Tick labels; a log axis passes null for the ticks it leaves unlabelled.
+  function ticks(u, vals) {
+    return vals.map(function (v) { return v == null ? "" : fmt(v); });
+  }
+
   function draw(plot, el) {
     var width = Math.max(320, el.clientWidth - 16);
     var opts = {
       width: width,
       height: 320,
+      hooks: {
+        draw: [function () {
+          if (!(plot.id in firstDraw)) firstDraw[plot.id] = performance.now();
+        }]
+      },
       scales: { x: plot.log_x ? { time: false, distr: 3, log: 10 } : { time: false } },
       axes: [
-        { label: plot.x_label, values: function (u, vals) { return vals.map(fmt); } },
-        { label: plot.y_label, size: 60, values: function (u, vals) { return vals.map(fmt); } }
+        { label: plot.x_label, values: ticks },
+        { label: plot.y_label, size: 60, values: ticks }
       ],
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
@@ -66,31 +81,42 @@
     return new uPlot(opts, align(plot.series), el);
   }
 
-  // A canvas that holds anything but transparent or white pixels has drawn data.
-  function drew(el) {
+  // Pixels of a line: opaque enough and coloured (grid, axes and tick text are grey).
+  function drawnPixels(el) {
     var cv = el.querySelector("canvas");
-    if (!cv || cv.width === 0 || cv.height === 0) return false;
+    if (!cv || cv.width === 0 || cv.height === 0) return 0;
     var px = cv.getContext("2d").getImageData(0, 0, cv.width, cv.height).data;
+    var n = 0;
     for (var i = 0; i < px.length; i += 4) {
-      if (px[i + 3] > 0 && (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240)) return true;
+      var hi = Math.max(px[i], px[i + 1], px[i + 2]);
+      var lo = Math.min(px[i], px[i + 1], px[i + 2]);
+      if (px[i + 3] > 128 && hi - lo > 60) n++;
     }
-    return false;
+    return n;
   }
 
   var data = JSON.parse(document.getElementById("report-data").textContent);
-  var drawn = 0;
   data.plots.forEach(function (plot) {
     var el = document.getElementById("plot-" + plot.id);
     if (!el) { errors.push("no element for plot " + plot.id); return; }
     try {
       draw(plot, el);
-      if (drew(el)) drawn++; else errors.push("plot " + plot.id + " drew nothing");
     } catch (e) {
       errors.push("plot " + plot.id + ": " + e);
     }
   });
-  var renderMs = Math.round((performance.now() - t0) * 10) / 10;
+  var round = function (ms) { return Math.round(ms * 10) / 10; };
+  // Runs on `load`, after the microtasks in which uPlot drew.
   function finish() {
+    var drawn = 0;
+    var last = t0;
+    data.plots.forEach(function (plot) {
+      var el = document.getElementById("plot-" + plot.id);
+      if (!el) return;
+      if (!(plot.id in firstDraw)) { errors.push("plot " + plot.id + " never drew"); return; }
+      last = Math.max(last, firstDraw[plot.id]);
+      if (drawnPixels(el) > 20) drawn++; else errors.push("plot " + plot.id + " drew no line");
+    });
     var images = document.querySelectorAll("img.inline");
     var shown = 0;
     images.forEach(function (img) { if (img.complete && img.naturalWidth > 0) shown++; });
@@ -104,7 +130,8 @@
       images_shown: shown,
       external_resources: failed,
       errors: errors,
-      render_ms: renderMs
+      render_ms: round(last),
+      charts_ms: round(last - t0)
     };
     document.getElementById("selfcheck").textContent = JSON.stringify(check);
     document.body.setAttribute("data-rendered", "1");
