@@ -383,7 +383,7 @@ pub fn plots_and_images(store: &ArtifactStore, runs: &[&RunRecord]) -> (Vec<Plot
                         String::new()
                     };
                     images.push(Image {
-                        title: format!("{}.{port}: first-layer filters", label),
+                        title: format!("{}.{port}{}: first-layer filters", s.name, suffix(run)),
                         run,
                         data_uri,
                         path: grid.display().to_string(),
