@@ -15,7 +15,7 @@ use super::params::kind_params;
 use crate::data::PackedDataset;
 use crate::eval::ijb::{ijb_features, ijb_verify, read_protocol};
 use crate::eval::metrics::{error_vs_reject, pair_distances, IJB_FPRS};
-use crate::eval::verify::{drop_lowest, erc_rejects, pair_quality, verify, EvalResult, ERC_FMRS};
+use crate::eval::verify::{erc_rejects, kept_indices, pair_quality, verify, EvalResult, ERC_FMRS};
 use crate::train::artifact::load_model_for_inference;
 use crate::train::embed::embed_all;
 use crate::train::TrainError;
@@ -135,7 +135,8 @@ impl Stage for EvaluateStage {
         let drop = p.drop_lowest;
         let report = ctx.output("report")?.to_path_buf();
         let title = format!("{} on {}", model.card.name, data.display_name());
-        let pairs = match ctx.input_opt("quality") {
+        // The pairs evaluated and, for each, its index in the pairs set's list.
+        let (pairs, index): (Vec<(u32, u32, bool)>, Vec<usize>) = match ctx.input_opt("quality") {
             Some(qdir) => {
                 let q = crate::eval::quality::read_quality(qdir)?;
                 if q.len() != data.len() {
@@ -153,13 +154,15 @@ impl Stage for EvaluateStage {
                 }
                 if drop > 0.0 {
                     let full = verify(&emb, dim, &pairs, fprs)?;
-                    let kept = drop_lowest(&pairs, &pq, drop);
+                    let index = kept_indices(&pq, drop);
+                    let kept: Vec<_> = index.iter().map(|&i| pairs[i]).collect();
                     let cut = verify(&emb, dim, &kept, fprs)?;
                     write_drop_table(&report, &[(0.0, &full), (drop, &cut)])?;
                     ctx.metric("dropped_pairs", (pairs.len() - kept.len()) as f64);
-                    kept
+                    (kept, index)
                 } else {
-                    pairs
+                    let index = (0..pairs.len()).collect();
+                    (pairs, index)
                 }
             }
             None if drop > 0.0 => {
@@ -167,10 +170,13 @@ impl Stage for EvaluateStage {
                     "drop_lowest needs the `quality` input (scores of the pairs set's images)",
                 ))
             }
-            None => pairs,
+            None => {
+                let index = (0..pairs.len()).collect();
+                (pairs, index)
+            }
         };
         let r = verify(&emb, dim, &pairs, fprs)?;
-        write_scores(&report, &emb, dim, &pairs)?;
+        write_scores(&report, &emb, dim, &pairs, &index)?;
         let mut m = serde_json::Map::new();
         m.insert("accuracy".into(), json!(r.accuracy));
         m.insert("accuracy_std".into(), json!(r.accuracy_std));
@@ -182,19 +188,20 @@ impl Stage for EvaluateStage {
 }
 
 /// Writes `scores.csv`: one row per pair evaluated (after `drop_lowest`), its index in the
-/// pairs set's list, both image indices, the cosine score of the flip-sum embeddings (the
+/// pairs set's list (`index[i]` for `pairs[i]`), both image indices, the cosine score of the flip-sum embeddings (the
 /// score the ROC uses) and whether both images show one identity.
 fn write_scores(
     report: &Path,
     emb: &[f32],
     dim: usize,
     pairs: &[(u32, u32, bool)],
+    index: &[usize],
 ) -> Result<(), StageError> {
     let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
     let dist = pair_distances(emb, dim, &ab).map_err(crate::eval::EvalError::from)?;
     let mut csv = String::with_capacity(pairs.len() * 24 + 32);
     csv.push_str("pair,image_a,image_b,score,same\n");
-    for (i, ((a, b, same), d)) in pairs.iter().zip(&dist).enumerate() {
+    for ((i, (a, b, same)), d) in index.iter().zip(pairs).zip(&dist) {
         let score = 1.0 - d / 2.0;
         csv.push_str(&format!("{i},{a},{b},{score},{}\n", u8::from(*same)));
     }
