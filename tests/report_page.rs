@@ -5,8 +5,9 @@
 //! prints CSV and Markdown.
 //!
 //! Then the page is opened in headless Chromium (`chromium`, or `FPIPE_CHROMIUM`): no console
-//! error, no resource fetched from outside the page, every plot drew data on its canvas, every
-//! image decoded; a screenshot lands in the test's target folder
+//! message, no script error or resource that failed to load (the page records both from its
+//! first script on), no resource fetched from outside the page, every plot drew data on its
+//! canvas, every image decoded; a screenshot lands in the test's target folder
 //! (`target/tmp/report-page/report.png`). Without Chromium that part says it is skipped
 //! (`.ci/run` installs Chromium).
 #![cfg(feature = "faces")]
@@ -263,9 +264,12 @@ fn browser_check(page: &Path) {
     let dom = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "chromium failed:\n{stderr}");
+    // Chromium logs every console message of the page as `INFO:CONSOLE:LINE` whatever its
+    // level, and the page writes none: any such line (an error, a warning, an uncaught
+    // exception) fails the test, as does a resource that failed to load.
     for bad in [
+        ":CONSOLE",
         "Uncaught",
-        "ERROR:CONSOLE",
         "Failed to load resource",
         "net::ERR_",
     ] {

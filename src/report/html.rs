@@ -10,6 +10,12 @@ const UPLOT_JS: &str = include_str!("assets/uplot/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("assets/uplot/uPlot.min.css");
 const PAGE_JS: &str = include_str!("assets/report.js");
 const PAGE_CSS: &str = include_str!("assets/report.css");
+/// Runs first, in `<head>`: records script errors and resources that fail to load (an image's
+/// `error` event does not bubble; a capturing listener on `window` sees it) for the page's
+/// self-check (`assets/report.js`).
+const ERROR_WATCH: &str = "window.__reportErrors=[];window.addEventListener(\"error\",function(e){\
+var t=e.target;window.__reportErrors.push(t&&t!==window?\"failed to load \"+(t.tagName||\"\")+\" \"+\
+String(t.src||t.href||\"\").slice(0,80):String(e.message||e));},true);";
 
 /// Escapes text for HTML content and attribute values.
 pub fn esc(s: &str) -> String {
@@ -79,7 +85,8 @@ pub fn page(r: &Report) -> String {
         h,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{}</title><style>{UPLOT_CSS}</style><style>{PAGE_CSS}</style></head><body>\n",
+         <title>{}</title><style>{UPLOT_CSS}</style><style>{PAGE_CSS}</style>\
+         <script>{ERROR_WATCH}</script></head><body>\n",
         esc(&title)
     );
     let _ = write!(h, "<header><h1>{}</h1><div class=\"meta\">", esc(&title));

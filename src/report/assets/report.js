@@ -6,8 +6,8 @@
 (function () {
   "use strict";
   var t0 = performance.now();
-  var errors = [];
-  window.addEventListener("error", function (e) { errors.push(String(e.message || e)); });
+  // Script errors and failed resources, recorded from the start by the page's <head> script.
+  var errors = window.__reportErrors || [];
   var consoleError = console.error;
   console.error = function () {
     errors.push(Array.prototype.join.call(arguments, " "));
