@@ -21,6 +21,7 @@ macro_rules! say_err {
 
 mod budget;
 mod commands;
+mod report;
 mod term;
 
 use clap::{Parser, Subcommand};
@@ -89,9 +90,34 @@ enum Command {
     Cache(CacheArgs),
     /// List the stage kinds with their ports and parameters.
     Stages(StagesArgs),
+    /// Write one self-contained HTML page of a run: metrics beside published numbers,
+    /// overlaid curves, the DAG, log tails; optionally a second run side by side.
+    Report(ReportArgs),
     /// Compute one stage from a job description (what a Slurm job runs on its node).
     #[command(name = "slurm-job", hide = true)]
     SlurmJob(commands::slurm::JobArgs),
+}
+
+/// Arguments of `fpipe report`.
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// The pipeline file whose run to report.
+    pub file: PathBuf,
+    /// Where to write the page (default: reports/NAME.html in the cache).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Report the newest run with these pipeline parameters (-p key=value, as given to `run`).
+    #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+    /// Show this run beside it: a run id (or a unique prefix) or `previous`.
+    #[arg(long, value_name = "RUN")]
+    pub compare: Option<String>,
+    /// Show beside it the newest run with these parameters (repeatable).
+    #[arg(long = "compare-param", value_name = "KEY=VALUE")]
+    pub compare_params: Vec<String>,
+    /// Print what the page holds (runs, plots) as JSON instead of the one line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `fpipe run`.
@@ -197,8 +223,12 @@ pub struct ShowArgs {
     /// How many recent runs.
     #[arg(long, default_value_t = 10)]
     pub last: usize,
+    /// Same as --format json.
     #[arg(long)]
     pub json: bool,
+    /// Output format: an aligned table, CSV, a Markdown table, or JSON.
+    #[arg(long, default_value = "table", value_parser = ["table", "csv", "markdown", "json"])]
+    pub format: String,
 }
 
 /// Arguments of `fpipe gc`.

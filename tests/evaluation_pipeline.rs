@@ -159,7 +159,7 @@ const IJB: &str = r#"stages:
 #[test]
 fn evaluate_runs_the_ijb_template_protocol() {
     use fpipe_stages::data::PackedDataset;
-    use fpipe_stages::util::png::Canvas;
+    use fpipe_stages::util::chart::save_rgb_png;
     let p = Project::new();
     p.write("ijb.yaml", IJB);
     assert_eq!(p.fpipe(&["run", "ijb.yaml"]).ok().counts(), (2, 0, 0));
@@ -176,10 +176,13 @@ fn evaluate_runs_the_ijb_template_protocol() {
             px[((y + 8) * 48 + 8) * 3..((y + 8) * 48 + 40) * 3]
                 .copy_from_slice(&img[y * 32 * 3..(y + 1) * 32 * 3]);
         }
-        Canvas::from_rgb(48, 48, px)
-            .unwrap()
-            .save(&p.path().join(format!("ijb/loose_crop/{i}.png")))
-            .unwrap();
+        save_rgb_png(
+            &p.path().join(format!("ijb/loose_crop/{i}.png")),
+            48,
+            48,
+            &px,
+        )
+        .unwrap();
         let lm = data.landmarks(i).unwrap();
         let xy: Vec<String> = lm
             .iter()

@@ -49,7 +49,7 @@ mod yamlpos;
 pub use error::{EngineError, PipelineError};
 pub use exec::{Engine, Event, Quiet, Reporter, RunOptions, RunSummary, StageStatus, Substituter};
 pub use keys::{KeyParts, StageKey};
-pub use pipeline::{load, Overrides, Pipeline};
+pub use pipeline::{load, Overrides, Pipeline, Published};
 pub use plan::{plan, Plan};
 pub use registry::Registry;
 pub use stage::{

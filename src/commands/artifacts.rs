@@ -34,9 +34,15 @@ pub fn inspect(cache: &Option<PathBuf>, registry: Registry, args: InspectArgs) -
 
 /// `fpipe show`: the table of metrics across recent runs.
 pub fn show(cache: &Option<PathBuf>, args: ShowArgs) -> Result<ExitCode> {
-    let ShowArgs { file, last, json } = args;
+    let ShowArgs {
+        file,
+        last,
+        json,
+        format,
+    } = args;
+    let format = if json { "json".to_string() } else { format };
     let store = open_store(&cache_dir(cache, file.as_deref()))?;
-    metrics_table(&store, file.as_deref(), last, json)?;
+    metrics_table(&store, file.as_deref(), last, &format)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -139,7 +145,7 @@ pub(super) fn metrics_table(
     store: &ArtifactStore,
     file: Option<&Path>,
     last: usize,
-    json: bool,
+    format: &str,
 ) -> Result<()> {
     let canon = file.map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.to_path_buf()));
     let records: Vec<RunRecord> = RunRecord::all(store)
@@ -187,7 +193,7 @@ pub(super) fn metrics_table(
             ));
         }
     }
-    if json {
+    if format == "json" {
         let v: Vec<_> = rows
             .iter()
             .zip(&jobs)
@@ -223,11 +229,47 @@ pub(super) fn metrics_table(
         for c in &cols {
             line.push(
                 m.get(c)
-                    .map(|v| format_metric(*v))
+                    .map(|v| match format {
+                        // Full precision: CSV is read back by programs.
+                        "csv" => v.to_string(),
+                        _ => format_metric(*v),
+                    })
                     .unwrap_or_else(|| "-".into()),
             );
         }
         table.push(line);
+    }
+    match format {
+        "csv" => {
+            for row in &table {
+                let cells: Vec<String> = row.iter().map(|c| csv_cell(c)).collect();
+                println!("{}", cells.join(","));
+            }
+            return Ok(());
+        }
+        "markdown" => {
+            for (i, row) in table.iter().enumerate() {
+                let cells: Vec<String> = row
+                    .iter()
+                    .map(|c| {
+                        fpipe_engine::text::visible_line(c)
+                            .replace('|', "\\|")
+                            .to_string()
+                    })
+                    .collect();
+                println!("| {} |", cells.join(" | "));
+                if i == 0 {
+                    let rule: Vec<&str> = row
+                        .iter()
+                        .enumerate()
+                        .map(|(j, _)| if j < 3 { "---" } else { "---:" })
+                        .collect();
+                    println!("|{}|", rule.join("|"));
+                }
+            }
+            return Ok(());
+        }
+        _ => {}
     }
     let widths: Vec<usize> = (0..table[0].len())
         .map(|c| {
@@ -250,6 +292,15 @@ pub(super) fn metrics_table(
         println!("{}", cells.join("  ").trim_end());
     }
     Ok(())
+}
+
+/// A CSV cell (RFC 4180): quoted when it holds a comma, quote or line break.
+fn csv_cell(c: &str) -> String {
+    if c.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", c.replace('"', "\"\""))
+    } else {
+        c.to_string()
+    }
 }
 
 pub(super) fn format_metric(v: f64) -> String {

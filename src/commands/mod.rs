@@ -3,6 +3,7 @@
 mod artifacts;
 mod cache;
 mod remote;
+mod report;
 mod run;
 pub mod slurm;
 mod stages;
@@ -91,6 +92,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Gc(args) => cache::gc(cache, args),
         Command::Cache(args) => cache::cache(cache, registry, args),
         Command::Stages(args) => stages::stages(registry, args),
+        Command::Report(args) => report::report(cache, registry, args),
         Command::SlurmJob(args) => slurm::job(registry, args),
     }
 }

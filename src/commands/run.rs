@@ -94,6 +94,17 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
             "run interrupted; recorded as such. Rerun to continue: finished stages are cached."
         );
     }
+    // On stderr, like the push line: the summary stays the last line on stdout.
+    let cache_root = cache_dir(cache, Some(&pipeline.file));
+    if let Some(path) = super::report::after_run(
+        &cache_root,
+        &engine.store,
+        &engine.registry,
+        &pipeline.file,
+        &summary.record,
+    ) {
+        say_err!("{}", super::report::open_hint(&path));
+    }
     say!("{}", summary.line());
     if let (Some(remote), true, false) = (&remote, push, summary.interrupted) {
         let _lock = engine.store.lock_shared()?;

@@ -9,7 +9,7 @@ use fpipe_stages::eval::bn_finetune::{
 };
 use fpipe_stages::eval::metrics::error_vs_reject;
 use fpipe_stages::eval::quality::gbt::{Gbt, GbtParams};
-use fpipe_stages::eval::verify::{drop_lowest, verify};
+use fpipe_stages::eval::verify::{drop_lowest, kept_indices, verify};
 use fpipe_stages::models::probe::record_bn_inputs;
 use fpipe_stages::models::{bn, is_buffer, mobilefacenet, BackboneConfig, ParamStore};
 use fpipe_stages::train::artifact::{load_model, save_model};
@@ -349,4 +349,12 @@ fn error_versus_reject_and_drop_lowest_on_a_hand_made_case() {
     assert_eq!(kept.len(), 17);
     assert_eq!(kept, pairs[..17].to_vec());
     assert_eq!(drop_lowest(&pairs, &q_rev, 0.0), pairs);
+    // kept_indices names the kept pairs by their index in the list (what scores.csv writes).
+    let mut q_mid = vec![10.0f32; 20];
+    (q_mid[5], q_mid[9], q_mid[13]) = (1.0, 2.0, 3.0);
+    let index = kept_indices(&q_mid, 0.15);
+    let want: Vec<usize> = (0..20).filter(|i| ![5, 9, 13].contains(i)).collect();
+    assert_eq!(index, want);
+    let kept: Vec<_> = index.iter().map(|&i| pairs[i]).collect();
+    assert_eq!(drop_lowest(&pairs, &q_mid, 0.15), kept);
 }

@@ -11,6 +11,7 @@
 
 mod expand;
 mod params;
+mod published;
 mod render;
 
 use crate::error::PipelineError;
@@ -18,6 +19,7 @@ use crate::yamlpos::key_line;
 use expand::expand_stage;
 pub use expand::MAX_STAGES;
 use params::{literal_block, merged_params};
+pub use published::Published;
 use render::{render, rendered_yaml_err};
 pub use render::{TEMPLATE_FUEL, TEMPLATE_OUTPUT_BYTES};
 use serde_json::{Map, Value};
@@ -103,6 +105,8 @@ pub struct Pipeline {
     pub stages: Vec<StageDef>,
     /// Families: name -> instance names in item order.
     pub families: BTreeMap<String, Vec<String>>,
+    /// Reference numbers for the stages' metrics (the `published:` block of every file).
+    pub published: Vec<Published>,
 }
 
 /// Command-line parameter overrides.
@@ -127,6 +131,7 @@ const TOP_KEYS: &[&str] = &[
     "params",
     "include",
     "stages",
+    "published",
 ];
 
 const STAGE_KEYS: &[&str] = &[
@@ -154,8 +159,10 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
         params: params.clone(),
         stages: Vec::new(),
         families: BTreeMap::new(),
+        published: Vec::new(),
     };
     let main_index = raws.len() - 1;
+    let mut pending = Vec::new();
     for (i, raw) in raws.iter().enumerate() {
         let rendered = render(&raw.file, &raw.text, &params)?;
         let stage_lines = crate::yamlpos::child_key_lines(&rendered, "stages");
@@ -200,6 +207,9 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
                         .unwrap_or_else(|| "pipeline".into())
                 });
         }
+        for p in published::read(&raw.file, &source.text, &doc)? {
+            pending.push((p, source.clone()));
+        }
         let base_dir = raw
             .file
             .parent()
@@ -235,6 +245,26 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<Pipeline, PipelineErro
             )));
         }
     }
+    let mut published = Vec::with_capacity(pending.len());
+    for (p, source) in pending {
+        if !names.contains_key(p.stage.as_str()) && !pipeline.families.contains_key(&p.stage) {
+            return Err(PipelineError::new(
+                &source.file,
+                format!("published: no stage or family `{}`", p.stage),
+            )
+            .at(key_line(&source.text, &["published"]))
+            .hint(suggest_hint(
+                &p.stage,
+                &names
+                    .keys()
+                    .copied()
+                    .chain(pipeline.families.keys().map(String::as_str))
+                    .collect::<Vec<_>>(),
+            )));
+        }
+        published.push(p);
+    }
+    pipeline.published = published;
     Ok(pipeline)
 }
 

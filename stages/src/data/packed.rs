@@ -324,6 +324,27 @@ impl PackedDataset {
         &self.meta
     }
 
+    /// A short name for chart titles: the file or folder it was made from, else the kind of
+    /// stage that made it and its split (`synthetic-faces pairs`), else `data`.
+    pub fn display_name(&self) -> String {
+        let prov = &self.meta["provenance"];
+        let from_path = ["path", "source", "file", "folder"].iter().find_map(|k| {
+            prov["params"][k]
+                .as_str()
+                .or_else(|| prov[k].as_str())
+                .and_then(|p| Path::new(p).file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+        });
+        if let Some(p) = from_path {
+            return p;
+        }
+        match (prov["kind"].as_str(), prov["split"].as_str()) {
+            (Some(k), Some(s)) => format!("{k} {s}"),
+            (Some(k), None) => k.to_string(),
+            _ => "data".to_string(),
+        }
+    }
+
     fn record(&self, i: usize) -> &[u8] {
         assert!(
             i < self.len,

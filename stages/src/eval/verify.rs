@@ -72,18 +72,23 @@ pub fn drop_lowest(
     pair_quality: &[f32],
     fraction: f64,
 ) -> Vec<(u32, u32, bool)> {
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    kept_indices(pair_quality, fraction)
+        .into_iter()
+        .map(|i| pairs[i])
+        .collect()
+}
+
+/// Indices (ascending) of the pairs [`drop_lowest`] keeps, given one quality per pair.
+pub fn kept_indices(pair_quality: &[f32], fraction: f64) -> Vec<usize> {
+    let n = pair_quality.len();
+    let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| pair_quality[a].total_cmp(&pair_quality[b]).then(a.cmp(&b)));
-    let k = (fraction * pairs.len() as f64).floor() as usize;
-    let mut keep = vec![true; pairs.len()];
+    let k = (fraction * n as f64).floor() as usize;
+    let mut keep = vec![true; n];
     for &i in order.iter().take(k) {
         keep[i] = false;
     }
-    pairs
-        .iter()
-        .zip(keep)
-        .filter_map(|(p, k)| k.then_some(*p))
-        .collect()
+    (0..n).filter(|&i| keep[i]).collect()
 }
 
 /// Reject fractions of the error-versus-reject curve: 0, 0.05, ..., 0.95.

@@ -9,7 +9,7 @@ use crate::eval::bn_finetune::{
 };
 use crate::train::artifact::{save_model, CENTRES};
 use crate::train::{FaceSource, TrainError};
-use crate::util::png::{Canvas, Series};
+use crate::util::chart::{save_chart, Line, Panel, PALETTE};
 use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -212,7 +212,8 @@ impl Stage for BnFinetuneStage {
         if model_dir.join(CENTRES).exists() {
             std::fs::copy(model_dir.join(CENTRES), out_dir.join(CENTRES))?;
         }
-        write_report(ctx.output("report")?, &out, &cfg)?;
+        let title = format!("{} on {}", card.name, pairs_data.display_name());
+        write_report(ctx.output("report")?, &out, &cfg, &title)?;
         ctx.metric("best_step", best.step as f64);
         ctx.metric("val_accuracy", best.result.accuracy);
         ctx.metric("val_auc", best.result.auc);
@@ -229,6 +230,7 @@ fn write_report(
     dir: &std::path::Path,
     out: &Finetuned,
     cfg: &FinetuneConfig,
+    title: &str,
 ) -> Result<(), TrainError> {
     let mut csv = String::from("step,accuracy,accuracy_std,auc,eer");
     for f in &cfg.fprs {
@@ -252,15 +254,30 @@ fn write_report(
         .iter()
         .map(|s| (s.step as f64, s.score))
         .collect();
-    let mut cv = Canvas::new(480, 360);
-    cv.chart(
-        &[Series {
-            points: &pts,
-            color: [30, 90, 200],
+    let best: Vec<(f64, f64)> = vec![pts[out.best]];
+    save_chart(
+        &dir.join("snapshots.png"),
+        (560, 400),
+        &[Panel {
+            title: format!("BN fine-tune snapshots: {title}"),
+            x_label: "step".into(),
+            y_label: "selection score".into(),
+            log_x: false,
+            y_range: None,
+            lines: vec![
+                Line {
+                    name: "snapshot score".into(),
+                    points: &pts,
+                    color: PALETTE[0],
+                },
+                Line {
+                    name: format!("kept (step {})", out.snapshots[out.best].step),
+                    points: &best,
+                    color: PALETTE[1],
+                },
+            ],
         }],
-        false,
-    );
-    cv.save(&dir.join("snapshots.png"))?;
+    )?;
     let best = &out.snapshots[out.best];
     std::fs::write(
         dir.join("summary.json"),

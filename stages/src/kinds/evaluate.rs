@@ -15,11 +15,11 @@ use super::params::kind_params;
 use crate::data::PackedDataset;
 use crate::eval::ijb::{ijb_features, ijb_verify, read_protocol};
 use crate::eval::metrics::{error_vs_reject, pair_distances, IJB_FPRS};
-use crate::eval::verify::{drop_lowest, erc_rejects, pair_quality, verify, EvalResult, ERC_FMRS};
+use crate::eval::verify::{erc_rejects, kept_indices, pair_quality, verify, EvalResult, ERC_FMRS};
 use crate::train::artifact::load_model_for_inference;
 use crate::train::embed::embed_all;
 use crate::train::TrainError;
-use crate::util::png::{Canvas, Series};
+use crate::util::chart::{save_chart, Line, Panel, PALETTE};
 use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -74,7 +74,11 @@ impl Stage for EvaluateStage {
             ],
             outputs: vec![
                 PortSpec::new("metrics", "metrics", "metrics.json"),
-                PortSpec::new("report", "report", "roc.png and roc.csv"),
+                PortSpec::new(
+                    "report",
+                    "report",
+                    "roc.png, roc.csv and scores.csv (per-pair scores)",
+                ),
             ],
             params: EvaluateParams::specs(),
         }
@@ -130,7 +134,9 @@ impl Stage for EvaluateStage {
         let dim = model.card.embedding_size;
         let drop = p.drop_lowest;
         let report = ctx.output("report")?.to_path_buf();
-        let pairs = match ctx.input_opt("quality") {
+        let title = format!("{} on {}", model.card.name, data.display_name());
+        // The pairs evaluated and, for each, its index in the pairs set's list.
+        let (pairs, index): (Vec<(u32, u32, bool)>, Vec<usize>) = match ctx.input_opt("quality") {
             Some(qdir) => {
                 let q = crate::eval::quality::read_quality(qdir)?;
                 if q.len() != data.len() {
@@ -142,19 +148,21 @@ impl Stage for EvaluateStage {
                     )));
                 }
                 let pq = pair_quality(&pairs, &q)?;
-                let erc = write_erc(&report, &emb, dim, &pairs, &pq)?;
+                let erc = write_erc(&report, &emb, dim, &pairs, &pq, &title)?;
                 for (f, a) in erc.fmr.iter().zip(&erc.auc) {
                     ctx.metric(&format!("erc_auc@fmr={f:e}"), *a);
                 }
                 if drop > 0.0 {
                     let full = verify(&emb, dim, &pairs, fprs)?;
-                    let kept = drop_lowest(&pairs, &pq, drop);
+                    let index = kept_indices(&pq, drop);
+                    let kept: Vec<_> = index.iter().map(|&i| pairs[i]).collect();
                     let cut = verify(&emb, dim, &kept, fprs)?;
                     write_drop_table(&report, &[(0.0, &full), (drop, &cut)])?;
                     ctx.metric("dropped_pairs", (pairs.len() - kept.len()) as f64);
-                    kept
+                    (kept, index)
                 } else {
-                    pairs
+                    let index = (0..pairs.len()).collect();
+                    (pairs, index)
                 }
             }
             None if drop > 0.0 => {
@@ -162,17 +170,43 @@ impl Stage for EvaluateStage {
                     "drop_lowest needs the `quality` input (scores of the pairs set's images)",
                 ))
             }
-            None => pairs,
+            None => {
+                let index = (0..pairs.len()).collect();
+                (pairs, index)
+            }
         };
         let r = verify(&emb, dim, &pairs, fprs)?;
+        write_scores(&report, &emb, dim, &pairs, &index)?;
         let mut m = serde_json::Map::new();
         m.insert("accuracy".into(), json!(r.accuracy));
         m.insert("accuracy_std".into(), json!(r.accuracy_std));
         ctx.metric("accuracy", r.accuracy);
         ctx.metric("accuracy_std", r.accuracy_std);
-        write_outputs(ctx, m, &r)?;
+        write_outputs(ctx, m, &r, &title)?;
         Ok(())
     }
+}
+
+/// Writes `scores.csv`: one row per pair evaluated (after `drop_lowest`), its index in the
+/// pairs set's list (`index[i]` for `pairs[i]`), both image indices, the cosine score of the flip-sum embeddings (the
+/// score the ROC uses) and whether both images show one identity.
+fn write_scores(
+    report: &Path,
+    emb: &[f32],
+    dim: usize,
+    pairs: &[(u32, u32, bool)],
+    index: &[usize],
+) -> Result<(), StageError> {
+    let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
+    let dist = pair_distances(emb, dim, &ab).map_err(crate::eval::EvalError::from)?;
+    let mut csv = String::with_capacity(pairs.len() * 24 + 32);
+    csv.push_str("pair,image_a,image_b,score,same\n");
+    for ((i, (a, b, same)), d) in index.iter().zip(pairs).zip(&dist) {
+        let score = 1.0 - d / 2.0;
+        csv.push_str(&format!("{i},{a},{b},{score},{}\n", u8::from(*same)));
+    }
+    std::fs::write(report.join("scores.csv"), csv)?;
+    Ok(())
 }
 
 /// Writes `metrics.json` (`m` plus AUC, EER, pairs, TPR@FPR), `roc.csv`, `roc.png`, and
@@ -181,6 +215,7 @@ fn write_outputs(
     ctx: &mut StageContext,
     mut m: serde_json::Map<String, Value>,
     r: &EvalResult,
+    title: &str,
 ) -> Result<(), StageError> {
     m.insert("auc".into(), json!(r.auc));
     m.insert("eer".into(), json!(r.eer));
@@ -198,16 +233,23 @@ fn write_outputs(
         csv.push_str(&format!("{f},{t}\n"));
     }
     std::fs::write(report.join("roc.csv"), csv)?;
-    let mut cv = Canvas::new(480, 480);
     let pts: Vec<(f64, f64)> = r.roc.iter().filter(|p| p.0 > 0.0).copied().collect();
-    cv.chart(
-        &[Series {
-            points: &pts,
-            color: [30, 90, 200],
+    save_chart(
+        &report.join("roc.png"),
+        (560, 480),
+        &[Panel {
+            title: format!("ROC: {title}"),
+            x_label: "false positive rate (log)".into(),
+            y_label: "true positive rate".into(),
+            log_x: true,
+            y_range: Some((0.0, 1.0)),
+            lines: vec![Line {
+                name: format!("AUC {:.4}, EER {:.4}", r.auc, r.eer),
+                points: &pts,
+                color: PALETTE[0],
+            }],
         }],
-        true,
-    );
-    cv.save(&report.join("roc.png"))?;
+    )?;
     ctx.metric("auc", r.auc);
     ctx.metric("eer", r.eer);
     for (f, t) in &r.tpr_at_fpr {
@@ -251,7 +293,12 @@ fn run_ijb(
         r.templates,
         protocol.pairs.len()
     ));
-    write_outputs(ctx, m, &r.eval)
+    let label = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "IJB".into());
+    let title = format!("{} on {label} templates", model.card.name);
+    write_outputs(ctx, m, &r.eval, &title)
 }
 
 /// Writes `erc.csv` and `erc.png` (one line per FMR target) for cosine scores of `pairs`.
@@ -261,6 +308,7 @@ fn write_erc(
     dim: usize,
     pairs: &[(u32, u32, bool)],
     pq: &[f32],
+    title: &str,
 ) -> Result<crate::eval::metrics::ErcCurve, crate::eval::EvalError> {
     let ab: Vec<(u32, u32)> = pairs.iter().map(|p| (p.0, p.1)).collect();
     let same: Vec<bool> = pairs.iter().map(|p| p.2).collect();
@@ -280,23 +328,33 @@ fn write_erc(
         csv.push('\n');
     }
     std::fs::write(report.join("erc.csv"), csv)?;
-    let colors = [[30, 90, 200], [200, 40, 40], [40, 150, 60]];
     let curves: Vec<Vec<(f64, f64)>> = erc
         .fnmr
         .iter()
         .map(|c| erc.reject.iter().copied().zip(c.iter().copied()).collect())
         .collect();
-    let series: Vec<Series> = curves
+    let lines: Vec<Line> = curves
         .iter()
-        .zip(colors.iter().cycle())
-        .map(|(p, c)| Series {
+        .zip(&erc.fmr)
+        .zip(PALETTE.iter().cycle())
+        .map(|((p, f), c)| Line {
+            name: format!("FNMR @ FMR {f:e}"),
             points: p,
             color: *c,
         })
         .collect();
-    let mut cv = Canvas::new(480, 400);
-    cv.chart(&series, false);
-    cv.save(&report.join("erc.png"))?;
+    save_chart(
+        &report.join("erc.png"),
+        (560, 440),
+        &[Panel {
+            title: format!("Error versus reject: {title}"),
+            x_label: "fraction of pairs rejected (lowest quality first)".into(),
+            y_label: "false non-match rate".into(),
+            log_x: false,
+            y_range: None,
+            lines,
+        }],
+    )?;
     Ok(erc)
 }
 

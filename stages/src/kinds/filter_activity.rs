@@ -6,7 +6,7 @@ use super::params::kind_params;
 use crate::train::artifact::{ModelCard, CARD, WEIGHTS};
 use crate::train::reactivation::{analyse, first_conv, FilterEpoch, ReactivationConfig};
 use crate::train::TrainError;
-use crate::util::png::Canvas;
+use crate::util::chart::save_rgb_png;
 use candle_core::{DType, Device};
 use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
@@ -57,10 +57,7 @@ pub fn filter_grid(w: &[f32], n: usize, k: usize, path: &Path) -> std::io::Resul
             }
         }
     }
-    match Canvas::from_rgb(wd, ht, px) {
-        Some(cv) => cv.save(path),
-        None => Err(std::io::Error::other("filter grid size mismatch")),
-    }
+    save_rgb_png(path, wd as u32, ht as u32, &px)
 }
 
 /// `filter-activity`: analysis of a model's first conv layer (called `filters` before

@@ -10,7 +10,7 @@ use crate::eval::metrics::{identify, split_gallery_probe, IdentifyConfig, Split,
 use crate::train::artifact::load_model_for_inference;
 use crate::train::embed::embed_all;
 use crate::train::{FaceSource, TrainError};
-use crate::util::png::{Canvas, Series};
+use crate::util::chart::{save_chart, Line, Panel, PALETTE};
 use candle_core::{DType, Device};
 use fpipe_engine::{PortSpec, Stage, StageContext, StageError, StageSignature};
 use serde_json::{json, Value};
@@ -243,6 +243,7 @@ impl Stage for IdentifyStage {
             }
             (a, b) => a.or(b).map(Path::to_path_buf),
         };
+        let mut chart_title = String::from("precomputed embeddings");
         let (emb, labels, split, dim, source) =
             match (ctx.input_opt("embeddings"), ctx.input_opt("model"), images) {
                 (Some(e), None, None) => {
@@ -279,6 +280,7 @@ impl Stage for IdentifyStage {
                     for (k, &i) in used.iter().enumerate() {
                         emb[i * dim..(i + 1) * dim].copy_from_slice(&e[k * dim..(k + 1) * dim]);
                     }
+                    chart_title = format!("{} on {}", model.card.name, data.display_name());
                     (emb, labels, split, dim, "model")
                 }
                 _ => {
@@ -365,15 +367,22 @@ impl Stage for IdentifyStage {
             .enumerate()
             .map(|(i, v)| ((i + 1) as f64, *v))
             .collect();
-        let mut cv = Canvas::new(480, 480);
-        cv.chart(
-            &[Series {
-                points: &pts,
-                color: [30, 90, 200],
+        save_chart(
+            &report.join("cmc.png"),
+            (560, 440),
+            &[Panel {
+                title: format!("CMC: {chart_title}"),
+                x_label: "rank".into(),
+                y_label: "identification rate".into(),
+                log_x: false,
+                y_range: None,
+                lines: vec![Line {
+                    name: format!("rank-1 {:.4}, rank-5 {:.4}", r.rank1, r.rank5),
+                    points: &pts,
+                    color: PALETTE[0],
+                }],
             }],
-            false,
-        );
-        cv.save(&report.join("cmc.png"))?;
+        )?;
         ctx.metric("rank1", r.rank1);
         ctx.metric("rank5", r.rank5);
         ctx.metric("knn_accuracy", r.knn_accuracy);

@@ -379,7 +379,8 @@ fn run_training(
     )?;
     let report = ctx.output("report")?.to_path_buf();
     let extra = cfg.objective.extra_name(&cfg.margin);
-    write_curve_with(&report, &out.curve, extra)?;
+    let title = format!("{} on {}", card.name, data.display_name());
+    write_curve_with(&report, &out.curve, extra, &title)?;
     let tail = |f: fn(&crate::train::trainer::CurvePoint) -> Option<f64>| {
         let last: Vec<f64> = out.curve.iter().rev().take(20).filter_map(f).collect();
         last.iter().sum::<f64>() / last.len().max(1) as f64

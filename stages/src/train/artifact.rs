@@ -5,7 +5,7 @@
 use super::trainer::CurvePoint;
 use super::TrainError;
 use crate::models::{Backbone, BackboneConfig, Normalisation, ParamStore};
-use crate::util::png::{Canvas, Series};
+use crate::util::chart::{save_chart, Line, Panel, PALETTE};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -114,10 +114,10 @@ fn load_model_with(dir: &Path, dev: &Device, store: ParamStore) -> Result<Loaded
     })
 }
 
-/// Writes `curve.csv` (step, loss, lr) and `curve.png` (loss in blue, lr rescaled to the loss
-/// range in red) into `dir`.
-pub fn write_curve(dir: &Path, curve: &[CurvePoint]) -> Result<(), TrainError> {
-    write_curve_with(dir, curve, None)
+/// Writes `curve.csv` (step, loss, lr) and `curve.png` (loss above, learning rate below,
+/// under `title`) into `dir`.
+pub fn write_curve(dir: &Path, curve: &[CurvePoint], title: &str) -> Result<(), TrainError> {
+    write_curve_with(dir, curve, None, title)
 }
 
 /// [`write_curve`] with the objective's per-step extra as a fourth CSV column named `extra`
@@ -126,6 +126,7 @@ pub fn write_curve_with(
     dir: &Path,
     curve: &[CurvePoint],
     extra: Option<&str>,
+    title: &str,
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir)?;
     let mut csv = match extra {
@@ -143,30 +144,26 @@ pub fn write_curve_with(
     }
     std::fs::write(dir.join("curve.csv"), csv)?;
     let loss: Vec<(f64, f64)> = curve.iter().map(|c| (c.step as f64, c.loss)).collect();
-    let (lo, hi) = loss
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |a, p| {
-            (a.0.min(p.1), a.1.max(p.1))
-        });
-    let max_lr = curve.iter().map(|c| c.lr).fold(0.0, f64::max).max(1e-12);
-    let lr: Vec<(f64, f64)> = curve
-        .iter()
-        .map(|c| (c.step as f64, lo + (hi - lo) * c.lr / max_lr))
-        .collect();
-    let mut cv = Canvas::new(640, 400);
-    cv.chart(
+    let lr: Vec<(f64, f64)> = curve.iter().map(|c| (c.step as f64, c.lr)).collect();
+    let panel = |title: String, y: &str, points, color| Panel {
+        title,
+        x_label: "step".into(),
+        y_label: y.into(),
+        log_x: false,
+        y_range: None,
+        lines: vec![Line {
+            name: y.into(),
+            points,
+            color,
+        }],
+    };
+    save_chart(
+        &dir.join("curve.png"),
+        (640, 520),
         &[
-            Series {
-                points: &loss,
-                color: [30, 90, 200],
-            },
-            Series {
-                points: &lr,
-                color: [200, 40, 40],
-            },
+            panel(format!("Training loss: {title}"), "loss", &loss, PALETTE[0]),
+            panel("Learning rate".into(), "learning rate", &lr, PALETTE[1]),
         ],
-        false,
-    );
-    cv.save(&dir.join("curve.png"))?;
+    )?;
     Ok(())
 }
