@@ -142,7 +142,7 @@ fn unknown_fields() {
     assert_eq!(
         plan_error("stage:\n  a: {uses: step}\n"),
         "DIR/p.yaml:1: unknown top-level key `stage`\n  \
-         hint: did you mean `stages`? (expected one of: fpipe, name, description, params, include, stages)"
+         hint: did you mean `stages`? (expected one of: fpipe, name, description, params, include, stages, published)"
     );
     assert_eq!(
         plan_error("stages:\n  a:\n    uses: step\n    with: {}\n    inptus: {}\n"),

@@ -96,13 +96,17 @@ pub fn run(cache: &Option<PathBuf>, registry: Registry, args: RunArgs) -> Result
     }
     // On stderr, like the push line: the summary stays the last line on stdout.
     let cache_root = cache_dir(cache, Some(&pipeline.file));
-    if let Some(path) = super::report::after_run(
-        &cache_root,
-        &engine.store,
-        &engine.registry,
-        &pipeline.file,
-        &summary.record,
-    ) {
+    // A run on a read-only cache was not recorded (the engine warned): no report either.
+    let report = summary.recorded.then(|| {
+        super::report::after_run(
+            &cache_root,
+            &engine.store,
+            &engine.registry,
+            &pipeline.file,
+            &summary.record,
+        )
+    });
+    if let Some(path) = report.flatten() {
         say_err!("{}", super::report::open_hint(&path));
     }
     say!("{}", summary.line());

@@ -177,6 +177,8 @@ pub struct RunSummary {
     pub skipped: usize,
     pub interrupted: bool,
     pub seconds: f64,
+    /// Whether the run record was saved (false on a cache that cannot be written).
+    pub recorded: bool,
 }
 
 impl RunSummary {

@@ -90,6 +90,7 @@ impl Engine {
             failed,
             skipped,
             seconds,
+            recorded: recording,
         })
     }
 
