@@ -114,31 +114,8 @@ fn sface_verifies_real_photographs_and_agrees_with_onnx_runtime() {
         ours.extend(e.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (inp, outp) = (tmp.path().join("x.f32"), tmp.path().join("y.f32"));
-    let bytes: Vec<u8> = x
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    std::fs::write(&inp, bytes).unwrap();
-    let o = Command::new(&python)
-        .arg(format!("{ROOT}/scripts/onnx_check.py"))
-        .arg(p.path().join("sface_int8bq.onnx"))
-        .arg(&inp)
-        .args(["55", "3", "112", "112"])
-        .arg(&outp)
-        .arg("--checker")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let theirs: Vec<f32> = std::fs::read(&outp)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let onnx = p.path().join("sface_int8bq.onnx");
+    let (theirs, versions) = onnx_venv::run_onnx_runtime(&python, &onnx, &x, tmp.path(), true);
     let (a, b) = (l2_rows(&ours, 128), l2_rows(&theirs, 128));
     let d = a
         .iter()
@@ -155,7 +132,7 @@ fn sface_verifies_real_photographs_and_agrees_with_onnx_runtime() {
         .fold(0.0f32, f32::max);
     eprintln!(
         "SFace fpipe vs ONNX Runtime {} on 55 images: embeddings max abs {d:.2e} (L2-normalised), pair cosines max abs {ds:.2e}",
-        String::from_utf8_lossy(&o.stdout).trim()
+        versions
     );
     assert!(d < 1e-4, "max abs {d}");
 }

@@ -19,9 +19,6 @@ use fpipe_stages::train::artifact::{load_model, save_model};
 use fpipe_stages::train::trainer::batch_tensor;
 use fpipe_stages::util::rng::SplitMix;
 use std::path::Path;
-use std::process::Command;
-
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/onnx_check.py");
 
 /// `n` face-sized RGB images with smooth structure and noise, HWC u8.
 fn images(n: usize, size: usize, seed: u64) -> Vec<Vec<u8>> {
@@ -104,42 +101,6 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// ONNX Runtime's output for input `x` (NCHW).
-fn ort(python: &Path, onnx: &Path, x: &Tensor, tmp: &Path, checker: bool) -> Vec<f32> {
-    let (n, c, h, w) = x.dims4().unwrap();
-    let inp = tmp.join("input.f32");
-    let out = tmp.join("output.f32");
-    let data: Vec<u8> = x
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    std::fs::write(&inp, data).unwrap();
-    let mut cmd = Command::new(python);
-    cmd.arg(SCRIPT).arg(onnx).arg(&inp);
-    cmd.args([n, c, h, w].map(|v| v.to_string())).arg(&out);
-    if checker {
-        cmd.arg("--checker");
-    }
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "onnx_check.py failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    if checker {
-        assert!(String::from_utf8_lossy(&o.stdout).contains("\"checker\": \"passed\""));
-    }
-    std::fs::read(&out)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 #[test]
 fn exported_backbones_match_onnx_runtime_and_pass_the_checker() {
     let Some(python) = onnx_venv::python(env!("CARGO_TARGET_TMPDIR")) else {
@@ -198,7 +159,10 @@ fn exported_backbones_match_onnx_runtime_and_pass_the_checker() {
             .unwrap();
             let ours = loaded.backbone.forward(&x, false).unwrap();
             let ours = l2(&ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 128);
-            let theirs = l2(&ort(&python, &onnx, &x, tmp.path(), k == 0), 128);
+            let theirs = l2(
+                &onnx_venv::run_onnx_runtime(&python, &onnx, &x, tmp.path(), k == 0).0,
+                128,
+            );
             let d = max_abs(&ours, &theirs);
             eprintln!("{name} batch {batch}: fpipe vs ONNX Runtime max abs {d:.2e}");
             assert!(d < 1e-4, "{name} batch {batch}: max abs {d}");

@@ -67,3 +67,59 @@ pub fn python(target_tmp: &str) -> Option<PathBuf> {
         Err(e) => fail(format!("cannot run pip: {e}")),
     }
 }
+
+/// ONNX Runtime's output for input `x` (NCHW) and the script's JSON line (versions, checker),
+/// through `scripts/onnx_check.py` (files in `tmp`); with `checker`, `onnx.checker`'s full
+/// check must pass too.
+#[allow(dead_code)] // not every including target calls it
+pub fn run_onnx_runtime(
+    python: &Path,
+    onnx: &Path,
+    x: &candle_core::Tensor,
+    tmp: &Path,
+    checker: bool,
+) -> (Vec<f32>, String) {
+    let (n, c, h, w) = x.dims4().unwrap();
+    let inp = tmp.join("input.f32");
+    let out = tmp.join("output.f32");
+    let data: Vec<u8> = x
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::write(&inp, data).unwrap();
+    // Included by the root crate's tests and by fpipe-stages' (one folder down).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = ["scripts/onnx_check.py", "../scripts/onnx_check.py"]
+        .map(|r| root.join(r))
+        .into_iter()
+        .find(|s| s.exists())
+        .expect("scripts/onnx_check.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script).arg(onnx).arg(&inp);
+    cmd.args([n, c, h, w].map(|v| v.to_string())).arg(&out);
+    if checker {
+        cmd.arg("--checker");
+    }
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "onnx_check.py failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if checker {
+        assert!(String::from_utf8_lossy(&o.stdout).contains("\"checker\": \"passed\""));
+    }
+    let output = std::fs::read(&out)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (
+        output,
+        String::from_utf8_lossy(&o.stdout).trim().to_string(),
+    )
+}
